@@ -1,0 +1,159 @@
+//! Typed errors of the transport layer.
+
+use std::io;
+
+/// A layout or page range that does not fit the rules.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LayoutError {
+    /// Only 4 KiB pages are moved today.
+    #[error("unsupported page size {0} (only 4096 is supported)")]
+    PageSize(usize),
+    /// No regions, or too many.
+    #[error("a layout needs 1 to 256 regions, got {0}")]
+    RegionCount(usize),
+    /// A region's base or length is not page aligned, or it is empty.
+    #[error("region {region} is empty or not page aligned")]
+    Misaligned {
+        /// Index of the offending region.
+        region: usize,
+    },
+    /// A region's end overflows the guest address space.
+    #[error("region {region} ends past the end of the address space")]
+    Overflow {
+        /// Index of the offending region.
+        region: usize,
+    },
+    /// Regions are unsorted or overlap.
+    #[error("region {region} overlaps or precedes the region before it")]
+    Overlap {
+        /// Index of the offending region.
+        region: usize,
+    },
+    /// More pages than a layout may hold.
+    #[error("layout has {0} pages, more than the supported maximum")]
+    TooLarge(u64),
+    /// A page range of zero pages.
+    #[error("empty page range")]
+    EmptyRange,
+    /// A page range outside the layout or across a region boundary.
+    #[error("pages {first}..+{count} are out of range (layout has {total} pages, a range must stay in one region)")]
+    OutOfRange {
+        /// First page asked for.
+        first: u64,
+        /// Number of pages asked for.
+        count: u32,
+        /// Pages in the layout.
+        total: u64,
+    },
+}
+
+/// Codes a source puts in an error reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum RemoteCode {
+    /// The request was malformed; the source closes the connection.
+    Malformed = 1,
+    /// The request named pages outside the layout; the connection stays up.
+    OutOfRange = 2,
+    /// The client speaks a protocol version the source does not.
+    Version = 3,
+    /// The request exceeded a protocol limit; the connection stays up.
+    TooLarge = 4,
+    /// Any other failure.
+    Other = 255,
+}
+
+impl RemoteCode {
+    /// Decodes a wire value; unknown values map to [`RemoteCode::Other`].
+    pub fn from_wire(v: u16) -> Self {
+        match v {
+            1 => Self::Malformed,
+            2 => Self::OutOfRange,
+            3 => Self::Version,
+            4 => Self::TooLarge,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// Everything that can go wrong moving pages.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// A socket operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The peer did not answer within the I/O timeout.
+    #[error("{context}: no answer within {secs:.1} s (peer hung or is not a pagewire source)")]
+    Timeout {
+        /// What was being waited for.
+        context: String,
+        /// The timeout that expired.
+        secs: f64,
+    },
+    /// The peer closed the connection.
+    #[error("{context}: the source closed the connection (did it exit or crash?)")]
+    Closed {
+        /// What was being done.
+        context: String,
+    },
+    /// The peer is not a pagewire endpoint (wrong magic).
+    #[error("the peer is not a pagewire source (bad handshake magic {0:02x?})")]
+    NotPagewire([u8; 4]),
+    /// The peer speaks another protocol version.
+    #[error("protocol version mismatch: we speak {ours}, the peer {theirs}")]
+    Version {
+        /// Our version.
+        ours: u16,
+        /// Theirs.
+        theirs: u16,
+    },
+    /// A message broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The source rejected a request.
+    #[error("the source rejected the request ({code:?}): {message}")]
+    Remote {
+        /// Why.
+        code: RemoteCode,
+        /// The source's message.
+        message: String,
+    },
+    /// A request broke a layout rule before it was sent.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// The caller's buffer does not match the pages asked for.
+    #[error("buffer of {got} bytes for {want} bytes of pages")]
+    BufferSize {
+        /// Bytes needed.
+        want: usize,
+        /// Bytes given.
+        got: usize,
+    },
+    /// The RDMA backend failed (device, verbs call or work completion).
+    #[error("rdma: {0}")]
+    Rdma(String),
+}
+
+impl TransportError {
+    /// Maps an I/O error, telling timeouts and closed peers apart.
+    pub fn io(context: impl Into<String>, source: io::Error, timeout: Option<f64>) -> Self {
+        let context = context.into();
+        match source.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Self::Timeout {
+                context,
+                secs: timeout.unwrap_or(0.0),
+            },
+            io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe => Self::Closed { context },
+            _ => Self::Io { context, source },
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! The destination's TCP client.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::error::TransportError;
+use crate::layout::{PageRange, SourceInfo};
+use crate::wire::{self, ChannelKind, Hello, Request, SourceStats};
+use crate::{ranges_len, ChannelClass, PageChannel, Transport};
+
+/// Timeouts of the TCP client.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpOptions {
+    /// How long to wait for a connection to be accepted.
+    pub connect_timeout: Duration,
+    /// How long any single read or write may block. A source that stops
+    /// answering is reported after this long instead of hanging a vCPU
+    /// forever.
+    pub io_timeout: Duration,
+}
+
+impl Default for TcpOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            io_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One connection to the source, handshake done.
+struct Conn {
+    stream: TcpStream,
+    next_id: u64,
+    timeout: f64,
+}
+
+impl Conn {
+    fn open(
+        addr: SocketAddr,
+        kind: ChannelKind,
+        opts: &TcpOptions,
+    ) -> Result<(Self, Option<SourceInfo>), TransportError> {
+        let timeout = opts.io_timeout.as_secs_f64();
+        let ctx = format!("connect to {addr}");
+        let stream = TcpStream::connect_timeout(&addr, opts.connect_timeout)
+            .map_err(|e| TransportError::io(ctx.clone(), e, Some(opts.connect_timeout.as_secs_f64())))?;
+        let setup = |r: io::Result<()>| r.map_err(|e| TransportError::io(ctx.clone(), e, None));
+        setup(stream.set_nodelay(true))?;
+        setup(stream.set_read_timeout(Some(opts.io_timeout)))?;
+        setup(stream.set_write_timeout(Some(opts.io_timeout)))?;
+        let mut conn = Self {
+            stream,
+            next_id: 1,
+            timeout,
+        };
+        let hello = Hello {
+            version: wire::VERSION,
+            kind,
+        };
+        conn.stream
+            .write_all(&wire::encode_hello(&hello))
+            .map_err(|e| conn.err("send hello", e))?;
+        let (ty, body) = wire::read_frame(&mut conn.stream, wire::MAX_FRAME as usize)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::InvalidData => TransportError::Protocol(format!(
+                    "{addr} is not a pagewire source: {e}"
+                )),
+                _ => conn.err("wait for the source's welcome", e),
+            })?;
+        match ty {
+            wire::T_WELCOME => {
+                let w = wire::decode_welcome(&body)?;
+                if kind == ChannelKind::Control && w.info.is_none() {
+                    return Err(TransportError::Protocol(
+                        "welcome on the control connection carries no layout".into(),
+                    ));
+                }
+                Ok((conn, w.info))
+            }
+            wire::T_ERROR => Err(wire::decode_error(&body)),
+            t => Err(TransportError::Protocol(format!(
+                "{addr} is not a pagewire source: answered with message type {t:#04x}"
+            ))),
+        }
+    }
+
+    fn err(&self, context: &str, e: io::Error) -> TransportError {
+        TransportError::io(context, e, Some(self.timeout))
+    }
+
+    fn send(&mut self, make: impl FnOnce(u64) -> Request) -> Result<u64, TransportError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let frame = wire::encode_request(&make(id));
+        self.stream
+            .write_all(&frame)
+            .map_err(|e| self.err("send request", e))?;
+        Ok(id)
+    }
+
+    /// Reads a whole reply of type `want` for request `id`.
+    fn reply(&mut self, id: u64, want: u8) -> Result<Vec<u8>, TransportError> {
+        let (ty, body) = wire::read_frame(&mut self.stream, wire::MAX_FRAME as usize)
+            .map_err(|e| self.read_err(e))?;
+        self.check_reply(ty, &body, id, want)?;
+        Ok(body)
+    }
+
+    fn read_err(&self, e: io::Error) -> TransportError {
+        match e.kind() {
+            io::ErrorKind::InvalidData => TransportError::Protocol(e.to_string()),
+            _ => self.err("read reply", e),
+        }
+    }
+
+    fn check_reply(&self, ty: u8, body: &[u8], id: u64, want: u8) -> Result<(), TransportError> {
+        if ty == wire::T_ERROR {
+            return Err(wire::decode_error(body));
+        }
+        if ty != want {
+            return Err(TransportError::Protocol(format!(
+                "expected reply type {want:#04x}, got {ty:#04x}"
+            )));
+        }
+        let got = wire::Decoder::new(body).u64()?;
+        if got != id {
+            return Err(TransportError::Protocol(format!(
+                "reply for request {got}, expected {id}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn fetch(&mut self, ranges: &[PageRange], buf: &mut [u8]) -> Result<(), TransportError> {
+        let id = self.send(|id| Request::Fetch {
+            id,
+            ranges: ranges.to_vec(),
+        })?;
+        let (ty, len) = wire::read_frame_header(&mut self.stream).map_err(|e| self.read_err(e))?;
+        if ty != wire::T_PAGES {
+            let mut body = vec![0u8; len.min(64 << 10)];
+            self.stream
+                .read_exact(&mut body)
+                .map_err(|e| self.read_err(e))?;
+            // check_reply turns an error reply into its typed error and any
+            // other type into a protocol error; it cannot succeed here.
+            return Err(match self.check_reply(ty, &body, id, wire::T_PAGES) {
+                Err(e) => e,
+                Ok(()) => TransportError::Protocol("unexpected reply to fetch".into()),
+            });
+        }
+        let mut head = [0u8; wire::PAGES_HEADER - 1];
+        self.stream
+            .read_exact(&mut head)
+            .map_err(|e| self.read_err(e))?;
+        let mut d = wire::Decoder::new(&head);
+        let (got_id, pages) = (d.u64()?, d.u32()?);
+        let want_pages: u64 = ranges.iter().map(|r| u64::from(r.count)).sum();
+        if got_id != id || u64::from(pages) != want_pages || len != head.len() + buf.len() {
+            return Err(TransportError::Protocol(format!(
+                "pages reply (request {got_id}, {pages} pages, {len} bytes) does not match request {id} for {want_pages} pages"
+            )));
+        }
+        self.stream.read_exact(buf).map_err(|e| self.read_err(e))
+    }
+}
+
+/// Pages from a pagewire source over TCP.
+pub struct TcpTransport {
+    addr: SocketAddr,
+    opts: TcpOptions,
+    info: SourceInfo,
+    control: Mutex<Conn>,
+}
+
+impl std::fmt::Debug for TcpTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpTransport")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TcpTransport {
+    /// Connects the control channel and learns the source's layout.
+    pub fn connect(addr: impl ToSocketAddrs, opts: TcpOptions) -> Result<Self, TransportError> {
+        let addr = addr
+            .to_socket_addrs()
+            .map_err(|e| TransportError::io("resolve source address", e, None))?
+            .next()
+            .ok_or_else(|| TransportError::Protocol("source address resolves to nothing".into()))?;
+        let (control, info) = Conn::open(addr, ChannelKind::Control, &opts)?;
+        let info = info.ok_or_else(|| TransportError::Protocol("no layout".into()))?;
+        Ok(Self {
+            addr,
+            opts,
+            info,
+            control: Mutex::new(control),
+        })
+    }
+
+    /// The source's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn control(&self) -> std::sync::MutexGuard<'_, Conn> {
+        // A poisoned lock only means another thread panicked mid-request;
+        // the connection state is then unknown but requests carry ids, so
+        // a mismatch is detected, not silently accepted.
+        self.control.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct TcpChannel {
+    conn: Conn,
+    page_size: usize,
+}
+
+impl PageChannel for TcpChannel {
+    fn fetch(&mut self, ranges: &[PageRange], buf: &mut [u8]) -> Result<(), TransportError> {
+        let want = ranges_len(ranges, self.page_size);
+        if buf.len() != want {
+            return Err(TransportError::BufferSize {
+                want,
+                got: buf.len(),
+            });
+        }
+        self.conn.fetch(ranges, buf)
+    }
+}
+
+impl Transport for TcpTransport {
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn info(&self) -> &SourceInfo {
+        &self.info
+    }
+
+    fn open(&self, class: ChannelClass) -> Result<Box<dyn PageChannel>, TransportError> {
+        let kind = match class {
+            ChannelClass::Urgent => ChannelKind::Urgent,
+            ChannelClass::Bulk(l) => ChannelKind::Bulk(l),
+        };
+        let (conn, _) = Conn::open(self.addr, kind, &self.opts)?;
+        Ok(Box::new(TcpChannel {
+            conn,
+            page_size: self.info.layout.page_size(),
+        }))
+    }
+
+    fn checksums(&self, range: PageRange) -> Result<Vec<u64>, TransportError> {
+        let mut c = self.control();
+        let id = c.send(|id| Request::Checksums { id, range })?;
+        let body = c.reply(id, wire::T_CHECKSUM_LIST)?;
+        let (_, sums) = wire::decode_checksums(&body)?;
+        if sums.len() != range.count as usize {
+            return Err(TransportError::Protocol(format!(
+                "{} checksums for {} pages",
+                sums.len(),
+                range.count
+            )));
+        }
+        Ok(sums)
+    }
+
+    fn source_stats(&self) -> Result<SourceStats, TransportError> {
+        let mut c = self.control();
+        let id = c.send(|id| Request::Stats { id })?;
+        let body = c.reply(id, wire::T_STATS_REPLY)?;
+        Ok(wire::decode_stats(&body)?.1)
+    }
+}

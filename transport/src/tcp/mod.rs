@@ -1,0 +1,7 @@
+//! TCP backend: a page server on the source, a client on the destination.
+
+mod client;
+mod server;
+
+pub use client::{TcpOptions, TcpTransport};
+pub use server::{PageServer, ServerHandle};

@@ -1,0 +1,259 @@
+//! The source's page server.
+
+use std::io::{self, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use tracing::{debug, warn};
+
+use crate::error::{LayoutError, RemoteCode, TransportError};
+use crate::source::SourceMemory;
+use crate::wire::{self, ChannelKind, Request, Welcome};
+
+/// How long a new connection has to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request body accepted (a fetch with the most ranges fits).
+const MAX_REQUEST: usize = 8 + 2 + 12 * wire::MAX_RANGES;
+
+/// Serves a [`SourceMemory`] to any number of destinations.
+#[derive(Debug)]
+pub struct PageServer {
+    listener: TcpListener,
+    source: Arc<SourceMemory>,
+}
+
+/// A server running on its own thread; dropping it does not stop it, call
+/// [`ServerHandle::stop`].
+#[derive(Debug)]
+pub struct ServerHandle {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// Address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting connections and waits for the accept loop to end.
+    /// Connections already open finish on their own when their peer leaves.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the blocking accept.
+        let _ = TcpStream::connect(self.addr);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl PageServer {
+    /// Binds the listening socket. Bind to a loopback or private address:
+    /// the protocol has no authentication.
+    pub fn bind(addr: SocketAddr, source: Arc<SourceMemory>) -> io::Result<Self> {
+        Ok(Self {
+            listener: TcpListener::bind(addr)?,
+            source,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts connections forever, one thread each.
+    pub fn serve(self) -> io::Result<()> {
+        self.accept_loop(&AtomicBool::new(false))
+    }
+
+    /// Runs the accept loop on a new thread.
+    pub fn spawn(self) -> io::Result<ServerHandle> {
+        let addr = self.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::Builder::new()
+            .name("pagewire-server".into())
+            .spawn(move || {
+                if let Err(e) = self.accept_loop(&flag) {
+                    warn!("page server stopped: {e}");
+                }
+            })?;
+        Ok(ServerHandle {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn accept_loop(&self, stop: &AtomicBool) -> io::Result<()> {
+        for conn in self.listener.incoming() {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let stream = match conn {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!("accept failed: {e}");
+                    continue;
+                }
+            };
+            let source = self.source.clone();
+            let peer = stream.peer_addr().ok();
+            let spawned = thread::Builder::new()
+                .name("pagewire-conn".into())
+                .spawn(move || match serve_connection(stream, &source) {
+                    Ok(()) => debug!(?peer, "connection closed"),
+                    Err(e) => warn!(?peer, "connection ended: {e}"),
+                });
+            if let Err(e) = spawned {
+                warn!("cannot start a connection thread: {e}");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sends an error reply; failures to send are ignored because the
+/// connection is being given up on anyway or the error is logged by the caller.
+fn reply_error(stream: &mut TcpStream, id: u64, code: RemoteCode, msg: &str) {
+    let _ = stream.write_all(&wire::encode_error(id, code, msg));
+}
+
+fn io_err(context: &str) -> impl FnOnce(io::Error) -> TransportError + '_ {
+    move |e| TransportError::io(context, e, None)
+}
+
+/// Serves one connection until the peer leaves or breaks the protocol.
+fn serve_connection(mut stream: TcpStream, source: &SourceMemory) -> Result<(), TransportError> {
+    stream.set_nodelay(true).map_err(io_err("set TCP_NODELAY"))?;
+    stream
+        .set_read_timeout(Some(HELLO_TIMEOUT))
+        .map_err(io_err("set read timeout"))?;
+    let (ty, body) = wire::read_frame(&mut stream, 64).map_err(io_err("read hello"))?;
+    if ty != wire::T_HELLO {
+        reply_error(&mut stream, 0, RemoteCode::Malformed, "expected hello");
+        return Err(TransportError::Protocol(format!(
+            "first message has type {ty:#04x}, not hello"
+        )));
+    }
+    let hello = match wire::decode_hello(&body) {
+        Ok(h) => h,
+        Err(e) => {
+            reply_error(&mut stream, 0, RemoteCode::Malformed, &e.to_string());
+            return Err(e);
+        }
+    };
+    if hello.version != wire::VERSION {
+        let msg = format!(
+            "source speaks protocol version {}, client {}",
+            wire::VERSION,
+            hello.version
+        );
+        reply_error(&mut stream, 0, RemoteCode::Version, &msg);
+        return Err(TransportError::Version {
+            ours: wire::VERSION,
+            theirs: hello.version,
+        });
+    }
+    let info = (hello.kind == ChannelKind::Control).then(|| source.info().clone());
+    stream
+        .write_all(&wire::encode_welcome(&Welcome {
+            version: wire::VERSION,
+            info,
+        }))
+        .map_err(io_err("send welcome"))?;
+    // After the handshake a destination may stay idle for as long as its
+    // migration runs; it leaves by closing the socket.
+    stream
+        .set_read_timeout(None)
+        .map_err(io_err("clear read timeout"))?;
+    debug!(kind = ?hello.kind, "connection up");
+
+    loop {
+        let (ty, body) = match wire::read_frame(&mut stream, MAX_REQUEST) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                reply_error(&mut stream, 0, RemoteCode::Malformed, &e.to_string());
+                return Err(TransportError::Protocol(e.to_string()));
+            }
+            Err(e) => return Err(TransportError::io("read request", e, None)),
+        };
+        let req = match wire::decode_request(ty, &body) {
+            Ok(r) => r,
+            Err(e) => {
+                reply_error(&mut stream, 0, RemoteCode::Malformed, &e.to_string());
+                return Err(e);
+            }
+        };
+        serve_request(&mut stream, source, req)?;
+    }
+}
+
+fn layout_code(e: &LayoutError) -> RemoteCode {
+    match e {
+        LayoutError::OutOfRange { .. } | LayoutError::EmptyRange => RemoteCode::OutOfRange,
+        _ => RemoteCode::Other,
+    }
+}
+
+/// Answers one well-formed request. Requests that name bad pages get an
+/// error reply and the connection goes on.
+fn serve_request(
+    stream: &mut TcpStream,
+    source: &SourceMemory,
+    req: Request,
+) -> Result<(), TransportError> {
+    match req {
+        Request::Fetch { id, ranges } => {
+            let total: u64 = ranges.iter().map(|r| u64::from(r.count)).sum();
+            if total > wire::MAX_FETCH_PAGES {
+                let msg = format!(
+                    "fetch of {total} pages exceeds the limit of {}",
+                    wire::MAX_FETCH_PAGES
+                );
+                reply_error(stream, id, RemoteCode::TooLarge, &msg);
+                return Ok(());
+            }
+            let mut parts: Vec<&[u8]> = Vec::with_capacity(ranges.len() + 1);
+            for r in &ranges {
+                match source.pages(*r) {
+                    Ok(bytes) => parts.push(bytes),
+                    Err(e) => {
+                        warn!(request = id, "rejected fetch: {e}");
+                        reply_error(stream, id, layout_code(&e), &e.to_string());
+                        return Ok(());
+                    }
+                }
+            }
+            let data_len: usize = parts.iter().map(|p| p.len()).sum();
+            let header = wire::encode_pages_header(id, total as u32, data_len);
+            parts.insert(0, &header);
+            wire::write_all_vectored(stream, &parts).map_err(io_err("send pages"))?;
+            source.count_served(total);
+        }
+        Request::Checksums { id, range } => {
+            if range.count > wire::MAX_CHECKSUMS {
+                reply_error(stream, id, RemoteCode::TooLarge, "too many checksums");
+                return Ok(());
+            }
+            match source.checksums(range) {
+                Ok(sums) => stream
+                    .write_all(&wire::encode_checksums(id, &sums))
+                    .map_err(io_err("send checksums"))?,
+                Err(e) => reply_error(stream, id, layout_code(&e), &e.to_string()),
+            }
+        }
+        Request::Stats { id } => stream
+            .write_all(&wire::encode_stats(id, &source.stats()))
+            .map_err(io_err("send stats"))?,
+    }
+    Ok(())
+}
+

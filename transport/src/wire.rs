@@ -1,0 +1,646 @@
+//! The pagewire TCP wire protocol.
+//!
+//! Every message is a frame: `u32` little-endian length of what follows,
+//! one type byte, then the payload. All integers are little endian. A
+//! connection starts with the client's [`Hello`] and the source's
+//! [`Welcome`]; then the client sends requests and the source answers each
+//! in order, echoing its request id.
+//!
+//! A `Pages` reply carries raw page bytes after its header; readers take
+//! the header with [`read_frame_header`] and read the bytes straight into
+//! their own buffer, so pages are not copied twice.
+
+use std::io::{self, Read, Write};
+
+use crate::error::{RemoteCode, TransportError};
+use crate::layout::{MemoryLayout, PageRange, RegionInfo, SourceInfo, ZeroMap, MAX_REGIONS};
+
+/// The four bytes that open every hello and welcome.
+pub const MAGIC: [u8; 4] = *b"PGWR";
+/// Protocol version spoken by this build.
+pub const VERSION: u16 = 1;
+/// Largest frame body accepted (type byte + payload).
+pub const MAX_FRAME: u32 = 80 << 20;
+/// Most page ranges in one fetch request.
+pub const MAX_RANGES: usize = 1024;
+/// Most pages in one fetch request (16 MiB at 4 KiB).
+pub const MAX_FETCH_PAGES: u64 = 4096;
+/// Most checksums in one request.
+pub const MAX_CHECKSUMS: u32 = 1 << 20;
+
+/// Client to source: hello.
+pub const T_HELLO: u8 = 0x01;
+/// Client to source: fetch pages.
+pub const T_FETCH: u8 = 0x02;
+/// Client to source: page checksums.
+pub const T_CHECKSUMS: u8 = 0x03;
+/// Client to source: source counters.
+pub const T_STATS: u8 = 0x04;
+/// Source to client: welcome.
+pub const T_WELCOME: u8 = 0x81;
+/// Source to client: page data.
+pub const T_PAGES: u8 = 0x82;
+/// Source to client: checksum list.
+pub const T_CHECKSUM_LIST: u8 = 0x83;
+/// Source to client: counters.
+pub const T_STATS_REPLY: u8 = 0x84;
+/// Source to client: error.
+pub const T_ERROR: u8 = 0x85;
+
+/// Size of a `Pages` reply's fixed part: type, request id, page count.
+pub const PAGES_HEADER: usize = 1 + 8 + 4;
+
+/// What a connection is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelKind {
+    /// Handshake with the full layout, checksums, counters.
+    Control,
+    /// Fault fetches; latency first.
+    Urgent,
+    /// Bulk fetches of one pusher lane.
+    Bulk(u16),
+}
+
+impl ChannelKind {
+    fn to_wire(self) -> (u8, u16) {
+        match self {
+            Self::Control => (0, 0),
+            Self::Urgent => (1, 0),
+            Self::Bulk(l) => (2, l),
+        }
+    }
+
+    fn from_wire(kind: u8, lane: u16) -> Option<Self> {
+        match kind {
+            0 => Some(Self::Control),
+            1 => Some(Self::Urgent),
+            2 => Some(Self::Bulk(lane)),
+            _ => None,
+        }
+    }
+}
+
+/// The client's opening message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    /// Protocol version the client speaks.
+    pub version: u16,
+    /// What the connection is for.
+    pub kind: ChannelKind,
+}
+
+/// The source's answer to a hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    /// Protocol version the source speaks.
+    pub version: u16,
+    /// Layout and zero map; sent on control connections only.
+    pub info: Option<SourceInfo>,
+}
+
+/// A request from client to source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Send these pages, in this order.
+    Fetch {
+        /// Echoed in the reply.
+        id: u64,
+        /// The ranges.
+        ranges: Vec<PageRange>,
+    },
+    /// Send the checksum of each page of a range.
+    Checksums {
+        /// Echoed in the reply.
+        id: u64,
+        /// The pages.
+        range: PageRange,
+    },
+    /// Send the source's data-path counters.
+    Stats {
+        /// Echoed in the reply.
+        id: u64,
+    },
+}
+
+/// Work the source's data path did, as counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SourceStats {
+    /// Fetch requests served.
+    pub requests_served: u64,
+    /// Pages sent.
+    pub pages_served: u64,
+}
+
+/// A fixed-size little-endian decoder over a payload that never panics.
+pub struct Decoder<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Decoder<'a> {
+    /// Decodes `buf`.
+    pub fn new(buf: &'a [u8]) -> Self {
+        Self { buf }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], TransportError> {
+        if self.buf.len() < n {
+            return Err(TransportError::Protocol(format!(
+                "message truncated: need {n} more bytes, have {}",
+                self.buf.len()
+            )));
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+
+    /// Reads `N` raw bytes.
+    pub fn array<const N: usize>(&mut self) -> Result<[u8; N], TransportError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+
+    /// Reads a `u8`.
+    pub fn u8(&mut self) -> Result<u8, TransportError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    /// Reads a `u16`.
+    pub fn u16(&mut self) -> Result<u16, TransportError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+
+    /// Reads a `u32`.
+    pub fn u32(&mut self) -> Result<u32, TransportError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    /// Reads a `u64`.
+    pub fn u64(&mut self) -> Result<u64, TransportError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    /// Reads `n` raw bytes.
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], TransportError> {
+        self.take(n)
+    }
+
+    /// Fails unless every byte was consumed.
+    pub fn finish(self) -> Result<(), TransportError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(TransportError::Protocol(format!(
+                "{} trailing bytes in message",
+                self.buf.len()
+            )))
+        }
+    }
+}
+
+/// Starts a frame of type `ty`; finish it with [`seal`].
+fn frame(ty: u8) -> Vec<u8> {
+    let mut v = Vec::with_capacity(64);
+    v.extend_from_slice(&[0, 0, 0, 0, ty]);
+    v
+}
+
+/// Writes the frame length into a frame built with [`frame`]; `extra` is
+/// the length of data that will follow the returned bytes on the wire.
+fn seal(mut v: Vec<u8>, extra: usize) -> Vec<u8> {
+    let len = (v.len() - 4 + extra) as u32;
+    v[..4].copy_from_slice(&len.to_le_bytes());
+    v
+}
+
+/// Encodes a hello.
+pub fn encode_hello(h: &Hello) -> Vec<u8> {
+    let mut v = frame(T_HELLO);
+    let (kind, lane) = h.kind.to_wire();
+    v.extend_from_slice(&MAGIC);
+    v.extend_from_slice(&h.version.to_le_bytes());
+    v.push(kind);
+    v.extend_from_slice(&lane.to_le_bytes());
+    seal(v, 0)
+}
+
+/// Decodes a hello body (after the type byte). Checks the magic first so a
+/// stranger gets a precise error, then the version.
+pub fn decode_hello(body: &[u8]) -> Result<Hello, TransportError> {
+    let mut d = Decoder::new(body);
+    let magic = d.array::<4>()?;
+    if magic != MAGIC {
+        return Err(TransportError::NotPagewire(magic));
+    }
+    let version = d.u16()?;
+    let kind = d.u8()?;
+    let lane = d.u16()?;
+    d.finish()?;
+    let kind = ChannelKind::from_wire(kind, lane)
+        .ok_or_else(|| TransportError::Protocol(format!("unknown channel kind {kind}")))?;
+    Ok(Hello { version, kind })
+}
+
+/// Encodes a welcome.
+pub fn encode_welcome(w: &Welcome) -> Vec<u8> {
+    let mut v = frame(T_WELCOME);
+    v.extend_from_slice(&MAGIC);
+    v.extend_from_slice(&w.version.to_le_bytes());
+    match &w.info {
+        None => v.push(0),
+        Some(info) => {
+            v.push(1);
+            let l = &info.layout;
+            v.extend_from_slice(&(l.page_size() as u32).to_le_bytes());
+            v.extend_from_slice(&(l.regions().len() as u32).to_le_bytes());
+            for r in l.regions() {
+                v.extend_from_slice(&r.guest_base.to_le_bytes());
+                v.extend_from_slice(&r.len.to_le_bytes());
+            }
+            let bits = info.zero.as_bytes();
+            v.extend_from_slice(&(bits.len() as u32).to_le_bytes());
+            v.extend_from_slice(bits);
+        }
+    }
+    seal(v, 0)
+}
+
+/// Decodes a welcome body, validating the layout it carries.
+pub fn decode_welcome(body: &[u8]) -> Result<Welcome, TransportError> {
+    let mut d = Decoder::new(body);
+    let magic = d.array::<4>()?;
+    if magic != MAGIC {
+        return Err(TransportError::NotPagewire(magic));
+    }
+    let version = d.u16()?;
+    if version != VERSION {
+        return Err(TransportError::Version {
+            ours: VERSION,
+            theirs: version,
+        });
+    }
+    let info = match d.u8()? {
+        0 => None,
+        1 => {
+            let page_size = d.u32()? as usize;
+            let n = d.u32()? as usize;
+            if n == 0 || n > MAX_REGIONS {
+                return Err(TransportError::Protocol(format!(
+                    "welcome names {n} regions"
+                )));
+            }
+            let mut regions = Vec::with_capacity(n);
+            for _ in 0..n {
+                regions.push(RegionInfo {
+                    guest_base: d.u64()?,
+                    len: d.u64()?,
+                });
+            }
+            let layout = MemoryLayout::new(page_size, regions)?;
+            let nbits = d.u32()? as usize;
+            let bits = d.bytes(nbits)?.to_vec();
+            let zero = ZeroMap::from_bytes(bits, layout.total_pages()).ok_or_else(|| {
+                TransportError::Protocol("zero-page bitmap does not match the layout".into())
+            })?;
+            Some(SourceInfo { layout, zero })
+        }
+        f => return Err(TransportError::Protocol(format!("bad welcome flag {f}"))),
+    };
+    d.finish()?;
+    Ok(Welcome { version, info })
+}
+
+/// Encodes a request.
+pub fn encode_request(r: &Request) -> Vec<u8> {
+    match r {
+        Request::Fetch { id, ranges } => {
+            let mut v = frame(T_FETCH);
+            v.extend_from_slice(&id.to_le_bytes());
+            v.extend_from_slice(&(ranges.len() as u16).to_le_bytes());
+            for r in ranges {
+                v.extend_from_slice(&r.first.to_le_bytes());
+                v.extend_from_slice(&r.count.to_le_bytes());
+            }
+            seal(v, 0)
+        }
+        Request::Checksums { id, range } => {
+            let mut v = frame(T_CHECKSUMS);
+            v.extend_from_slice(&id.to_le_bytes());
+            v.extend_from_slice(&range.first.to_le_bytes());
+            v.extend_from_slice(&range.count.to_le_bytes());
+            seal(v, 0)
+        }
+        Request::Stats { id } => {
+            let mut v = frame(T_STATS);
+            v.extend_from_slice(&id.to_le_bytes());
+            seal(v, 0)
+        }
+    }
+}
+
+/// Decodes a request of type `ty`. Only structure is checked here; page
+/// ranges are checked against the layout by the server.
+pub fn decode_request(ty: u8, body: &[u8]) -> Result<Request, TransportError> {
+    let mut d = Decoder::new(body);
+    let req = match ty {
+        T_FETCH => {
+            let id = d.u64()?;
+            let n = d.u16()? as usize;
+            if n == 0 || n > MAX_RANGES {
+                return Err(TransportError::Protocol(format!(
+                    "fetch with {n} ranges (1..={MAX_RANGES} allowed)"
+                )));
+            }
+            let mut ranges = Vec::with_capacity(n);
+            for _ in 0..n {
+                ranges.push(PageRange::new(d.u64()?, d.u32()?));
+            }
+            Request::Fetch { id, ranges }
+        }
+        T_CHECKSUMS => Request::Checksums {
+            id: d.u64()?,
+            range: PageRange::new(d.u64()?, d.u32()?),
+        },
+        T_STATS => Request::Stats { id: d.u64()? },
+        t => {
+            return Err(TransportError::Protocol(format!(
+                "unknown request type {t:#04x}"
+            )))
+        }
+    };
+    d.finish()?;
+    Ok(req)
+}
+
+/// Encodes the fixed part of a `Pages` reply; `data_len` bytes of pages follow.
+pub fn encode_pages_header(id: u64, pages: u32, data_len: usize) -> Vec<u8> {
+    let mut v = frame(T_PAGES);
+    v.extend_from_slice(&id.to_le_bytes());
+    v.extend_from_slice(&pages.to_le_bytes());
+    seal(v, data_len)
+}
+
+/// Encodes a checksum list.
+pub fn encode_checksums(id: u64, sums: &[u64]) -> Vec<u8> {
+    let mut v = frame(T_CHECKSUM_LIST);
+    v.reserve(12 + sums.len() * 8);
+    v.extend_from_slice(&id.to_le_bytes());
+    v.extend_from_slice(&(sums.len() as u32).to_le_bytes());
+    for s in sums {
+        v.extend_from_slice(&s.to_le_bytes());
+    }
+    seal(v, 0)
+}
+
+/// Decodes a checksum list body.
+pub fn decode_checksums(body: &[u8]) -> Result<(u64, Vec<u64>), TransportError> {
+    let mut d = Decoder::new(body);
+    let id = d.u64()?;
+    let n = d.u32()?;
+    if n > MAX_CHECKSUMS {
+        return Err(TransportError::Protocol(format!("{n} checksums in a reply")));
+    }
+    let mut sums = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        sums.push(d.u64()?);
+    }
+    d.finish()?;
+    Ok((id, sums))
+}
+
+/// Encodes the source's counters.
+pub fn encode_stats(id: u64, s: &SourceStats) -> Vec<u8> {
+    let mut v = frame(T_STATS_REPLY);
+    v.extend_from_slice(&id.to_le_bytes());
+    v.extend_from_slice(&s.requests_served.to_le_bytes());
+    v.extend_from_slice(&s.pages_served.to_le_bytes());
+    seal(v, 0)
+}
+
+/// Decodes the source's counters.
+pub fn decode_stats(body: &[u8]) -> Result<(u64, SourceStats), TransportError> {
+    let mut d = Decoder::new(body);
+    let id = d.u64()?;
+    let s = SourceStats {
+        requests_served: d.u64()?,
+        pages_served: d.u64()?,
+    };
+    d.finish()?;
+    Ok((id, s))
+}
+
+/// Encodes an error reply.
+pub fn encode_error(id: u64, code: RemoteCode, message: &str) -> Vec<u8> {
+    let mut v = frame(T_ERROR);
+    let msg = &message.as_bytes()[..message.len().min(1024)];
+    v.extend_from_slice(&id.to_le_bytes());
+    v.extend_from_slice(&(code as u16).to_le_bytes());
+    v.extend_from_slice(&(msg.len() as u16).to_le_bytes());
+    v.extend_from_slice(msg);
+    seal(v, 0)
+}
+
+/// Decodes an error reply into the error it stands for.
+pub fn decode_error(body: &[u8]) -> TransportError {
+    let parse = || -> Result<TransportError, TransportError> {
+        let mut d = Decoder::new(body);
+        let _id = d.u64()?;
+        let code = RemoteCode::from_wire(d.u16()?);
+        let n = d.u16()? as usize;
+        let message = String::from_utf8_lossy(d.bytes(n)?).into_owned();
+        Ok(TransportError::Remote { code, message })
+    };
+    parse().unwrap_or_else(|e| e)
+}
+
+/// Reads a frame's length and type byte; returns (type, body length
+/// without the type byte). Rejects frames over [`MAX_FRAME`].
+pub fn read_frame_header(r: &mut impl Read) -> io::Result<(u8, usize)> {
+    let mut h = [0u8; 5];
+    r.read_exact(&mut h)?;
+    let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+    if len == 0 || len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame length {len} outside 1..={MAX_FRAME}"),
+        ));
+    }
+    Ok((h[4], len as usize - 1))
+}
+
+/// Reads a whole frame whose body is at most `limit` bytes.
+pub fn read_frame(r: &mut impl Read, limit: usize) -> io::Result<(u8, Vec<u8>)> {
+    let (ty, len) = read_frame_header(r)?;
+    if len > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("message type {ty:#04x} of {len} bytes exceeds the limit of {limit}"),
+        ));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok((ty, body))
+}
+
+/// Writes every byte of every slice, in order, with vectored writes.
+pub fn write_all_vectored(w: &mut impl Write, parts: &[&[u8]]) -> io::Result<()> {
+    let mut idx = 0;
+    let mut off = 0;
+    while idx < parts.len() {
+        let mut iov = Vec::with_capacity(parts.len() - idx);
+        iov.push(io::IoSlice::new(&parts[idx][off..]));
+        for p in &parts[idx + 1..] {
+            iov.push(io::IoSlice::new(p));
+        }
+        let mut n = match w.write_vectored(&iov) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        while idx < parts.len() && n >= parts[idx].len() - off {
+            n -= parts[idx].len() - off;
+            idx += 1;
+            off = 0;
+        }
+        off += n;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(frame: &[u8]) -> (u8, &[u8]) {
+        (frame[4], &frame[5..])
+    }
+
+    #[test]
+    fn hello_round_trips_and_checks_magic() {
+        let h = Hello {
+            version: VERSION,
+            kind: ChannelKind::Bulk(3),
+        };
+        let f = encode_hello(&h);
+        let (ty, b) = body(&f);
+        assert_eq!(ty, T_HELLO);
+        assert_eq!(decode_hello(b).unwrap(), h);
+        let mut bad = b.to_vec();
+        bad[0] = b'X';
+        assert!(matches!(
+            decode_hello(&bad),
+            Err(TransportError::NotPagewire(_))
+        ));
+        assert!(decode_hello(&b[..5]).is_err());
+    }
+
+    #[test]
+    fn welcome_round_trips_and_rejects_bad_layouts() {
+        let layout = MemoryLayout::single(10 * 4096).unwrap();
+        let mut zero = ZeroMap::new(10);
+        zero.set(3);
+        let w = Welcome {
+            version: VERSION,
+            info: Some(SourceInfo { layout, zero }),
+        };
+        let f = encode_welcome(&w);
+        assert_eq!(decode_welcome(&f[5..]).unwrap(), w);
+        // Wrong version is a typed error.
+        let mut b = f[5..].to_vec();
+        b[4] = 9;
+        assert!(matches!(
+            decode_welcome(&b),
+            Err(TransportError::Version { theirs: 9, .. })
+        ));
+        // Region length that is not page aligned.
+        let mut b = f[5..].to_vec();
+        b[4 + 2 + 1 + 4 + 4 + 8] = 1;
+        assert!(decode_welcome(&b).is_err());
+        // Truncated.
+        assert!(decode_welcome(&f[5..f.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        for r in [
+            Request::Fetch {
+                id: 7,
+                ranges: vec![PageRange::new(1, 2), PageRange::new(9, 1)],
+            },
+            Request::Checksums {
+                id: 8,
+                range: PageRange::new(0, 100),
+            },
+            Request::Stats { id: 9 },
+        ] {
+            let f = encode_request(&r);
+            let (ty, b) = body(&f);
+            assert_eq!(u32::from_le_bytes(f[..4].try_into().unwrap()) as usize, f.len() - 4);
+            assert_eq!(decode_request(ty, b).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn malformed_requests_are_errors_not_panics() {
+        assert!(decode_request(T_FETCH, &[]).is_err());
+        assert!(decode_request(0x7f, &[0; 8]).is_err());
+        // Zero ranges.
+        let mut b = 1u64.to_le_bytes().to_vec();
+        b.extend_from_slice(&0u16.to_le_bytes());
+        assert!(decode_request(T_FETCH, &b).is_err());
+        // Claims more ranges than it carries.
+        let mut b = 1u64.to_le_bytes().to_vec();
+        b.extend_from_slice(&5u16.to_le_bytes());
+        assert!(decode_request(T_FETCH, &b).is_err());
+        // Trailing bytes.
+        let mut f = encode_request(&Request::Stats { id: 1 });
+        f.push(0);
+        assert!(decode_request(T_STATS, &f[5..]).is_err());
+    }
+
+    #[test]
+    fn frame_reader_enforces_limits() {
+        let mut big = (MAX_FRAME + 1).to_le_bytes().to_vec();
+        big.push(T_FETCH);
+        assert!(read_frame_header(&mut big.as_slice()).is_err());
+        let mut zero = 0u32.to_le_bytes().to_vec();
+        zero.push(T_FETCH);
+        assert!(read_frame_header(&mut zero.as_slice()).is_err());
+        let f = encode_request(&Request::Stats { id: 1 });
+        assert!(read_frame(&mut f.as_slice(), 4).is_err());
+        assert!(read_frame(&mut f.as_slice(), 64).is_ok());
+    }
+
+    #[test]
+    fn error_reply_round_trips() {
+        let f = encode_error(3, RemoteCode::OutOfRange, "nope");
+        match decode_error(&f[5..]) {
+            TransportError::Remote { code, message } => {
+                assert_eq!(code, RemoteCode::OutOfRange);
+                assert_eq!(message, "nope");
+            }
+            e => panic!("unexpected {e}"),
+        }
+        assert!(matches!(decode_error(&[1, 2]), TransportError::Protocol(_)));
+    }
+
+    #[test]
+    fn vectored_write_writes_everything() {
+        struct Dribble(Vec<u8>);
+        impl Write for Dribble {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                let n = b.len().min(3);
+                self.0.extend_from_slice(&b[..n]);
+                Ok(n)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut w = Dribble(Vec::new());
+        write_all_vectored(&mut w, &[b"abcde", b"", b"fg", b"hijklmn"]).unwrap();
+        assert_eq!(w.0, b"abcdefghijklmn");
+    }
+}
