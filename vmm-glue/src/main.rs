@@ -1,1 +1,348 @@
-fn main(){}
+//! `pagewire`: serve guest memory as a source, pull it post-copy as a
+//! destination, or run both as a demo.
+
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use pagewire_engine::MigrationConfig;
+use pagewire_transport::inproc::InProcTransport;
+use pagewire_transport::tcp::{PageServer, TcpOptions, TcpTransport};
+use pagewire_transport::{SourceMemory, Transport};
+use pagewire_vmm_glue::image;
+use pagewire_vmm_glue::run::{run_destination, RunOptions, RunReport};
+use pagewire_vmm_glue::workload::{Pattern, Workload};
+
+/// pagewire moves a VM's memory after the VM resumed at the destination
+/// (post-copy): faults are fetched at once, the rest is pushed in the
+/// background, and every page is verified against the source.
+#[derive(Debug, Parser)]
+#[command(name = "pagewire", version, propagate_version = true)]
+struct Cli {
+    /// Log more (-v info, -vv debug). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serve guest memory to destinations until killed.
+    Source(SourceArgs),
+    /// Pull guest memory from a source post-copy while a workload runs,
+    /// verify every page and report.
+    Dest(DestArgs),
+    /// Run a source and a destination as two processes on loopback and
+    /// print the report.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+struct SourceArgs {
+    /// Address to listen on. The protocol has no authentication: keep it
+    /// on loopback or a private migration network.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Raw guest memory image to serve (guest address 0 = offset 0). It must
+    /// not change while served.
+    #[arg(long, conflicts_with = "synthetic", required_unless_present = "synthetic")]
+    memory: Option<PathBuf>,
+    /// Serve a generated guest of this size instead (e.g. 256MiB, 1GiB).
+    #[arg(long, value_parser = parse_size)]
+    synthetic: Option<u64>,
+    /// Seed of the synthetic guest's contents.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Share of the synthetic guest's pages that are all zero, in percent.
+    #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u8).range(0..=100))]
+    zero_percent: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TransportKind {
+    /// TCP: an urgent connection for faults, one bulk connection per lane.
+    Tcp,
+    /// memcpy inside one process: the floor, demo only.
+    Inproc,
+}
+
+#[derive(Debug, Args, Clone)]
+struct EngineArgs {
+    /// Touch pattern of the workload that stands in for the resumed VM.
+    #[arg(long, value_enum, default_value = "hotset")]
+    workload: Pattern,
+    /// Number of touches (default: one per page).
+    #[arg(long)]
+    touches: Option<u64>,
+    /// Seed of the random workloads.
+    #[arg(long, default_value_t = 42)]
+    workload_seed: u64,
+    /// Distance between touches of the stride workload, in pages.
+    #[arg(long, default_value_t = 16)]
+    stride: u64,
+    /// Busy time between touches in microseconds (models compute).
+    #[arg(long, default_value_t = 0)]
+    think_us: u64,
+    /// Pusher lanes, each with its own bulk connection (default: one per core).
+    #[arg(long)]
+    lanes: Option<usize>,
+    /// Bubble radius: pages prepaged each way around the last fault.
+    #[arg(long, default_value_t = 64)]
+    bubble: u64,
+    /// Turn bubbling (adaptive prepaging) off.
+    #[arg(long)]
+    no_bubble: bool,
+    /// Hold the background sweep until the workload ends (demand paging
+    /// plus bubbles only while the workload runs).
+    #[arg(long)]
+    no_push: bool,
+    /// Most pages a lane fetches in one request.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    batch: u32,
+    /// Do not pin lanes to cores.
+    #[arg(long)]
+    no_pin: bool,
+    /// Seconds any network read or write may block before the migration
+    /// fails (a hung source must not hang the VM forever).
+    #[arg(long, default_value_t = 10.0)]
+    io_timeout: f64,
+    /// Print the report as JSON on stdout (no progress bar).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct DestArgs {
+    /// Address of the pagewire source.
+    #[arg(long)]
+    connect: String,
+    /// Transport to fetch pages with.
+    #[arg(long, value_enum, default_value = "tcp")]
+    transport: TransportKind,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Guest memory size.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    size: u64,
+    /// Seed of the synthetic guest's contents.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Transport: tcp runs the source as a second process; inproc is the
+    /// single-process floor.
+    #[arg(long, value_enum, default_value = "tcp")]
+    transport: TransportKind,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// Parses sizes like `4096`, `64KiB`, `256MiB`, `1GiB` (K/M/G are binary too).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
+    let mul: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        u => return Err(format!("unknown size unit {u:?} (use KiB, MiB, GiB)")),
+    };
+    n.checked_mul(mul).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+impl EngineArgs {
+    fn options(&self) -> Result<RunOptions> {
+        let lanes = match self.lanes {
+            Some(0) => bail!("--lanes must be at least 1"),
+            Some(n) => n,
+            None => MigrationConfig::default().lanes,
+        };
+        Ok(RunOptions {
+            config: MigrationConfig {
+                lanes,
+                bubble: if self.no_bubble { 0 } else { self.bubble },
+                batch_pages: self.batch,
+                push: !self.no_push,
+                pin_lanes: !self.no_pin,
+            },
+            workload: Workload {
+                pattern: self.workload,
+                touches: self.touches,
+                seed: self.workload_seed,
+                stride: self.stride,
+                think_us: self.think_us,
+            },
+            progress: !self.json && std::io::stderr().is_terminal(),
+        })
+    }
+
+    fn tcp_options(&self) -> Result<TcpOptions> {
+        if !(self.io_timeout > 0.0 && self.io_timeout < 86_400.0) {
+            bail!("--io-timeout must be between 0 and 86400 seconds");
+        }
+        Ok(TcpOptions {
+            io_timeout: Duration::from_secs_f64(self.io_timeout),
+            ..TcpOptions::default()
+        })
+    }
+}
+
+fn print_report(report: &RunReport, json: bool) -> Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        println!("{}", report.summary());
+    }
+    Ok(if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+fn cmd_source(a: SourceArgs) -> Result<ExitCode> {
+    let mem = match (&a.memory, a.synthetic) {
+        (Some(path), _) => image::from_file(path)?,
+        (None, Some(size)) => image::synthetic(size, a.seed, a.zero_percent)?,
+        (None, None) => bail!("give --memory FILE or --synthetic SIZE"),
+    };
+    let info = mem.info();
+    let (pages, zeros) = (info.layout.total_pages(), info.zero.count());
+    let server = PageServer::bind(a.listen, Arc::new(mem))
+        .with_context(|| format!("cannot listen on {}", a.listen))?;
+    let addr = server.local_addr()?;
+    // The first stdout line is for scripts (and `pagewire demo`).
+    println!("listening on {addr}");
+    std::io::stdout().flush()?;
+    tracing::info!(%addr, pages, zero_pages = zeros, "pagewire source serving");
+    server.serve()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_dest(a: DestArgs) -> Result<ExitCode> {
+    let opts = a.engine.options()?;
+    let transport: Arc<dyn Transport> = match a.transport {
+        TransportKind::Tcp => Arc::new(
+            TcpTransport::connect(a.connect.as_str(), a.engine.tcp_options()?)
+                .with_context(|| format!("cannot start migration from {}", a.connect))?,
+        ),
+        TransportKind::Inproc => bail!("--transport inproc needs the source in this process: use `pagewire demo --transport inproc`"),
+    };
+    let report = run_destination(transport, &opts).context("migration failed")?;
+    print_report(&report, a.engine.json)
+}
+
+/// A source child process, killed when dropped.
+struct SourceChild(Child);
+
+impl Drop for SourceChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_source(size: u64, seed: u64) -> Result<(SourceChild, String)> {
+    let exe = std::env::current_exe().context("cannot find the pagewire binary")?;
+    let mut child = SourceChild(
+        Command::new(exe)
+            .args(["source", "--listen", "127.0.0.1:0", "--synthetic"])
+            .arg(size.to_string())
+            .args(["--seed", &seed.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("cannot start the source process")?,
+    );
+    let stdout = child.0.stdout.take().context("no stdout from the source")?;
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .context("reading the source's address")?;
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .with_context(|| format!("source did not start: {line:?}"))?
+        .to_string();
+    Ok((child, addr))
+}
+
+fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
+    let opts = a.engine.options()?;
+    let (transport, _child): (Arc<dyn Transport>, Option<SourceChild>) = match a.transport {
+        TransportKind::Tcp => {
+            let (child, addr) = spawn_source(a.size, a.seed)?;
+            eprintln!("demo: source process {} serving {} MiB on {addr}", child.0.id(), a.size >> 20);
+            let t = TcpTransport::connect(addr.as_str(), a.engine.tcp_options()?)
+                .with_context(|| format!("cannot connect to the demo source at {addr}"))?;
+            (Arc::new(t), Some(child))
+        }
+        TransportKind::Inproc => {
+            let mem: SourceMemory = image::synthetic(a.size, a.seed, 25)?;
+            (Arc::new(InProcTransport::new(Arc::new(mem))), None)
+        }
+    };
+    let report = run_destination(transport, &opts).context("migration failed")?;
+    print_report(&report, a.engine.json)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Cmd::Source(a) => cmd_source(a),
+        Cmd::Dest(a) => cmd_dest(a),
+        Cmd::Demo(a) => cmd_demo(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            // Exit at once: a vCPU thread blocked on a page that will never
+            // arrive must not keep the process alive.
+            std::process::exit(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert!(parse_size("12XB").is_err());
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("99999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

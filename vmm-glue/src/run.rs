@@ -1,0 +1,224 @@
+//! Running the destination side: migration, workload, verification, report.
+
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use pagewire_engine::{EngineError, EngineReport, Migration, MigrationConfig, PageOrigin};
+use pagewire_transport::{page_checksum, PageRange, SourceStats, Transport, TransportError};
+use serde::Serialize;
+
+use crate::workload::{Workload, WorkloadStats};
+
+/// Most checksums asked for in one request.
+const CHECKSUM_CHUNK: u64 = 1 << 16;
+
+/// Why a destination run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The engine stopped.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// Verification or counters could not be fetched.
+    #[error("after migration: {0}")]
+    Transport(#[from] TransportError),
+    /// The workload thread could not start or died.
+    #[error("workload: {0}")]
+    Workload(String),
+}
+
+/// The full report of a destination run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// The engine's counters.
+    #[serde(flatten)]
+    pub engine: EngineReport,
+    /// Pages whose checksum was compared with the source's.
+    pub pages_verified: u64,
+    /// Pages whose bytes differ from the source's (must be 0).
+    pub checksum_mismatches: u64,
+    /// Prepaged pages the workload touched afterwards (faults avoided).
+    pub prepaged_hits: u64,
+    /// Pushed pages the workload touched.
+    pub pushed_hits: u64,
+    /// What the workload did.
+    pub workload: WorkloadStats,
+    /// Work done by the source's data path.
+    pub source_requests_served: u64,
+    /// Pages the source's data path sent.
+    pub source_pages_served: u64,
+}
+
+impl RunReport {
+    /// Whether the migration moved every page intact and exactly once.
+    pub fn is_clean(&self) -> bool {
+        self.checksum_mismatches == 0
+            && self.engine.duplicate_pages == 0
+            && self.pages_verified == self.engine.pages_total
+    }
+
+    /// A human summary.
+    pub fn summary(&self) -> String {
+        let e = &self.engine;
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let gbps = if e.total_ms > 0.0 {
+            e.bytes_received as f64 / (e.total_ms / 1000.0) / 1e9
+        } else {
+            0.0
+        };
+        let l = &e.fault_latency_us;
+        format!(
+            "pagewire post-copy migration over {transport}\n\
+             \x20 memory            {pages} pages ({mem:.1} MiB), {zero} zero pages never sent\n\
+             \x20 total time        {total:.1} ms (resume to last page), {recv:.1} MiB received, {gbps:.2} GB/s\n\
+             \x20 workload          {pattern:?}: {touches} touches of {distinct} pages in {wms:.1} ms\n\
+             \x20 faults            {faults} ({nf} network, {inflight} waited on a lane, {zf} zero)\n\
+             \x20 fault latency     p50 {p50:.1} us, p99 {p99:.1} us, max {max:.1} us\n\
+             \x20 prepaged (bubble) {pre} pages, {hits} later touched\n\
+             \x20 pushed (sweep)    {pushed} pages, {phits} later touched\n\
+             \x20 source data path  {sreq} requests, {spages} pages\n\
+             \x20 verified          {ver}/{pages} pages, {mis} mismatches, {dup} duplicates -> {verdict}",
+            transport = e.transport,
+            pages = e.pages_total,
+            mem = mib(e.pages_total * 4096),
+            zero = e.zero_pages,
+            total = e.total_ms,
+            recv = mib(e.bytes_received),
+            pattern = self.workload.pattern,
+            touches = self.workload.touches,
+            distinct = self.workload.distinct_pages,
+            wms = self.workload.ms,
+            faults = e.faults,
+            nf = e.network_faults,
+            inflight = e.inflight_faults,
+            zf = e.zero_faults,
+            p50 = l.p50,
+            p99 = l.p99,
+            max = l.max,
+            pre = e.prepaged_pages,
+            hits = self.prepaged_hits,
+            pushed = e.pushed_pages,
+            phits = self.pushed_hits,
+            sreq = self.source_requests_served,
+            spages = self.source_pages_served,
+            ver = self.pages_verified,
+            mis = self.checksum_mismatches,
+            dup = e.duplicate_pages,
+            verdict = if self.is_clean() { "OK" } else { "FAILED" },
+        )
+    }
+}
+
+/// Options of a destination run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Engine settings.
+    pub config: MigrationConfig,
+    /// What the "VM" does meanwhile.
+    pub workload: Workload,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+}
+
+/// Migrates from `transport` while running the workload, then verifies
+/// every page against the source's checksums.
+pub fn run_destination(
+    transport: Arc<dyn Transport>,
+    opts: &RunOptions,
+) -> Result<RunReport, RunError> {
+    let handle = Migration::start(transport.clone(), opts.config.clone())?;
+    let (present, total) = handle.progress();
+    let bar = if opts.progress {
+        ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr())
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}/{len} pages ({elapsed})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message("migrating");
+    bar.set_position(present);
+
+    let mem = handle.memory().clone();
+    let workload = opts.workload;
+    let worker = thread::Builder::new()
+        .name("pw-workload".into())
+        .spawn(move || workload.run(&mem))
+        .map_err(|e| RunError::Workload(e.to_string()))?;
+
+    // The workload blocks on faults; if the migration fails it may never
+    // return, so watch the migration, not only the workload.
+    while !worker.is_finished() {
+        if handle.is_finished() && handle.progress().0 < total {
+            break; // failed: wait() below returns the error
+        }
+        bar.set_position(handle.progress().0);
+        thread::sleep(Duration::from_millis(20));
+    }
+    handle.release_push();
+    while !handle.is_finished() {
+        bar.set_position(handle.progress().0);
+        thread::sleep(Duration::from_millis(20));
+    }
+    let origins: Vec<PageOrigin> = (0..total).map(|p| handle.origin(p)).collect();
+    let mem = handle.memory().clone();
+    let engine = match handle.wait() {
+        Ok(r) => r,
+        Err(e) => {
+            bar.abandon_with_message("failed");
+            return Err(e.into());
+        }
+    };
+    bar.set_position(total);
+    bar.set_message("verifying");
+    let stats = worker
+        .join()
+        .map_err(|_| RunError::Workload("workload thread panicked".into()))?;
+
+    let layout = mem.layout();
+    let mut verified = 0u64;
+    let mut mismatches = 0u64;
+    for region in 0..layout.regions().len() {
+        let pages = layout.region_pages(region);
+        let mut first = pages.start;
+        while first < pages.end {
+            let count = (pages.end - first).min(CHECKSUM_CHUNK);
+            let sums = transport.checksums(PageRange::new(first, count as u32))?;
+            for (i, want) in sums.iter().enumerate() {
+                let p = first + i as u64;
+                let ok = mem.page(p).map(page_checksum) == Some(*want);
+                if !ok {
+                    mismatches += 1;
+                    tracing::error!(page = p, "page differs from the source");
+                }
+                verified += 1;
+            }
+            first += count;
+        }
+    }
+    let hits = |origin| {
+        origins
+            .iter()
+            .zip(&stats.touched)
+            .filter(|(o, t)| **t && **o == origin)
+            .count() as u64
+    };
+    let SourceStats {
+        requests_served,
+        pages_served,
+    } = transport.source_stats()?;
+    bar.finish_and_clear();
+    Ok(RunReport {
+        prepaged_hits: hits(PageOrigin::Bubble),
+        pushed_hits: hits(PageOrigin::Push),
+        engine,
+        pages_verified: verified,
+        checksum_mismatches: mismatches,
+        workload: stats,
+        source_requests_served: requests_served,
+        source_pages_served: pages_served,
+    })
+}

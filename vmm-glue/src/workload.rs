@@ -1,0 +1,167 @@
+//! Workloads that touch guest memory the way a resumed VM would.
+
+use std::time::{Duration, Instant};
+
+use clap::ValueEnum;
+use pagewire_engine::DestMemory;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Zipf};
+use serde::Serialize;
+
+/// A touch pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pattern {
+    /// Every page in address order.
+    Seq,
+    /// Uniformly random pages.
+    Random,
+    /// Zipf-distributed over a hot region around a random base: a few
+    /// pages take most touches, as in a real working set.
+    Hotset,
+    /// Every `stride`-th page, wrapping with an offset until all are hit.
+    Stride,
+}
+
+/// A workload: pattern plus its knobs.
+#[derive(Debug, Clone, Copy)]
+pub struct Workload {
+    /// The pattern.
+    pub pattern: Pattern,
+    /// Number of touches; `None` means one per page.
+    pub touches: Option<u64>,
+    /// Seed for the random patterns.
+    pub seed: u64,
+    /// Distance between touches of `stride`, in pages.
+    pub stride: u64,
+    /// Busy work between touches, in microseconds, to model compute.
+    pub think_us: u64,
+}
+
+/// What a workload did.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadStats {
+    /// The pattern.
+    pub pattern: Pattern,
+    /// Touches made.
+    pub touches: u64,
+    /// Distinct pages touched.
+    pub distinct_pages: u64,
+    /// Wall time of the workload.
+    pub ms: f64,
+    /// Which pages were touched (not serialized).
+    #[serde(skip)]
+    pub touched: Vec<bool>,
+}
+
+impl Workload {
+    /// The page sequence this workload touches in memory of `pages` pages.
+    pub fn pages(&self, pages: u64) -> Box<dyn Iterator<Item = u64>> {
+        let n = self.touches.unwrap_or(pages);
+        let mut rng = SmallRng::seed_from_u64(self.seed);
+        match self.pattern {
+            Pattern::Seq => Box::new((0..n).map(move |i| i % pages)),
+            Pattern::Random => Box::new((0..n).map(move |_| rng.gen_range(0..pages))),
+            Pattern::Hotset => {
+                let base = rng.gen_range(0..pages);
+                // s = 1.1: roughly 20 % of the pages take 80 % of touches.
+                match Zipf::new(pages, 1.1) {
+                    Ok(zipf) => Box::new((0..n).map(move |_| {
+                        let rank = zipf.sample(&mut rng) as u64; // 1..=pages
+                        (base + rank - 1) % pages
+                    })),
+                    Err(_) => Box::new((0..n).map(move |i| i % pages)),
+                }
+            }
+            Pattern::Stride => {
+                let stride = self.stride.clamp(1, pages);
+                let per_lap = pages.div_ceil(stride);
+                Box::new((0..n).map(move |i| {
+                    let lap = (i / per_lap) % stride;
+                    (lap + (i % per_lap) * stride) % pages
+                }))
+            }
+        }
+    }
+
+    /// Runs the workload on `mem`, reading one word of each touched page.
+    /// Blocks on faults like a vCPU would.
+    pub fn run(&self, mem: &DestMemory) -> WorkloadStats {
+        let total = mem.layout().total_pages();
+        let mut touched = vec![false; total as usize];
+        let mut touches = 0u64;
+        let mut sink = 0u64;
+        let t0 = Instant::now();
+        for p in self.pages(total) {
+            if let Some(page) = mem.page(p) {
+                // black_box keeps the compiler from eliding the load.
+                sink = sink.wrapping_add(u64::from(std::hint::black_box(page[0])));
+                touched[p as usize] = true;
+                touches += 1;
+            }
+            if self.think_us > 0 {
+                let until = Instant::now() + Duration::from_micros(self.think_us);
+                while Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+        std::hint::black_box(sink);
+        WorkloadStats {
+            pattern: self.pattern,
+            touches,
+            distinct_pages: touched.iter().filter(|&&t| t).count() as u64,
+            ms: t0.elapsed().as_secs_f64() * 1000.0,
+            touched,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(pattern: Pattern) -> Workload {
+        Workload {
+            pattern,
+            touches: None,
+            seed: 3,
+            stride: 16,
+            think_us: 0,
+        }
+    }
+
+    #[test]
+    fn seq_and_stride_cover_every_page_once() {
+        for p in [Pattern::Seq, Pattern::Stride] {
+            let mut v: Vec<u64> = w(p).pages(1000).collect();
+            v.sort_unstable();
+            assert_eq!(v, (0..1000).collect::<Vec<_>>(), "{p:?}");
+        }
+        let s: Vec<u64> = w(Pattern::Stride).pages(40).take(4).collect();
+        assert_eq!(s, vec![0, 16, 32, 1]);
+    }
+
+    #[test]
+    fn hotset_concentrates_touches() {
+        let v: Vec<u64> = w(Pattern::Hotset).pages(10_000).collect();
+        let mut counts = std::collections::HashMap::new();
+        for p in &v {
+            *counts.entry(*p).or_insert(0u64) += 1;
+        }
+        let mut c: Vec<u64> = counts.values().copied().collect();
+        c.sort_unstable_by(|a, b| b.cmp(a));
+        let top: u64 = c.iter().take(2000).sum();
+        assert!(top * 10 >= 6 * 10_000, "top 20% pages take {top} of 10000 touches");
+        assert!(v.iter().all(|&p| p < 10_000));
+    }
+
+    #[test]
+    fn random_is_seeded() {
+        let a: Vec<u64> = w(Pattern::Random).pages(500).collect();
+        let b: Vec<u64> = w(Pattern::Random).pages(500).collect();
+        assert_eq!(a, b);
+        assert!(a.iter().all(|&p| p < 500));
+    }
+}
