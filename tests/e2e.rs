@@ -1,0 +1,97 @@
+//! End to end over loopback TCP with two real processes: a `pagewire
+//! source` and a `pagewire dest`.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+/// Checks the invariants every clean migration must hold.
+fn assert_clean(r: &serde_json::Value) {
+    let total = u(r, "pages_total");
+    assert_eq!(u(r, "pages_verified"), total, "{r}");
+    assert_eq!(u(r, "checksum_mismatches"), 0, "{r}");
+    assert_eq!(u(r, "duplicate_pages"), 0, "{r}");
+    assert_eq!(u(r, "install_conflicts"), 0, "{r}");
+    assert!(u(r, "network_faults") < total, "{r}");
+    // Each page is accounted for once: fetched on a fault, by a bubble,
+    // by the sweep, or installed as a zero page.
+    assert_eq!(
+        u(r, "network_faults") + u(r, "prepaged_pages") + u(r, "pushed_pages") + u(r, "zero_pages"),
+        total,
+        "{r}"
+    );
+    // The source sent every non-zero page exactly once, no more.
+    assert_eq!(u(r, "source_pages_served"), total - u(r, "zero_pages"), "{r}");
+    assert_eq!(u(r, "bytes_received"), (total - u(r, "zero_pages")) * 4096, "{r}");
+    for k in ["p50", "p99", "max"] {
+        assert!(r["fault_latency_us"][k].is_number(), "{r}");
+    }
+    assert_eq!(r["transport"], "tcp");
+    assert!(r["total_ms"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn every_workload_migrates_between_two_processes() {
+    // One source serves every destination in turn (a fresh source memory
+    // counter per run is not needed: each run checks its own delta).
+    for (i, workload) in ["seq", "random", "hotset", "stride"].iter().enumerate() {
+        let src = start_source("16MiB", 7 + i as u64);
+        let r = dest_json(&src.addr, &["--workload", workload, "--lanes", "2"]);
+        assert_clean(&r);
+        assert_eq!(u(&r, "pages_total"), 4096);
+        assert_eq!(r["workload"]["pattern"], *workload);
+    }
+}
+
+#[test]
+fn demand_paging_and_no_bubble_variants_are_clean() {
+    let src = start_source("8MiB", 3);
+    let r = dest_json(&src.addr, &["--workload", "random", "--no-push", "--no-bubble"]);
+    assert_clean(&r);
+    assert_eq!(u(&r, "prepaged_pages"), 0);
+    // Demand paging: every non-zero page the workload touched faulted.
+    assert!(u(&r, "network_faults") > 0);
+}
+
+#[test]
+fn bubbling_cuts_network_faults_on_sequential_access() {
+    // The sweep is held (--no-push) so that only bubbles can prevent faults.
+    let run = |extra: &[&str]| {
+        let src = start_source("16MiB", 5);
+        let mut args = vec!["--workload", "seq", "--no-push"];
+        args.extend_from_slice(extra);
+        let r = dest_json(&src.addr, &args);
+        assert_clean(&r);
+        u(&r, "network_faults")
+    };
+    let with = run(&[]);
+    let without = run(&["--no-bubble"]);
+    assert!(
+        with < without,
+        "bubbling should fault less: {with} faults with, {without} without"
+    );
+}
+
+#[test]
+fn demo_runs_both_transports() {
+    for t in ["tcp", "inproc"] {
+        let (out, _) = run_bounded(
+            pagewire().args(["demo", "--size", "8MiB", "--transport", t, "--json"]),
+            Duration::from_secs(120),
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(r["transport"], t);
+        assert_eq!(u(&r, "checksum_mismatches"), 0);
+        assert_eq!(u(&r, "duplicate_pages"), 0);
+    }
+    // The human summary is the default.
+    let (out, _) = run_bounded(
+        pagewire().args(["demo", "--size", "4MiB"]),
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("0 mismatches, 0 duplicates -> OK"), "{text}");
+}

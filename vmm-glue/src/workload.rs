@@ -75,12 +75,11 @@ impl Workload {
                 }
             }
             Pattern::Stride => {
+                // Lap `l` touches l, l + stride, l + 2 * stride, ... below
+                // `pages`; laps 0..stride together hit every page once.
                 let stride = self.stride.clamp(1, pages);
-                let per_lap = pages.div_ceil(stride);
-                Box::new((0..n).map(move |i| {
-                    let lap = (i / per_lap) % stride;
-                    (lap + (i % per_lap) * stride) % pages
-                }))
+                let order = (0..stride).flat_map(move |lap| (lap..pages).step_by(stride as usize));
+                Box::new(order.cycle().take(n as usize))
             }
         }
     }

@@ -1,0 +1,105 @@
+//! Helpers for the end-to-end tests: real `pagewire` processes with
+//! bounded waits.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `pagewire` binary under test.
+pub fn pagewire() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pagewire"))
+}
+
+/// A source process, killed on drop.
+pub struct Source {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `pagewire source` serving a synthetic guest of `size` on a free
+/// loopback port and returns once it listens.
+pub fn start_source(size: &str, seed: u64) -> Source {
+    let mut child = pagewire()
+        .args(["source", "--listen", "127.0.0.1:0", "--synthetic", size])
+        .args(["--seed", &seed.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start source");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .expect("source address");
+    let addr = line.trim().strip_prefix("listening on ").expect("listening line").to_string();
+    Source { child, addr }
+}
+
+/// Runs a command to completion, failing the test if it takes longer than
+/// `limit` (a hang is a bug).
+pub fn run_bounded(cmd: &mut Command, limit: Duration) -> (Output, Duration) {
+    let t0 = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // Drain pipes on threads so a chatty child cannot block.
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut so, &mut v).ok();
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut se, &mut v).ok();
+        v
+    });
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("command did not finish within {limit:?}: {cmd:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let out = Output {
+        status,
+        stdout: out_t.join().unwrap(),
+        stderr: err_t.join().unwrap(),
+    };
+    (out, t0.elapsed())
+}
+
+/// Runs `pagewire dest --json` against `addr` with extra args and returns
+/// the parsed report; fails the test on a non-zero exit.
+pub fn dest_json(addr: &str, args: &[&str]) -> serde_json::Value {
+    let (out, _) = run_bounded(
+        pagewire().args(["dest", "--connect", addr, "--json"]).args(args),
+        Duration::from_secs(120),
+    );
+    assert!(
+        out.status.success(),
+        "dest failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("dest --json prints JSON")
+}
+
+pub fn u(v: &serde_json::Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("report lacks {key}: {v}"))
+}
