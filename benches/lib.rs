@@ -1,1 +1,217 @@
+//! Shared set-up for the pagewire benchmarks: sources, transports, and the
+//! raw floors the engine is compared with.
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use pagewire_engine::uffd::{EventBuffer, PageInstaller};
+use pagewire_engine::{DestMemory, Migration, MigrationConfig};
+use pagewire_transport::inproc::InProcTransport;
+use pagewire_transport::tcp::{PageServer, ServerHandle, TcpOptions, TcpTransport};
+use pagewire_transport::{MemoryLayout, PageRange, SourceMemory, Transport, PAGE_SIZE};
+
+/// A synthetic source with no zero pages, so every page crosses the wire.
+pub fn source(bytes: u64) -> Arc<SourceMemory> {
+    Arc::new(pagewire_vmm_glue::image::synthetic(bytes, 1, 0).expect("synthetic source"))
+}
+
+/// A transport under test, with whatever keeps it alive.
+pub struct Bench {
+    /// The transport.
+    pub transport: Arc<dyn Transport>,
+    _server: Option<ServerHandle>,
+}
+
+/// Builds `kind` ("inproc" or "tcp") over `src`; tcp runs a page server on
+/// loopback in this process.
+pub fn transport(kind: &str, src: Arc<SourceMemory>) -> Bench {
+    match kind {
+        "tcp" => {
+            let server = PageServer::bind("127.0.0.1:0".parse().expect("addr"), src)
+                .expect("bind")
+                .spawn()
+                .expect("spawn server");
+            let t = TcpTransport::connect(server.addr(), TcpOptions::default()).expect("connect");
+            Bench {
+                transport: Arc::new(t),
+                _server: Some(server),
+            }
+        }
+        _ => Bench {
+            transport: Arc::new(InProcTransport::new(src)),
+            _server: None,
+        },
+    }
+}
+
+/// Demand-paging config: no sweep, no bubbles, so every touch is a fault.
+pub fn demand_only() -> MigrationConfig {
+    MigrationConfig {
+        lanes: 1,
+        bubble: 0,
+        push: false,
+        ..MigrationConfig::default()
+    }
+}
+
+/// Touches `n` pages of fresh migrations (one page per fault) and returns
+/// the time spent touching, as a vCPU sees it.
+pub fn time_engine_faults(t: &Arc<dyn Transport>, n: u64) -> Duration {
+    let pages = t.info().layout.total_pages();
+    let mut left = n;
+    let mut spent = Duration::ZERO;
+    while left > 0 {
+        let h = Migration::start(t.clone(), demand_only()).expect("start");
+        let mem = h.memory().clone();
+        let k = left.min(pages);
+        let t0 = Instant::now();
+        for p in 0..k {
+            std::hint::black_box(mem.page(p).expect("page")[0]);
+        }
+        spent += t0.elapsed();
+        left -= k;
+        h.release_push();
+        h.wait().expect("migration");
+    }
+    spent
+}
+
+/// How a raw floor handler gets one page's bytes.
+pub enum Floor {
+    /// memcpy from a local buffer.
+    Memcpy,
+    /// A 4 KiB request/response round trip on a loopback TCP socket.
+    TcpRtt,
+}
+
+/// A byte server on loopback: for every 16-byte request, 4 KiB back.
+fn rtt_server() -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let _ = s.set_nodelay(true);
+            thread::spawn(move || {
+                let page = vec![0x5au8; PAGE_SIZE];
+                let mut req = [0u8; 16];
+                while s.read_exact(&mut req).is_ok() {
+                    if s.write_all(&page).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The floor: a bare userfaultfd handler that serves each fault with one
+/// memcpy or one TCP round trip and one UFFDIO_COPY, no engine at all.
+/// Returns the time spent touching `n` pages.
+pub fn time_floor_faults(floor: &Floor, n: u64) -> Duration {
+    const PAGES: u64 = 4096;
+    let conn = match floor {
+        Floor::TcpRtt => {
+            let addr = rtt_server();
+            let s = TcpStream::connect(addr).expect("connect");
+            s.set_nodelay(true).expect("nodelay");
+            Some(s)
+        }
+        Floor::Memcpy => None,
+    };
+    let layout = MemoryLayout::single(PAGES * PAGE_SIZE as u64).expect("layout");
+    let mut left = n;
+    let mut spent = Duration::ZERO;
+    let mut conn = conn;
+    while left > 0 {
+        let mem = Arc::new(DestMemory::new(&layout).expect("memory"));
+        let inst = Arc::new(PageInstaller::register(mem.clone()).expect("uffd"));
+        let k = left.min(PAGES);
+        let done = Arc::new(AtomicBool::new(false));
+        let handler = {
+            let (inst, done) = (inst.clone(), done.clone());
+            let mut conn = conn.take();
+            thread::spawn(move || {
+                let src = vec![0xa5u8; PAGE_SIZE];
+                let mut buf = vec![0u8; PAGE_SIZE];
+                let mut events = EventBuffer::new(16);
+                let mut addrs = Vec::new();
+                while !done.load(Ordering::Acquire) {
+                    if !inst.wait_readable(10).expect("poll") {
+                        continue;
+                    }
+                    inst.read_faults(&mut events, &mut addrs).expect("read");
+                    for &a in &addrs {
+                        let page = inst.memory().page_of(a).expect("page");
+                        match conn.as_mut() {
+                            Some(s) => {
+                                s.write_all(&[0u8; 16]).expect("send");
+                                s.read_exact(&mut buf).expect("recv");
+                            }
+                            None => buf.copy_from_slice(&src),
+                        }
+                        inst.install(PageRange::new(page, 1), &buf, true)
+                            .expect("install");
+                    }
+                }
+                conn
+            })
+        };
+        let t0 = Instant::now();
+        for p in 0..k {
+            std::hint::black_box(mem.page(p).expect("page")[0]);
+        }
+        spent += t0.elapsed();
+        done.store(true, Ordering::Release);
+        conn = handler.join().expect("handler");
+        left -= k;
+    }
+    spent
+}
+
+/// Streams `bytes` over one loopback TCP connection: the throughput floor.
+pub fn time_tcp_stream(bytes: u64) -> Duration {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let sender = thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("accept");
+        let chunk = vec![1u8; 1 << 20];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            s.write_all(&chunk[..n]).expect("write");
+            left -= n as u64;
+        }
+    });
+    let mut s = TcpStream::connect(addr).expect("connect");
+    let mut buf = vec![0u8; 1 << 20];
+    let t0 = Instant::now();
+    let mut got = 0u64;
+    while got < bytes {
+        let n = s.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    let d = t0.elapsed();
+    sender.join().expect("sender");
+    d
+}
+
+/// Runs a whole push-only migration (no workload) and returns its time.
+pub fn time_push(t: &Arc<dyn Transport>, lanes: usize) -> Duration {
+    let cfg = MigrationConfig {
+        lanes,
+        ..MigrationConfig::default()
+    };
+    let t0 = Instant::now();
+    let h = Migration::start(t.clone(), cfg).expect("start");
+    h.wait().expect("migration");
+    t0.elapsed()
+}

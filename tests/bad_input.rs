@@ -20,7 +20,12 @@ fn stderr(o: &std::process::Output) -> String {
 /// Asserts a failed run: exit code 1, a clear message, no panic.
 fn assert_clean_failure(o: &std::process::Output, needle: &str) {
     let e = stderr(o);
-    assert_eq!(o.status.code(), Some(1), "expected exit 1, got {}: {e}", o.status);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "expected exit 1, got {}: {e}",
+        o.status
+    );
     assert!(e.contains(needle), "stderr lacks {needle:?}: {e}");
     assert!(!e.contains("panicked"), "panic: {e}");
 }
@@ -91,7 +96,10 @@ fn a_source_with_another_version_is_refused() {
             layout,
         }),
     });
-    assert_clean_failure(&dest(&fake_peer(f)), "version mismatch: we speak 1, the peer 99");
+    assert_clean_failure(
+        &dest(&fake_peer(f)),
+        "version mismatch: we speak 1, the peer 99",
+    );
 }
 
 #[test]
@@ -197,8 +205,17 @@ fn a_source_killed_mid_migration_fails_the_destination_cleanly() {
     });
     let (o, took) = run_bounded(
         pagewire().args([
-            "dest", "--connect", &addr, "--io-timeout", "5", "--workload", "random",
-            "--no-push", "--no-bubble", "--think-us", "200",
+            "dest",
+            "--connect",
+            &addr,
+            "--io-timeout",
+            "5",
+            "--workload",
+            "random",
+            "--no-push",
+            "--no-bubble",
+            "--think-us",
+            "200",
         ]),
         LIMIT,
     );

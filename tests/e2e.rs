@@ -22,8 +22,16 @@ fn assert_clean(r: &serde_json::Value) {
         "{r}"
     );
     // The source sent every non-zero page exactly once, no more.
-    assert_eq!(u(r, "source_pages_served"), total - u(r, "zero_pages"), "{r}");
-    assert_eq!(u(r, "bytes_received"), (total - u(r, "zero_pages")) * 4096, "{r}");
+    assert_eq!(
+        u(r, "source_pages_served"),
+        total - u(r, "zero_pages"),
+        "{r}"
+    );
+    assert_eq!(
+        u(r, "bytes_received"),
+        (total - u(r, "zero_pages")) * 4096,
+        "{r}"
+    );
     for k in ["p50", "p99", "max"] {
         assert!(r["fault_latency_us"][k].is_number(), "{r}");
     }
@@ -47,7 +55,10 @@ fn every_workload_migrates_between_two_processes() {
 #[test]
 fn demand_paging_and_no_bubble_variants_are_clean() {
     let src = start_source("8MiB", 3);
-    let r = dest_json(&src.addr, &["--workload", "random", "--no-push", "--no-bubble"]);
+    let r = dest_json(
+        &src.addr,
+        &["--workload", "random", "--no-push", "--no-bubble"],
+    );
     assert_clean(&r);
     assert_eq!(u(&r, "prepaged_pages"), 0);
     // Demand paging: every non-zero page the workload touched faulted.
@@ -80,7 +91,11 @@ fn demo_runs_both_transports() {
             pagewire().args(["demo", "--size", "8MiB", "--transport", t, "--json"]),
             Duration::from_secs(120),
         );
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(r["transport"], t);
         assert_eq!(u(&r, "checksum_mismatches"), 0);

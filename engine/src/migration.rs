@@ -255,7 +255,11 @@ impl Shared {
     }
 }
 
-fn lane_main(shared: &Shared, lane: usize, channel: &mut dyn PageChannel) -> Result<(), EngineError> {
+fn lane_main(
+    shared: &Shared,
+    lane: usize,
+    channel: &mut dyn PageChannel,
+) -> Result<(), EngineError> {
     let mut buf = Vec::new();
     let mut runs = Vec::new();
     let max = u64::from(shared.config.batch_pages);

@@ -177,8 +177,14 @@ mod tests {
         let layout = pagewire_transport::MemoryLayout::new(
             4096,
             vec![
-                pagewire_transport::RegionInfo { guest_base: 0, len: 4 * 4096 },
-                pagewire_transport::RegionInfo { guest_base: 1 << 20, len: 4 * 4096 },
+                pagewire_transport::RegionInfo {
+                    guest_base: 0,
+                    len: 4 * 4096,
+                },
+                pagewire_transport::RegionInfo {
+                    guest_base: 1 << 20,
+                    len: 4 * 4096,
+                },
             ],
         )
         .unwrap();

@@ -139,7 +139,9 @@ impl PageStateMap {
     pub fn origin(&self, page: u64) -> PageOrigin {
         self.origins
             .get(page as usize)
-            .map_or(PageOrigin::None, |o| PageOrigin::from_u8(o.load(Ordering::Relaxed)))
+            .map_or(PageOrigin::None, |o| {
+                PageOrigin::from_u8(o.load(Ordering::Relaxed))
+            })
     }
 
     /// Number of installed pages.
@@ -214,9 +216,17 @@ mod tests {
                 .collect();
             let mut all: Vec<u64> = wins.into_iter().flatten().collect();
             all.sort_unstable();
-            assert_eq!(all.len() as u64, PAGES, "seed {seed}: pages claimed twice or lost");
+            assert_eq!(
+                all.len() as u64,
+                PAGES,
+                "seed {seed}: pages claimed twice or lost"
+            );
             all.dedup();
-            assert_eq!(all.len() as u64, PAGES, "seed {seed}: a page was claimed twice");
+            assert_eq!(
+                all.len() as u64,
+                PAGES,
+                "seed {seed}: a page was claimed twice"
+            );
         }
     }
 }

@@ -5,7 +5,8 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use pagewire_transport::PageRange;
-use userfaultfd::{Event, EventBuffer, Uffd, UffdBuilder};
+pub use userfaultfd::EventBuffer;
+use userfaultfd::{Event, Uffd, UffdBuilder};
 
 use crate::error::EngineError;
 use crate::memory::DestMemory;
@@ -142,7 +143,10 @@ impl PageInstaller {
         while off < len {
             // SAFETY: as in `install`: the span is inside registered memory
             // owned by `self.mem`; ZEROPAGE only fills unmapped pages.
-            let r = unsafe { self.uffd.zeropage((addr + off) as *mut libc::c_void, len - off, wake) };
+            let r = unsafe {
+                self.uffd
+                    .zeropage((addr + off) as *mut libc::c_void, len - off, wake)
+            };
             match r {
                 Ok(n) if n > 0 => {
                     done.pages += (n / ps) as u64;
@@ -152,7 +156,10 @@ impl PageInstaller {
                     // The kernel stops at the first mapped page; retry page by
                     // page from here so the others are still installed.
                     // SAFETY: one page inside the same registered span.
-                    let one = unsafe { self.uffd.zeropage((addr + off) as *mut libc::c_void, ps, wake) };
+                    let one = unsafe {
+                        self.uffd
+                            .zeropage((addr + off) as *mut libc::c_void, ps, wake)
+                    };
                     match one {
                         Ok(_) => done.pages += 1,
                         Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EEXIST => {
@@ -210,7 +217,11 @@ impl PageInstaller {
 
     /// Reads pending fault events (non-blocking) and returns the faulting
     /// host addresses. Other events are ignored.
-    pub fn read_faults(&self, buf: &mut EventBuffer, out: &mut Vec<usize>) -> Result<(), EngineError> {
+    pub fn read_faults(
+        &self,
+        buf: &mut EventBuffer,
+        out: &mut Vec<usize>,
+    ) -> Result<(), EngineError> {
         out.clear();
         let events = match self.uffd.read_events(buf) {
             Ok(ev) => ev,

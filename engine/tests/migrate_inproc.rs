@@ -43,7 +43,11 @@ fn run(config: MigrationConfig, touch: impl Fn(u64) -> u64) -> pagewire_engine::
     let report = h.wait().unwrap();
     let sums = t.checksums(PageRange::new(0, pages as u32)).unwrap();
     for p in 0..pages {
-        assert_eq!(page_checksum(mem.page(p).unwrap()), sums[p as usize], "page {p}");
+        assert_eq!(
+            page_checksum(mem.page(p).unwrap()),
+            sums[p as usize],
+            "page {p}"
+        );
     }
     report
 }

@@ -39,7 +39,11 @@ pub fn start_source(size: &str, seed: u64) -> Source {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .expect("source address");
-    let addr = line.trim().strip_prefix("listening on ").expect("listening line").to_string();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("listening line")
+        .to_string();
     Source { child, addr }
 }
 
@@ -88,7 +92,9 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> (Output, Duration) {
 /// the parsed report; fails the test on a non-zero exit.
 pub fn dest_json(addr: &str, args: &[&str]) -> serde_json::Value {
     let (out, _) = run_bounded(
-        pagewire().args(["dest", "--connect", addr, "--json"]).args(args),
+        pagewire()
+            .args(["dest", "--connect", addr, "--json"])
+            .args(args),
         Duration::from_secs(120),
     );
     assert!(
@@ -101,5 +107,7 @@ pub fn dest_json(addr: &str, args: &[&str]) -> serde_json::Value {
 }
 
 pub fn u(v: &serde_json::Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or_else(|| panic!("report lacks {key}: {v}"))
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("report lacks {key}: {v}"))
 }

@@ -76,7 +76,7 @@ impl MemoryLayout {
         let mut total: u64 = 0;
         let mut prev_end: Option<u64> = None;
         for (i, r) in regions.iter().enumerate() {
-            if r.len == 0 || r.len % ps != 0 || r.guest_base % ps != 0 {
+            if r.len == 0 || !r.len.is_multiple_of(ps) || !r.guest_base.is_multiple_of(ps) {
                 return Err(LayoutError::Misaligned { region: i });
             }
             let end = r
@@ -146,13 +146,11 @@ impl MemoryLayout {
         if range.count == 0 {
             return Err(LayoutError::EmptyRange);
         }
-        let region = self
-            .region_of(range.first)
-            .ok_or(LayoutError::OutOfRange {
-                first: range.first,
-                count: range.count,
-                total: self.total_pages(),
-            })?;
+        let region = self.region_of(range.first).ok_or(LayoutError::OutOfRange {
+            first: range.first,
+            count: range.count,
+            total: self.total_pages(),
+        })?;
         let pages = self.region_pages(region);
         if range.end() > pages.end {
             return Err(LayoutError::OutOfRange {
@@ -161,7 +159,10 @@ impl MemoryLayout {
                 total: self.total_pages(),
             });
         }
-        Ok((region, ((range.first - pages.start) as usize) * self.page_size))
+        Ok((
+            region,
+            ((range.first - pages.start) as usize) * self.page_size,
+        ))
     }
 }
 

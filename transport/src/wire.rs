@@ -399,7 +399,9 @@ pub fn decode_checksums(body: &[u8]) -> Result<(u64, Vec<u64>), TransportError> 
     let id = d.u64()?;
     let n = d.u32()?;
     if n > MAX_CHECKSUMS {
-        return Err(TransportError::Protocol(format!("{n} checksums in a reply")));
+        return Err(TransportError::Protocol(format!(
+            "{n} checksums in a reply"
+        )));
     }
     let mut sums = Vec::with_capacity(n as usize);
     for _ in 0..n {
@@ -577,7 +579,10 @@ mod tests {
         ] {
             let f = encode_request(&r);
             let (ty, b) = body(&f);
-            assert_eq!(u32::from_le_bytes(f[..4].try_into().unwrap()) as usize, f.len() - 4);
+            assert_eq!(
+                u32::from_le_bytes(f[..4].try_into().unwrap()) as usize,
+                f.len() - 4
+            );
             assert_eq!(decode_request(ty, b).unwrap(), r);
         }
     }

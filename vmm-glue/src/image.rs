@@ -37,7 +37,7 @@ pub fn from_file(path: &Path) -> Result<SourceMemory, ImageError> {
     };
     let file = File::open(path).map_err(io)?;
     let len = file.metadata().map_err(io)?.len();
-    if len == 0 || len % PAGE_SIZE as u64 != 0 {
+    if len == 0 || !len.is_multiple_of(PAGE_SIZE as u64) {
         return Err(ImageError::Size(len));
     }
     // SAFETY: a private copy-on-write mapping; the source only reads it.
@@ -53,7 +53,7 @@ pub fn from_file(path: &Path) -> Result<SourceMemory, ImageError> {
 /// zero (about `zero_percent` % of them) or filled with a pattern derived
 /// from `seed` and the page number.
 pub fn synthetic(size: u64, seed: u64, zero_percent: u8) -> Result<SourceMemory, ImageError> {
-    if size == 0 || size % PAGE_SIZE as u64 != 0 {
+    if size == 0 || !size.is_multiple_of(PAGE_SIZE as u64) {
         return Err(ImageError::Size(size));
     }
     let mut map = MmapOptions::new()
@@ -78,7 +78,10 @@ pub fn synthetic(size: u64, seed: u64, zero_percent: u8) -> Result<SourceMemory,
         source,
     })?;
     let region: RegionBytes = Arc::new(map);
-    Ok(SourceMemory::new(MemoryLayout::single(size)?, vec![region])?)
+    Ok(SourceMemory::new(
+        MemoryLayout::single(size)?,
+        vec![region],
+    )?)
 }
 
 fn splitmix(mut z: u64) -> u64 {

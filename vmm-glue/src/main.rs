@@ -51,7 +51,11 @@ struct SourceArgs {
     listen: SocketAddr,
     /// Raw guest memory image to serve (guest address 0 = offset 0). It must
     /// not change while served.
-    #[arg(long, conflicts_with = "synthetic", required_unless_present = "synthetic")]
+    #[arg(
+        long,
+        conflicts_with = "synthetic",
+        required_unless_present = "synthetic"
+    )]
     memory: Option<PathBuf>,
     /// Serve a generated guest of this size instead (e.g. 256MiB, 1GiB).
     #[arg(long, value_parser = parse_size)]
@@ -158,7 +162,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
         "g" | "gb" | "gib" => 1 << 30,
         u => return Err(format!("unknown size unit {u:?} (use KiB, MiB, GiB)")),
     };
-    n.checked_mul(mul).ok_or_else(|| format!("size {s:?} is too large"))
+    n.checked_mul(mul)
+        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 impl EngineArgs {
@@ -282,7 +287,11 @@ fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
     let (transport, _child): (Arc<dyn Transport>, Option<SourceChild>) = match a.transport {
         TransportKind::Tcp => {
             let (child, addr) = spawn_source(a.size, a.seed)?;
-            eprintln!("demo: source process {} serving {} MiB on {addr}", child.0.id(), a.size >> 20);
+            eprintln!(
+                "demo: source process {} serving {} MiB on {addr}",
+                child.0.id(),
+                a.size >> 20
+            );
             let t = TcpTransport::connect(addr.as_str(), a.engine.tcp_options()?)
                 .with_context(|| format!("cannot connect to the demo source at {addr}"))?;
             (Arc::new(t), Some(child))

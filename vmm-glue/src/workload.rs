@@ -152,7 +152,10 @@ mod tests {
         let mut c: Vec<u64> = counts.values().copied().collect();
         c.sort_unstable_by(|a, b| b.cmp(a));
         let top: u64 = c.iter().take(2000).sum();
-        assert!(top * 10 >= 6 * 10_000, "top 20% pages take {top} of 10000 touches");
+        assert!(
+            top * 10 >= 6 * 10_000,
+            "top 20% pages take {top} of 10000 touches"
+        );
         assert!(v.iter().all(|&p| p < 10_000));
     }
 

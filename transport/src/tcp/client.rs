@@ -45,8 +45,9 @@ impl Conn {
     ) -> Result<(Self, Option<SourceInfo>), TransportError> {
         let timeout = opts.io_timeout.as_secs_f64();
         let ctx = format!("connect to {addr}");
-        let stream = TcpStream::connect_timeout(&addr, opts.connect_timeout)
-            .map_err(|e| TransportError::io(ctx.clone(), e, Some(opts.connect_timeout.as_secs_f64())))?;
+        let stream = TcpStream::connect_timeout(&addr, opts.connect_timeout).map_err(|e| {
+            TransportError::io(ctx.clone(), e, Some(opts.connect_timeout.as_secs_f64()))
+        })?;
         let setup = |r: io::Result<()>| r.map_err(|e| TransportError::io(ctx.clone(), e, None));
         setup(stream.set_nodelay(true))?;
         setup(stream.set_read_timeout(Some(opts.io_timeout)))?;
@@ -63,12 +64,14 @@ impl Conn {
         conn.stream
             .write_all(&wire::encode_hello(&hello))
             .map_err(|e| conn.err("send hello", e))?;
-        let (ty, body) = wire::read_frame(&mut conn.stream, wire::MAX_FRAME as usize)
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::InvalidData => TransportError::Protocol(format!(
-                    "{addr} is not a pagewire source: {e}"
-                )),
-                _ => conn.err("wait for the source's welcome", e),
+        let (ty, body) =
+            wire::read_frame(&mut conn.stream, wire::MAX_FRAME as usize).map_err(|e| {
+                match e.kind() {
+                    io::ErrorKind::InvalidData => {
+                        TransportError::Protocol(format!("{addr} is not a pagewire source: {e}"))
+                    }
+                    _ => conn.err("wait for the source's welcome", e),
+                }
             })?;
         match ty {
             wire::T_WELCOME => {

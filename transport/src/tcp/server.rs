@@ -131,7 +131,9 @@ fn io_err(context: &str) -> impl FnOnce(io::Error) -> TransportError + '_ {
 
 /// Serves one connection until the peer leaves or breaks the protocol.
 fn serve_connection(mut stream: TcpStream, source: &SourceMemory) -> Result<(), TransportError> {
-    stream.set_nodelay(true).map_err(io_err("set TCP_NODELAY"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(io_err("set TCP_NODELAY"))?;
     stream
         .set_read_timeout(Some(HELLO_TIMEOUT))
         .map_err(io_err("set read timeout"))?;
@@ -256,4 +258,3 @@ fn serve_request(
     }
     Ok(())
 }
-
