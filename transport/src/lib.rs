@@ -15,6 +15,8 @@
 pub mod error;
 pub mod inproc;
 pub mod layout;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod source;
 pub mod tcp;
 pub mod wire;

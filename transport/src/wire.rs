@@ -36,6 +36,8 @@ pub const T_FETCH: u8 = 0x02;
 pub const T_CHECKSUMS: u8 = 0x03;
 /// Client to source: source counters.
 pub const T_STATS: u8 = 0x04;
+/// Client to source: set up an RDMA queue pair.
+pub const T_RDMA_CONNECT: u8 = 0x05;
 /// Source to client: welcome.
 pub const T_WELCOME: u8 = 0x81;
 /// Source to client: page data.
@@ -46,6 +48,8 @@ pub const T_CHECKSUM_LIST: u8 = 0x83;
 pub const T_STATS_REPLY: u8 = 0x84;
 /// Source to client: error.
 pub const T_ERROR: u8 = 0x85;
+/// Source to client: RDMA queue pair and memory regions.
+pub const T_RDMA_ACCEPT: u8 = 0x86;
 
 /// Size of a `Pages` reply's fixed part: type, request id, page count.
 pub const PAGES_HEADER: usize = 1 + 8 + 4;
@@ -120,6 +124,100 @@ pub enum Request {
         /// Echoed in the reply.
         id: u64,
     },
+    /// Connect an RDMA queue pair to this endpoint and say where guest
+    /// memory is registered.
+    RdmaConnect {
+        /// Echoed in the reply.
+        id: u64,
+        /// The destination's queue pair.
+        ep: QpEndpoint,
+    },
+}
+
+/// A queue pair's address, as exchanged over the control connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QpEndpoint {
+    /// Queue pair number.
+    pub qpn: u32,
+    /// First packet sequence number.
+    pub psn: u32,
+    /// Port GID (RoCE address).
+    pub gid: [u8; 16],
+    /// Port LID (0 on RoCE).
+    pub lid: u16,
+}
+
+/// Where one guest region is registered at the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteRegion {
+    /// Virtual address of the region's first byte at the source.
+    pub addr: u64,
+    /// Bytes registered.
+    pub len: u64,
+    /// Remote key for RDMA READ.
+    pub rkey: u32,
+}
+
+/// The source's answer to [`Request::RdmaConnect`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RdmaAccept {
+    /// The source's queue pair, connected to the requester's.
+    pub ep: QpEndpoint,
+    /// One entry per layout region, in order.
+    pub regions: Vec<RemoteRegion>,
+}
+
+fn put_ep(v: &mut Vec<u8>, ep: &QpEndpoint) {
+    v.extend_from_slice(&ep.qpn.to_le_bytes());
+    v.extend_from_slice(&ep.psn.to_le_bytes());
+    v.extend_from_slice(&ep.gid);
+    v.extend_from_slice(&ep.lid.to_le_bytes());
+}
+
+fn get_ep(d: &mut Decoder<'_>) -> Result<QpEndpoint, TransportError> {
+    Ok(QpEndpoint {
+        qpn: d.u32()?,
+        psn: d.u32()?,
+        gid: d.array()?,
+        lid: d.u16()?,
+    })
+}
+
+/// Encodes an RDMA accept.
+pub fn encode_rdma_accept(id: u64, a: &RdmaAccept) -> Vec<u8> {
+    let mut v = frame(T_RDMA_ACCEPT);
+    v.extend_from_slice(&id.to_le_bytes());
+    put_ep(&mut v, &a.ep);
+    v.extend_from_slice(&(a.regions.len() as u32).to_le_bytes());
+    for r in &a.regions {
+        v.extend_from_slice(&r.addr.to_le_bytes());
+        v.extend_from_slice(&r.len.to_le_bytes());
+        v.extend_from_slice(&r.rkey.to_le_bytes());
+    }
+    seal(v, 0)
+}
+
+/// Decodes an RDMA accept body.
+pub fn decode_rdma_accept(body: &[u8]) -> Result<(u64, RdmaAccept), TransportError> {
+    let mut d = Decoder::new(body);
+    let id = d.u64()?;
+    let ep = get_ep(&mut d)?;
+    let n = d.u32()? as usize;
+    if n == 0 || n > MAX_REGIONS {
+        return Err(TransportError::Protocol(format!(
+            "RDMA accept names {n} regions"
+        )));
+    }
+    let mut regions = Vec::with_capacity(n);
+    for _ in 0..n {
+        regions.push(RemoteRegion {
+            addr: d.u64()?,
+            len: d.u64()?,
+            rkey: d.u32()?,
+        });
+    }
+    d.finish()?;
+    Ok((id, RdmaAccept { ep, regions }))
 }
 
 /// Work the source's data path did, as counters.
@@ -336,6 +434,12 @@ pub fn encode_request(r: &Request) -> Vec<u8> {
             v.extend_from_slice(&id.to_le_bytes());
             seal(v, 0)
         }
+        Request::RdmaConnect { id, ep } => {
+            let mut v = frame(T_RDMA_CONNECT);
+            v.extend_from_slice(&id.to_le_bytes());
+            put_ep(&mut v, ep);
+            seal(v, 0)
+        }
     }
 }
 
@@ -363,6 +467,10 @@ pub fn decode_request(ty: u8, body: &[u8]) -> Result<Request, TransportError> {
             range: PageRange::new(d.u64()?, d.u32()?),
         },
         T_STATS => Request::Stats { id: d.u64()? },
+        T_RDMA_CONNECT => Request::RdmaConnect {
+            id: d.u64()?,
+            ep: get_ep(&mut d)?,
+        },
         t => {
             return Err(TransportError::Protocol(format!(
                 "unknown request type {t:#04x}"
@@ -576,6 +684,15 @@ mod tests {
                 range: PageRange::new(0, 100),
             },
             Request::Stats { id: 9 },
+            Request::RdmaConnect {
+                id: 10,
+                ep: QpEndpoint {
+                    qpn: 0x11,
+                    psn: 0xabcdef,
+                    gid: [7; 16],
+                    lid: 3,
+                },
+            },
         ] {
             let f = encode_request(&r);
             let (ty, b) = body(&f);
@@ -616,6 +733,29 @@ mod tests {
         let f = encode_request(&Request::Stats { id: 1 });
         assert!(read_frame(&mut f.as_slice(), 4).is_err());
         assert!(read_frame(&mut f.as_slice(), 64).is_ok());
+    }
+
+    #[test]
+    fn rdma_accept_round_trips_and_is_bounds_checked() {
+        let a = RdmaAccept {
+            ep: QpEndpoint {
+                qpn: 1,
+                psn: 2,
+                gid: [0xff; 16],
+                lid: 0,
+            },
+            regions: vec![RemoteRegion {
+                addr: 0x7f00_0000_0000,
+                len: 1 << 20,
+                rkey: 0x1234,
+            }],
+        };
+        let f = encode_rdma_accept(5, &a);
+        assert_eq!(decode_rdma_accept(&f[5..]).unwrap(), (5, a));
+        assert!(decode_rdma_accept(&f[5..f.len() - 2]).is_err());
+        let mut none = f[5..].to_vec();
+        none[8 + 26..8 + 30].copy_from_slice(&0u32.to_le_bytes());
+        assert!(decode_rdma_accept(&none[..8 + 30]).is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pagewire_engine::MigrationConfig;
 use pagewire_transport::inproc::InProcTransport;
+use pagewire_transport::rdma::{Device, RdmaExport, RdmaTransport};
 use pagewire_transport::tcp::{PageServer, TcpOptions, TcpTransport};
 use pagewire_transport::{SourceMemory, Transport};
 use pagewire_vmm_glue::image;
@@ -66,10 +67,35 @@ struct SourceArgs {
     /// Share of the synthetic guest's pages that are all zero, in percent.
     #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u8).range(0..=100))]
     zero_percent: u8,
+    #[command(flatten)]
+    rdma: RdmaArgs,
+    /// Serve TCP only, even where an RDMA device exists.
+    #[arg(long)]
+    no_rdma: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+struct RdmaArgs {
+    /// RDMA device to use (default: the first with an ACTIVE port).
+    #[arg(long)]
+    rdma_device: Option<String>,
+    /// GID index (default: the first IPv4-mapped GID, else the first one).
+    #[arg(long)]
+    gid_index: Option<u8>,
+}
+
+impl RdmaArgs {
+    fn open(&self) -> Result<Arc<Device>, pagewire_transport::TransportError> {
+        Device::open(self.rdma_device.as_deref(), self.gid_index)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum TransportKind {
+    /// RDMA when a device with an ACTIVE port exists, TCP otherwise.
+    Auto,
+    /// One-sided RDMA READs from the source's registered memory.
+    Rdma,
     /// TCP: an urgent connection for faults, one bulk connection per lane.
     Tcp,
     /// memcpy inside one process: the floor, demo only.
@@ -127,8 +153,10 @@ struct DestArgs {
     #[arg(long)]
     connect: String,
     /// Transport to fetch pages with.
-    #[arg(long, value_enum, default_value = "tcp")]
+    #[arg(long, value_enum, default_value = "auto")]
     transport: TransportKind,
+    #[command(flatten)]
+    rdma: RdmaArgs,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -141,10 +169,12 @@ struct DemoArgs {
     /// Seed of the synthetic guest's contents.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Transport: tcp runs the source as a second process; inproc is the
-    /// single-process floor.
-    #[arg(long, value_enum, default_value = "tcp")]
+    /// Transport: tcp, rdma and auto run the source as a second process;
+    /// inproc is the single-process floor.
+    #[arg(long, value_enum, default_value = "auto")]
     transport: TransportKind,
+    #[command(flatten)]
+    rdma: RdmaArgs,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -224,8 +254,22 @@ fn cmd_source(a: SourceArgs) -> Result<ExitCode> {
     };
     let info = mem.info();
     let (pages, zeros) = (info.layout.total_pages(), info.zero.count());
-    let server = PageServer::bind(a.listen, Arc::new(mem))
+    let mem = Arc::new(mem);
+    let mut server = PageServer::bind(a.listen, mem.clone())
         .with_context(|| format!("cannot listen on {}", a.listen))?;
+    if !a.no_rdma {
+        match a.rdma.open().and_then(|d| RdmaExport::new(d, mem.clone())) {
+            Ok(export) => {
+                tracing::info!(
+                    device = export.device().name(),
+                    gid_index = export.device().gid_index(),
+                    "serving RDMA READs"
+                );
+                server = server.with_rdma(Arc::new(export));
+            }
+            Err(e) => tracing::info!("serving TCP only: {e}"),
+        }
+    }
     let addr = server.local_addr()?;
     // The first stdout line is for scripts (and `pagewire demo`).
     println!("listening on {addr}");
@@ -237,15 +281,49 @@ fn cmd_source(a: SourceArgs) -> Result<ExitCode> {
 
 fn cmd_dest(a: DestArgs) -> Result<ExitCode> {
     let opts = a.engine.options()?;
-    let transport: Arc<dyn Transport> = match a.transport {
-        TransportKind::Tcp => Arc::new(
-            TcpTransport::connect(a.connect.as_str(), a.engine.tcp_options()?)
-                .with_context(|| format!("cannot start migration from {}", a.connect))?,
-        ),
-        TransportKind::Inproc => bail!("--transport inproc needs the source in this process: use `pagewire demo --transport inproc`"),
-    };
+    if a.transport == TransportKind::Inproc {
+        bail!("--transport inproc needs the source in this process: use `pagewire demo --transport inproc`");
+    }
+    let tcp = TcpTransport::connect(a.connect.as_str(), a.engine.tcp_options()?)
+        .with_context(|| format!("cannot start migration from {}", a.connect))?;
+    let transport = select_transport(a.transport, tcp, &a.rdma)?;
     let report = run_destination(transport, &opts).context("migration failed")?;
     print_report(&report, a.engine.json)
+}
+
+/// Picks RDMA or TCP over an established control connection.
+fn select_transport(
+    kind: TransportKind,
+    tcp: TcpTransport,
+    rdma: &RdmaArgs,
+) -> Result<Arc<dyn Transport>> {
+    match kind {
+        TransportKind::Tcp => Ok(Arc::new(tcp)),
+        TransportKind::Rdma => {
+            let dev = rdma.open().context("--transport rdma")?;
+            tracing::info!(
+                device = dev.name(),
+                gid_index = dev.gid_index(),
+                "using RDMA"
+            );
+            Ok(Arc::new(RdmaTransport::new(tcp, dev)))
+        }
+        TransportKind::Auto => match rdma.open() {
+            Ok(dev) => {
+                tracing::info!(
+                    device = dev.name(),
+                    gid_index = dev.gid_index(),
+                    "auto: using RDMA"
+                );
+                Ok(Arc::new(RdmaTransport::new(tcp, dev)))
+            }
+            Err(e) => {
+                tracing::info!("auto: using TCP ({e})");
+                Ok(Arc::new(tcp))
+            }
+        },
+        TransportKind::Inproc => bail!("inproc is not a network transport"),
+    }
 }
 
 /// A source child process, killed when dropped.
@@ -285,7 +363,7 @@ fn spawn_source(size: u64, seed: u64) -> Result<(SourceChild, String)> {
 fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
     let opts = a.engine.options()?;
     let (transport, _child): (Arc<dyn Transport>, Option<SourceChild>) = match a.transport {
-        TransportKind::Tcp => {
+        TransportKind::Tcp | TransportKind::Rdma | TransportKind::Auto => {
             let (child, addr) = spawn_source(a.size, a.seed)?;
             eprintln!(
                 "demo: source process {} serving {} MiB on {addr}",
@@ -294,7 +372,7 @@ fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
             );
             let t = TcpTransport::connect(addr.as_str(), a.engine.tcp_options()?)
                 .with_context(|| format!("cannot connect to the demo source at {addr}"))?;
-            (Arc::new(t), Some(child))
+            (select_transport(a.transport, t, &a.rdma)?, Some(child))
         }
         TransportKind::Inproc => {
             let mem: SourceMemory = image::synthetic(a.size, a.seed, 25)?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::error::TransportError;
 use crate::layout::{PageRange, SourceInfo};
-use crate::wire::{self, ChannelKind, Hello, Request, SourceStats};
+use crate::wire::{self, ChannelKind, Hello, QpEndpoint, RdmaAccept, Request, SourceStats};
 use crate::{ranges_len, ChannelClass, PageChannel, Transport};
 
 /// Timeouts of the TCP client.
@@ -208,6 +208,35 @@ impl TcpTransport {
     /// The source's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The I/O timeout in force.
+    pub fn io_timeout(&self) -> Duration {
+        self.opts.io_timeout
+    }
+
+    /// Asks the source, over the control connection, to connect a queue
+    /// pair to `ep` and to say where guest memory is registered.
+    pub fn rdma_connect(&self, ep: QpEndpoint) -> Result<RdmaAccept, TransportError> {
+        let mut c = self.control();
+        let id = c.send(|id| Request::RdmaConnect { id, ep })?;
+        let body = c.reply(id, wire::T_RDMA_ACCEPT)?;
+        let (_, accept) = wire::decode_rdma_accept(&body)?;
+        if accept.regions.len() != self.info.layout.regions().len() {
+            return Err(TransportError::Protocol(format!(
+                "RDMA accept names {} regions, the layout {}",
+                accept.regions.len(),
+                self.info.layout.regions().len()
+            )));
+        }
+        for (r, l) in accept.regions.iter().zip(self.info.layout.regions()) {
+            if r.len != l.len {
+                return Err(TransportError::Protocol(
+                    "RDMA region sizes differ from the layout".into(),
+                ));
+            }
+        }
+        Ok(accept)
     }
 
     fn control(&self) -> std::sync::MutexGuard<'_, Conn> {

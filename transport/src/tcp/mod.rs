@@ -4,4 +4,4 @@ mod client;
 mod server;
 
 pub use client::{TcpOptions, TcpTransport};
-pub use server::{PageServer, ServerHandle};
+pub use server::{PageServer, RdmaAcceptor, ServerHandle};

@@ -11,7 +11,7 @@ use tracing::{debug, warn};
 
 use crate::error::{LayoutError, RemoteCode, TransportError};
 use crate::source::SourceMemory;
-use crate::wire::{self, ChannelKind, Request, Welcome};
+use crate::wire::{self, ChannelKind, QpEndpoint, RdmaAccept, Request, Welcome};
 
 /// How long a new connection has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -23,6 +23,21 @@ const MAX_REQUEST: usize = 8 + 2 + 12 * wire::MAX_RANGES;
 pub struct PageServer {
     listener: TcpListener,
     source: Arc<SourceMemory>,
+    rdma: Option<Arc<dyn RdmaAcceptor>>,
+}
+
+/// Sets up RDMA queue pairs for destinations that ask (the source side of
+/// the RDMA backend). The returned guard keeps the queue pair alive; it is
+/// dropped when the control connection that asked for it closes.
+pub trait RdmaAcceptor: Send + Sync {
+    /// Creates a queue pair connected to `ep` and says where memory is.
+    fn accept(&self, ep: QpEndpoint) -> Result<(RdmaAccept, Box<dyn Send>), TransportError>;
+}
+
+impl std::fmt::Debug for dyn RdmaAcceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RdmaAcceptor")
+    }
 }
 
 /// A server running on its own thread; dropping it does not stop it, call
@@ -59,7 +74,14 @@ impl PageServer {
         Ok(Self {
             listener: TcpListener::bind(addr)?,
             source,
+            rdma: None,
         })
+    }
+
+    /// Also serves RDMA queue pair set-up through `acceptor`.
+    pub fn with_rdma(mut self, acceptor: Arc<dyn RdmaAcceptor>) -> Self {
+        self.rdma = Some(acceptor);
+        self
     }
 
     /// The address actually bound (useful with port 0).
@@ -104,13 +126,16 @@ impl PageServer {
                 }
             };
             let source = self.source.clone();
+            let rdma = self.rdma.clone();
             let peer = stream.peer_addr().ok();
             let spawned = thread::Builder::new()
                 .name("pagewire-conn".into())
-                .spawn(move || match serve_connection(stream, &source) {
-                    Ok(()) => debug!(?peer, "connection closed"),
-                    Err(e) => warn!(?peer, "connection ended: {e}"),
-                });
+                .spawn(
+                    move || match serve_connection(stream, &source, rdma.as_deref()) {
+                        Ok(()) => debug!(?peer, "connection closed"),
+                        Err(e) => warn!(?peer, "connection ended: {e}"),
+                    },
+                );
             if let Err(e) = spawned {
                 warn!("cannot start a connection thread: {e}");
             }
@@ -130,7 +155,13 @@ fn io_err(context: &str) -> impl FnOnce(io::Error) -> TransportError + '_ {
 }
 
 /// Serves one connection until the peer leaves or breaks the protocol.
-fn serve_connection(mut stream: TcpStream, source: &SourceMemory) -> Result<(), TransportError> {
+fn serve_connection(
+    mut stream: TcpStream,
+    source: &SourceMemory,
+    rdma: Option<&dyn RdmaAcceptor>,
+) -> Result<(), TransportError> {
+    // RDMA queue pairs set up on this connection live as long as it does.
+    let mut queue_pairs: Vec<Box<dyn Send>> = Vec::new();
     stream
         .set_nodelay(true)
         .map_err(io_err("set TCP_NODELAY"))?;
@@ -194,6 +225,24 @@ fn serve_connection(mut stream: TcpStream, source: &SourceMemory) -> Result<(), 
                 return Err(e);
             }
         };
+        if let Request::RdmaConnect { id, ep } = req {
+            match rdma.map(|r| r.accept(ep)) {
+                Some(Ok((accept, qp))) => {
+                    queue_pairs.push(qp);
+                    stream
+                        .write_all(&wire::encode_rdma_accept(id, &accept))
+                        .map_err(io_err("send RDMA accept"))?;
+                }
+                Some(Err(e)) => reply_error(&mut stream, id, RemoteCode::Other, &e.to_string()),
+                None => reply_error(
+                    &mut stream,
+                    id,
+                    RemoteCode::Other,
+                    "this source serves no RDMA",
+                ),
+            }
+            continue;
+        }
         serve_request(&mut stream, source, req)?;
     }
 }
@@ -255,6 +304,12 @@ fn serve_request(
         Request::Stats { id } => stream
             .write_all(&wire::encode_stats(id, &source.stats()))
             .map_err(io_err("send stats"))?,
+        Request::RdmaConnect { id, .. } => reply_error(
+            stream,
+            id,
+            RemoteCode::Other,
+            "RDMA set-up is handled by the connection",
+        ),
     }
     Ok(())
 }
