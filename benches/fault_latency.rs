@@ -3,6 +3,8 @@
 //! raw loopback TCP 4 KiB round trip, then one UFFDIO_COPY.
 //!
 //! Time is what the faulting thread sees per first touch of a page.
+//! `engine/rdma` runs where an RDMA device exists (e.g. in the Soft-RoCE
+//! guest) and is reported as skipped elsewhere.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use pagewire_benches::*;
@@ -15,6 +17,14 @@ fn faults(c: &mut Criterion) {
         g.bench_function(format!("engine/{kind}"), |bench| {
             bench.iter_custom(|n| time_engine_faults(&b.transport, n))
         });
+    }
+    match rdma_transport(src.clone()) {
+        Ok(b) => {
+            g.bench_function("engine/rdma", |bench| {
+                bench.iter_custom(|n| time_engine_faults(&b.transport, n))
+            });
+        }
+        Err(why) => eprintln!("fault_latency_4k/engine/rdma: skipped ({why})"),
     }
     g.bench_function("floor/uffd_memcpy", |bench| {
         bench.iter_custom(|n| time_floor_faults(&Floor::Memcpy, n))

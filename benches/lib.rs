@@ -48,6 +48,25 @@ pub fn transport(kind: &str, src: Arc<SourceMemory>) -> Bench {
     }
 }
 
+/// An RDMA transport over `src` (page server with an RDMA export in this
+/// process), or why there is none (no device, as on hosts without RDMA).
+pub fn rdma_transport(src: Arc<SourceMemory>) -> Result<Bench, String> {
+    use pagewire_transport::rdma::{Device, RdmaExport, RdmaTransport};
+    let dev = Device::open(None, None).map_err(|e| e.to_string())?;
+    let export = RdmaExport::new(dev.clone(), src.clone()).map_err(|e| e.to_string())?;
+    let server = PageServer::bind("127.0.0.1:0".parse().expect("addr"), src)
+        .expect("bind")
+        .with_rdma(Arc::new(export))
+        .spawn()
+        .expect("spawn server");
+    let tcp =
+        TcpTransport::connect(server.addr(), TcpOptions::default()).map_err(|e| e.to_string())?;
+    Ok(Bench {
+        transport: Arc::new(RdmaTransport::new(tcp, dev)),
+        _server: Some(server),
+    })
+}
+
 /// Demand-paging config: no sweep, no bubbles, so every touch is a fault.
 pub fn demand_only() -> MigrationConfig {
     MigrationConfig {

@@ -56,7 +56,7 @@ for applet in sh mount insmod ip poweroff cat echo sleep mkdir ls dmesg grep sed
 done
 add_bin() {
     cp "$1" "$root/bin/"
-    ldd "$1" 2>/dev/null | awk '/=> \//{print $3} /^[ \t]*\//{print $1}' | while read -r lib; do
+    { ldd "$1" 2>/dev/null || true; } | awk '/=> \//{print $3} /^[ \t]*\//{print $1}' | while read -r lib; do
         mkdir -p "$root$(dirname "$lib")"
         cp -nL "$lib" "$root$lib"
     done

@@ -386,7 +386,7 @@ impl Migration {
             thread::Builder::new()
                 .name(name.clone())
                 .spawn(f)
-                .map_err(|source| EngineError::Thread { name, source })
+                .map_err(|error| EngineError::Thread { name, error })
         };
         let s = shared.clone();
         let mut urgent = urgent;

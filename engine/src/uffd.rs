@@ -12,9 +12,9 @@ use crate::error::EngineError;
 use crate::memory::DestMemory;
 
 fn uffd_err(context: &str) -> impl FnOnce(userfaultfd::Error) -> EngineError + '_ {
-    move |source| EngineError::Uffd {
+    move |error| EngineError::Uffd {
         context: context.to_string(),
-        source,
+        error,
     }
 }
 

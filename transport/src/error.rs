@@ -80,13 +80,12 @@ impl RemoteCode {
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     /// A socket operation failed.
-    #[error("{context}: {source}")]
+    #[error("{context}: {error}")]
     Io {
         /// What was being done.
         context: String,
         /// The underlying error.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// The peer did not answer within the I/O timeout.
     #[error("{context}: no answer within {secs:.1} s (peer hung or is not a pagewire source)")]
@@ -142,9 +141,9 @@ pub enum TransportError {
 
 impl TransportError {
     /// Maps an I/O error, telling timeouts and closed peers apart.
-    pub fn io(context: impl Into<String>, source: io::Error, timeout: Option<f64>) -> Self {
+    pub fn io(context: impl Into<String>, error: io::Error, timeout: Option<f64>) -> Self {
         let context = context.into();
-        match source.kind() {
+        match error.kind() {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Self::Timeout {
                 context,
                 secs: timeout.unwrap_or(0.0),
@@ -153,7 +152,7 @@ impl TransportError {
             | io::ErrorKind::ConnectionReset
             | io::ErrorKind::ConnectionAborted
             | io::ErrorKind::BrokenPipe => Self::Closed { context },
-            _ => Self::Io { context, source },
+            _ => Self::Io { context, error },
         }
     }
 }

@@ -12,13 +12,12 @@ use pagewire_transport::{MemoryLayout, SourceMemory, PAGE_SIZE};
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     /// The file could not be opened or mapped.
-    #[error("memory image {path}: {source}")]
+    #[error("memory image {path}: {error}")]
     Io {
         /// The file.
         path: String,
         /// Why.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The size is not a positive multiple of the page size.
     #[error("memory size {0} bytes is not a positive multiple of 4096")]
@@ -31,9 +30,9 @@ pub enum ImageError {
 /// Maps a raw memory image file (guest-physical address 0 = file offset 0),
 /// privately: the source never writes it back.
 pub fn from_file(path: &Path) -> Result<SourceMemory, ImageError> {
-    let io = |source| ImageError::Io {
+    let io = |error| ImageError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     };
     let file = File::open(path).map_err(io)?;
     let len = file.metadata().map_err(io)?.len();
@@ -59,10 +58,7 @@ pub fn synthetic(size: u64, seed: u64, zero_percent: u8) -> Result<SourceMemory,
     let mut map = MmapOptions::new()
         .len(size as usize)
         .map_anon()
-        .map_err(|source| ImageError::Io {
-            path: "<anonymous>".into(),
-            source,
-        })?;
+        .map_err(anon_err)?;
     for (i, page) in map.chunks_exact_mut(PAGE_SIZE).enumerate() {
         let mut x = splitmix(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         if x % 100 < u64::from(zero_percent) {
@@ -73,15 +69,19 @@ pub fn synthetic(size: u64, seed: u64, zero_percent: u8) -> Result<SourceMemory,
             w.copy_from_slice(&x.to_le_bytes());
         }
     }
-    let map = map.make_read_only().map_err(|source| ImageError::Io {
-        path: "<anonymous>".into(),
-        source,
-    })?;
+    let map = map.make_read_only().map_err(anon_err)?;
     let region: RegionBytes = Arc::new(map);
     Ok(SourceMemory::new(
         MemoryLayout::single(size)?,
         vec![region],
     )?)
+}
+
+fn anon_err(error: std::io::Error) -> ImageError {
+    ImageError::Io {
+        path: "<anonymous memory>".into(),
+        error,
+    }
 }
 
 fn splitmix(mut z: u64) -> u64 {

@@ -21,7 +21,7 @@ pub enum RunError {
     #[error(transparent)]
     Engine(#[from] EngineError),
     /// Verification or counters could not be fetched.
-    #[error("after migration: {0}")]
+    #[error(transparent)]
     Transport(#[from] TransportError),
     /// The workload thread could not start or died.
     #[error("workload: {0}")]

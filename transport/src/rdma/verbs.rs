@@ -529,10 +529,10 @@ impl Qp {
                 spins += 1;
                 if spins.is_multiple_of(1024) {
                     if Instant::now() > deadline {
-                        return Err(TransportError::Timeout {
-                            context: "waiting for RDMA READ completions".into(),
-                            secs: timeout.as_secs_f64(),
-                        });
+                        return Err(TransportError::Rdma(format!(
+                            "no RDMA READ completion within {:.1} s (the source died or the link is down)",
+                            timeout.as_secs_f64()
+                        )));
                     }
                     std::thread::yield_now();
                 }

@@ -1,0 +1,64 @@
+#!/bin/sh
+# RDMA tests and measurements; runs inside the Soft-RoCE guest (busybox sh)
+# with pagewire, ib_read_lat and ib_read_bw in /bin. Ends with the line
+# "N passed, N failed" and a non-zero exit on any failure.
+pass=0
+fail=0
+check() {
+    name=$1
+    shift
+    if "$@"; then echo "PASS $name"; pass=$((pass + 1)); else echo "FAIL $name"; fail=$((fail + 1)); fi
+}
+has() { grep -q "\"$1\": $2" "$3"; }
+start_source() { # port size; leaves the source's pid in $!
+    pagewire source --listen "127.0.0.1:$1" --synthetic "$2" -v > "/tmp/src$1.out" 2> "/tmp/src$1.err" &
+    for _ in $(seq 50); do grep -q listening "/tmp/src$1.out" 2>/dev/null && break; sleep 0.2; done
+    grep -q "serving RDMA READs" "/tmp/src$1.err" || { echo "source on $1 has no RDMA:"; cat "/tmp/src$1.err"; }
+}
+num() { sed -n "s/.*\"$1\": \([0-9.]*\).*/\1/p" "$2" | head -n1; }
+
+start_source 7070 32MiB
+for w in seq random hotset stride; do
+    timeout 120 pagewire dest --connect 127.0.0.1:7070 --transport rdma --workload "$w" --json > "/tmp/$w.json" 2> "/tmp/$w.err"
+    rc=$?
+    [ $rc -eq 0 ] || cat "/tmp/$w.err"
+    check "rdma migration, workload $w: exit 0, verified, 0 duplicates, source data path idle" \
+        sh -c "[ $rc -eq 0 ] && grep -q '\"transport\": \"rdma\"' /tmp/$w.json \
+            && grep -q '\"checksum_mismatches\": 0' /tmp/$w.json && grep -q '\"duplicate_pages\": 0' /tmp/$w.json \
+            && grep -q '\"pages_verified\": 8192' /tmp/$w.json && grep -q '\"source_requests_served\": 0' /tmp/$w.json \
+            && grep -q '\"source_pages_served\": 0' /tmp/$w.json"
+done
+
+# A source killed mid-migration: a clear error and exit 1, no hang.
+start_source 7071 256MiB
+victim=$!
+(sleep 3; kill -9 "$victim") &
+timeout 120 pagewire dest --connect 127.0.0.1:7071 --transport rdma --workload random --no-push --no-bubble \
+    --think-us 300 --io-timeout 5 > /tmp/kill.out 2> /tmp/kill.err
+rc=$?
+tail -n 2 /tmp/kill.err
+check "source killed mid-migration: exit 1 with a clear error" \
+    sh -c "[ $rc -eq 1 ] && grep -q 'migration failed' /tmp/kill.err && ! grep -q panicked /tmp/kill.err"
+
+# Measurements, side by side on the same rxe device.
+ib_read_lat -d rxe0 -x 1 -s 4096 -n 1000 > /tmp/lat_srv.log 2>&1 &
+server=$!
+sleep 1
+ib_read_lat -d rxe0 -x 1 -s 4096 -n 1000 127.0.0.1 > /tmp/lat.log 2>&1
+wait $server
+echo "PERF ib_read_lat 4096: $(grep -E '^ *4096' /tmp/lat.log)"
+ib_read_bw -d rxe0 -x 1 -s 65536 -n 500 > /tmp/bw_srv.log 2>&1 &
+server=$!
+sleep 1
+ib_read_bw -d rxe0 -x 1 -s 65536 -n 500 127.0.0.1 > /tmp/bw.log 2>&1
+wait $server
+echo "PERF ib_read_bw 65536 (MB/s peak, avg): $(grep -E '^ *65536' /tmp/bw.log)"
+for t in rdma tcp; do
+    pagewire dest --connect 127.0.0.1:7070 --transport $t --workload random --no-push --no-bubble --json > /tmp/f$t.json 2>/dev/null
+    echo "PERF pagewire $t demand fault latency us: p50 $(num p50 /tmp/f$t.json) p99 $(num p99 /tmp/f$t.json) (faults $(num network_faults /tmp/f$t.json))"
+    pagewire dest --connect 127.0.0.1:7070 --transport $t --workload seq --touches 1 --json > /tmp/p$t.json 2>/dev/null
+    echo "PERF pagewire $t push: $(num bytes_received /tmp/p$t.json) bytes in $(num total_ms /tmp/p$t.json) ms"
+done
+
+echo "$pass passed, $fail failed"
+[ "$fail" -eq 0 ]
