@@ -33,7 +33,11 @@ for t in qemu-system-x86_64 busybox cpio depmod modprobe apt-get dpkg-deb rdma i
 # 1. The kernel: the package linux-image-amd64 depends on (the -cloud
 #    flavour has no rdma_rxe). Extracted, never installed on the host.
 mkdir -p "$cache"
-kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+kernel_pkg() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}'; }
+kpkg=$(kernel_pkg)
+if [ -z "$kpkg" ] && [ "$(id -u)" -eq 0 ]; then
+    apt-get update -qq && kpkg=$(kernel_pkg)
+fi
 [ -n "$kpkg" ] || { echo "guest-run: cannot resolve linux-image-amd64 (run apt-get update)" >&2; exit 2; }
 kver=${kpkg#linux-image-}
 kroot=$cache/$kpkg

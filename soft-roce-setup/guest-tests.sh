@@ -41,18 +41,16 @@ check "source killed mid-migration: exit 1 with a clear error" \
     sh -c "[ $rc -eq 1 ] && grep -q 'migration failed' /tmp/kill.err && ! grep -q panicked /tmp/kill.err"
 
 # Measurements, side by side on the same rxe device.
-ib_read_lat -d rxe0 -x 1 -s 4096 -n 1000 > /tmp/lat_srv.log 2>&1 &
-server=$!
-sleep 1
-ib_read_lat -d rxe0 -x 1 -s 4096 -n 1000 127.0.0.1 > /tmp/lat.log 2>&1
-wait $server
-echo "PERF ib_read_lat 4096: $(grep -E '^ *4096' /tmp/lat.log)"
-ib_read_bw -d rxe0 -x 1 -s 65536 -n 500 > /tmp/bw_srv.log 2>&1 &
-server=$!
-sleep 1
-ib_read_bw -d rxe0 -x 1 -s 65536 -n 500 127.0.0.1 > /tmp/bw.log 2>&1
-wait $server
-echo "PERF ib_read_bw 65536 (MB/s peak, avg): $(grep -E '^ *65536' /tmp/bw.log)"
+perftest() { # tool size iterations: server and client on rxe0, prints the result row
+    "$1" -d rxe0 -x 1 -s "$2" -n "$3" > "/tmp/$1.srv" 2>&1 &
+    server=$!
+    sleep 1
+    "$1" -d rxe0 -x 1 -s "$2" -n "$3" 127.0.0.1 > "/tmp/$1.log" 2>&1
+    wait $server
+    grep -E "^ *$2 " "/tmp/$1.log"
+}
+echo "PERF ib_read_lat 4096 (t_min t_max t_typical t_avg stdev p99 p99.9, us): $(perftest ib_read_lat 4096 1000)"
+echo "PERF ib_read_bw 65536 (MB/s peak, avg): $(perftest ib_read_bw 65536 500)"
 for t in rdma tcp; do
     pagewire dest --connect 127.0.0.1:7070 --transport $t --workload random --no-push --no-bubble --json > /tmp/f$t.json 2>/dev/null
     echo "PERF pagewire $t demand fault latency us: p50 $(num p50 /tmp/f$t.json) p99 $(num p99 /tmp/f$t.json) (faults $(num network_faults /tmp/f$t.json))"

@@ -152,13 +152,20 @@ struct DestArgs {
     /// Address of the pagewire source.
     #[arg(long)]
     connect: String,
-    /// Transport to fetch pages with.
+    #[command(flatten)]
+    path: TransportArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+#[derive(Debug, Args)]
+struct TransportArgs {
+    /// Transport to fetch pages with (inproc: the single-process floor,
+    /// demo only).
     #[arg(long, value_enum, default_value = "auto")]
     transport: TransportKind,
     #[command(flatten)]
     rdma: RdmaArgs,
-    #[command(flatten)]
-    engine: EngineArgs,
 }
 
 #[derive(Debug, Args)]
@@ -169,12 +176,8 @@ struct DemoArgs {
     /// Seed of the synthetic guest's contents.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Transport: tcp, rdma and auto run the source as a second process;
-    /// inproc is the single-process floor.
-    #[arg(long, value_enum, default_value = "auto")]
-    transport: TransportKind,
     #[command(flatten)]
-    rdma: RdmaArgs,
+    path: TransportArgs,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -281,12 +284,12 @@ fn cmd_source(a: SourceArgs) -> Result<ExitCode> {
 
 fn cmd_dest(a: DestArgs) -> Result<ExitCode> {
     let opts = a.engine.options()?;
-    if a.transport == TransportKind::Inproc {
+    if a.path.transport == TransportKind::Inproc {
         bail!("--transport inproc needs the source in this process: use `pagewire demo --transport inproc`");
     }
     let tcp = TcpTransport::connect(a.connect.as_str(), a.engine.tcp_options()?)
         .with_context(|| format!("cannot start migration from {}", a.connect))?;
-    let transport = select_transport(a.transport, tcp, &a.rdma)?;
+    let transport = select_transport(a.path.transport, tcp, &a.path.rdma)?;
     let report = run_destination(transport, &opts).context("migration failed")?;
     print_report(&report, a.engine.json)
 }
@@ -362,7 +365,7 @@ fn spawn_source(size: u64, seed: u64) -> Result<(SourceChild, String)> {
 
 fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
     let opts = a.engine.options()?;
-    let (transport, _child): (Arc<dyn Transport>, Option<SourceChild>) = match a.transport {
+    let (transport, _child): (Arc<dyn Transport>, Option<SourceChild>) = match a.path.transport {
         TransportKind::Tcp | TransportKind::Rdma | TransportKind::Auto => {
             let (child, addr) = spawn_source(a.size, a.seed)?;
             eprintln!(
@@ -372,7 +375,10 @@ fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
             );
             let t = TcpTransport::connect(addr.as_str(), a.engine.tcp_options()?)
                 .with_context(|| format!("cannot connect to the demo source at {addr}"))?;
-            (select_transport(a.transport, t, &a.rdma)?, Some(child))
+            (
+                select_transport(a.path.transport, t, &a.path.rdma)?,
+                Some(child),
+            )
         }
         TransportKind::Inproc => {
             let mem: SourceMemory = image::synthetic(a.size, a.seed, 25)?;

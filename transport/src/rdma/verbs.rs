@@ -551,3 +551,30 @@ impl Drop for Qp {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Asking for a device that is not there is a typed error, on a host
+    /// without RDMA (ENOSYS from the device list) and with it alike.
+    #[test]
+    fn a_missing_device_is_an_error_not_a_crash() {
+        match Device::open(Some("pagewire-no-such-device"), None) {
+            Err(TransportError::Rdma(m)) => assert!(m.contains("no RDMA device"), "{m}"),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(d) => panic!("opened {d:?}"),
+        }
+    }
+
+    #[test]
+    fn ipv4_mapped_gids_are_recognised() {
+        let mut g = [0u8; 16];
+        g[10] = 0xff;
+        g[11] = 0xff;
+        g[12..].copy_from_slice(&[127, 0, 0, 1]);
+        assert!(is_ipv4_mapped(&g));
+        g[0] = 0xfe;
+        assert!(!is_ipv4_mapped(&g));
+    }
+}
