@@ -29,6 +29,15 @@ for w in seq random hotset stride; do
             && grep -q '\"source_pages_served\": 0' /tmp/$w.json"
 done
 
+# Bulk lanes sleeping on completion events instead of busy-polling.
+timeout 120 pagewire dest --connect 127.0.0.1:7070 --transport rdma --rdma-bulk-wait event \
+    --workload random --json > /tmp/event.json 2> /tmp/event.err
+rc=$?
+[ $rc -eq 0 ] || cat /tmp/event.err
+check "rdma migration with event-driven bulk lanes: exit 0, verified, 0 duplicates" \
+    sh -c "[ $rc -eq 0 ] && grep -q '\"checksum_mismatches\": 0' /tmp/event.json \
+        && grep -q '\"duplicate_pages\": 0' /tmp/event.json && grep -q '\"pages_verified\": 8192' /tmp/event.json"
+
 # A source killed mid-migration: a clear error and exit 1, no hang.
 start_source 7071 256MiB
 victim=$!
@@ -51,6 +60,16 @@ perftest() { # tool size iterations: server and client on rxe0, prints the resul
 }
 echo "PERF ib_read_lat 4096 (t_min t_max t_typical t_avg stdev p99 p99.9, us): $(perftest ib_read_lat 4096 1000)"
 echo "PERF ib_read_bw 65536 (MB/s peak, avg): $(perftest ib_read_bw 65536 500)"
+for wait in poll event; do
+    for i in 1 2 3; do
+        pagewire dest --connect 127.0.0.1:7070 --transport rdma --rdma-bulk-wait $wait --workload seq --touches 1 \
+            --json > /tmp/w.json 2>/dev/null
+        echo "PERF pagewire rdma push, lanes $wait: $(num bytes_received /tmp/w.json) bytes in $(num total_ms /tmp/w.json) ms"
+    done
+    pagewire dest --connect 127.0.0.1:7070 --transport rdma --rdma-bulk-wait $wait --workload random \
+        --json > /tmp/w.json 2>/dev/null
+    echo "PERF pagewire rdma random+push, lanes $wait: fault p50 $(num p50 /tmp/w.json) us, p99 $(num p99 /tmp/w.json) us, total $(num total_ms /tmp/w.json) ms"
+done
 for t in rdma tcp; do
     pagewire dest --connect 127.0.0.1:7070 --transport $t --workload random --no-push --no-bubble --json > /tmp/f$t.json 2>/dev/null
     echo "PERF pagewire $t demand fault latency us: p50 $(num p50 /tmp/f$t.json) p99 $(num p99 /tmp/f$t.json) (faults $(num network_faults /tmp/f$t.json))"

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pagewire_engine::MigrationConfig;
 use pagewire_transport::inproc::InProcTransport;
-use pagewire_transport::rdma::{Device, RdmaExport, RdmaTransport};
+use pagewire_transport::rdma::{CompletionWait, Device, RdmaExport, RdmaTransport};
 use pagewire_transport::tcp::{PageServer, TcpOptions, TcpTransport};
 use pagewire_transport::{SourceMemory, Transport};
 use pagewire_vmm_glue::image;
@@ -166,6 +166,18 @@ struct TransportArgs {
     transport: TransportKind,
     #[command(flatten)]
     rdma: RdmaArgs,
+    /// How RDMA pusher lanes wait for READ completions (faults always
+    /// busy-poll).
+    #[arg(long, value_enum, default_value = "poll")]
+    rdma_bulk_wait: BulkWait,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BulkWait {
+    /// Busy-poll the completion queue.
+    Poll,
+    /// Sleep on a completion channel.
+    Event,
 }
 
 #[derive(Debug, Args)]
@@ -289,37 +301,33 @@ fn cmd_dest(a: DestArgs) -> Result<ExitCode> {
     }
     let tcp = TcpTransport::connect(a.connect.as_str(), a.engine.tcp_options()?)
         .with_context(|| format!("cannot start migration from {}", a.connect))?;
-    let transport = select_transport(a.path.transport, tcp, &a.path.rdma)?;
+    let transport = select_transport(&a.path, tcp)?;
     let report = run_destination(transport, &opts).context("migration failed")?;
     print_report(&report, a.engine.json)
 }
 
 /// Picks RDMA or TCP over an established control connection.
-fn select_transport(
-    kind: TransportKind,
-    tcp: TcpTransport,
-    rdma: &RdmaArgs,
-) -> Result<Arc<dyn Transport>> {
-    match kind {
+fn select_transport(path: &TransportArgs, tcp: TcpTransport) -> Result<Arc<dyn Transport>> {
+    let rdma = |dev: Arc<Device>, tcp, how: &str| -> Arc<dyn Transport> {
+        tracing::info!(
+            device = dev.name(),
+            gid_index = dev.gid_index(),
+            "{how}: using RDMA"
+        );
+        let wait = match path.rdma_bulk_wait {
+            BulkWait::Poll => CompletionWait::Poll,
+            BulkWait::Event => CompletionWait::Event,
+        };
+        Arc::new(RdmaTransport::new(tcp, dev).with_bulk_wait(wait))
+    };
+    match path.transport {
         TransportKind::Tcp => Ok(Arc::new(tcp)),
         TransportKind::Rdma => {
-            let dev = rdma.open().context("--transport rdma")?;
-            tracing::info!(
-                device = dev.name(),
-                gid_index = dev.gid_index(),
-                "using RDMA"
-            );
-            Ok(Arc::new(RdmaTransport::new(tcp, dev)))
+            let dev = path.rdma.open().context("--transport rdma")?;
+            Ok(rdma(dev, tcp, "--transport rdma"))
         }
-        TransportKind::Auto => match rdma.open() {
-            Ok(dev) => {
-                tracing::info!(
-                    device = dev.name(),
-                    gid_index = dev.gid_index(),
-                    "auto: using RDMA"
-                );
-                Ok(Arc::new(RdmaTransport::new(tcp, dev)))
-            }
+        TransportKind::Auto => match path.rdma.open() {
+            Ok(dev) => Ok(rdma(dev, tcp, "auto")),
             Err(e) => {
                 tracing::info!("auto: using TCP ({e})");
                 Ok(Arc::new(tcp))
@@ -375,10 +383,7 @@ fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
             );
             let t = TcpTransport::connect(addr.as_str(), a.engine.tcp_options()?)
                 .with_context(|| format!("cannot connect to the demo source at {addr}"))?;
-            (
-                select_transport(a.path.transport, t, &a.path.rdma)?,
-                Some(child),
-            )
+            (select_transport(&a.path, t)?, Some(child))
         }
         TransportKind::Inproc => {
             let mem: SourceMemory = image::synthetic(a.size, a.seed, 25)?;

@@ -11,7 +11,7 @@ use crate::tcp::TcpTransport;
 use crate::wire::{RemoteRegion, SourceStats};
 use crate::{ranges_len, ChannelClass, PageChannel, Transport};
 
-use super::verbs::{Device, Mr, Qp, Read};
+use super::verbs::{CompletionWait, Device, Mr, Qp, Read};
 
 /// Pages from a pagewire source by one-sided RDMA READ. The TCP control
 /// connection carries the handshake, queue pair set-up, checksums and
@@ -20,6 +20,7 @@ pub struct RdmaTransport {
     control: TcpTransport,
     device: Arc<Device>,
     next_psn: AtomicU32,
+    bulk_wait: CompletionWait,
 }
 
 impl std::fmt::Debug for RdmaTransport {
@@ -37,7 +38,15 @@ impl RdmaTransport {
             control,
             device,
             next_psn: AtomicU32::new(std::process::id().wrapping_mul(7919)),
+            bulk_wait: CompletionWait::Poll,
         }
+    }
+
+    /// How bulk (lane) channels wait for completions; the urgent channel
+    /// always busy-polls.
+    pub fn with_bulk_wait(mut self, wait: CompletionWait) -> Self {
+        self.bulk_wait = wait;
+        self
     }
 
     /// The device in use.
@@ -131,8 +140,12 @@ impl Transport for RdmaTransport {
         self.control.info()
     }
 
-    fn open(&self, _class: ChannelClass) -> Result<Box<dyn PageChannel>, TransportError> {
-        let mut qp = self.device.create_qp(64)?;
+    fn open(&self, class: ChannelClass) -> Result<Box<dyn PageChannel>, TransportError> {
+        let wait = match class {
+            ChannelClass::Urgent => CompletionWait::Poll,
+            ChannelClass::Bulk(_) => self.bulk_wait,
+        };
+        let mut qp = self.device.create_qp(64, wait)?;
         let psn = self.next_psn.fetch_add(1_000_003, Ordering::Relaxed) & 0xff_ffff;
         let accept = self.control.rdma_connect(qp.endpoint(psn))?;
         qp.connect(psn, &accept.ep, false)?;

@@ -8,4 +8,4 @@ pub mod verbs;
 
 pub use client::RdmaTransport;
 pub use source::RdmaExport;
-pub use verbs::Device;
+pub use verbs::{CompletionWait, Device};

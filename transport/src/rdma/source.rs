@@ -8,7 +8,7 @@ use crate::source::SourceMemory;
 use crate::tcp::RdmaAcceptor;
 use crate::wire::{QpEndpoint, RdmaAccept, RemoteRegion};
 
-use super::verbs::{Device, Mr};
+use super::verbs::{CompletionWait, Device, Mr};
 
 /// Queue pairs of the source only answer READs; a small send queue will do.
 const SOURCE_QP_DEPTH: u32 = 16;
@@ -54,7 +54,9 @@ impl RdmaExport {
 
 impl RdmaAcceptor for RdmaExport {
     fn accept(&self, ep: QpEndpoint) -> Result<(RdmaAccept, Box<dyn Send>), TransportError> {
-        let mut qp = self.device.create_qp(SOURCE_QP_DEPTH)?;
+        let mut qp = self
+            .device
+            .create_qp(SOURCE_QP_DEPTH, CompletionWait::Poll)?;
         let psn = ep.psn.wrapping_mul(2_654_435_761) & 0xff_ffff;
         qp.connect(psn, &ep, true)?;
         let accept = RdmaAccept {

@@ -16,6 +16,17 @@ fn err(what: &str) -> TransportError {
     TransportError::Rdma(format!("{what}: {}", std::io::Error::last_os_error()))
 }
 
+/// How a queue pair waits for its completions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CompletionWait {
+    /// Busy-poll the completion queue: lowest latency, burns a core.
+    #[default]
+    Poll,
+    /// Sleep on a completion channel until the device signals: frees the
+    /// CPU for others (the kernel, the vCPUs) at some latency cost.
+    Event,
+}
+
 /// An open RDMA device with one protection domain, bound to a port and GID.
 pub struct Device {
     ctx: *mut ibv_context,
@@ -229,12 +240,40 @@ impl Device {
     }
 
     /// Creates an RC queue pair with its own completion queue, `depth`
-    /// work requests deep.
-    pub fn create_qp(self: &Arc<Self>, depth: u32) -> Result<Qp, TransportError> {
-        // SAFETY: `ctx` is open; no completion channel, vector 0.
-        let cq =
-            unsafe { ibv_create_cq(self.ctx, depth as i32, ptr::null_mut(), ptr::null_mut(), 0) };
+    /// work requests deep, that waits for completions as `wait` says.
+    pub fn create_qp(
+        self: &Arc<Self>,
+        depth: u32,
+        wait: CompletionWait,
+    ) -> Result<Qp, TransportError> {
+        let channel = match wait {
+            CompletionWait::Poll => ptr::null_mut(),
+            CompletionWait::Event => {
+                // SAFETY: `ctx` is open.
+                let ch = unsafe { ibv_create_comp_channel(self.ctx) };
+                if ch.is_null() {
+                    return Err(err("ibv_create_comp_channel"));
+                }
+                // SAFETY: `ch` is live; its fd is ours to make non-blocking
+                // (we wait on it with poll(2) and a timeout).
+                unsafe {
+                    let fd = (*ch).fd;
+                    libc::fcntl(
+                        fd,
+                        libc::F_SETFL,
+                        libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK,
+                    );
+                }
+                ch
+            }
+        };
+        // SAFETY: `ctx` is open; `channel` is null or live; vector 0.
+        let cq = unsafe { ibv_create_cq(self.ctx, depth as i32, ptr::null_mut(), channel, 0) };
         if cq.is_null() {
+            if !channel.is_null() {
+                // SAFETY: the channel was created above and is unused.
+                unsafe { ibv_destroy_comp_channel(channel) };
+            }
             return Err(err("ibv_create_cq"));
         }
         // SAFETY: zeroed init attributes are valid; the fields that matter
@@ -249,17 +288,19 @@ impl Device {
         init.cap.max_recv_sge = 1;
         // SAFETY: the PD and CQ are live; `init` is valid.
         let qp = unsafe { ibv_create_qp(self.pd, &mut init) };
-        if qp.is_null() {
-            // SAFETY: `cq` was created above and is unused.
-            unsafe { ibv_destroy_cq(cq) };
-            return Err(err("ibv_create_qp"));
-        }
-        Ok(Qp {
+        // Built before the null check so that its Drop releases the CQ and
+        // channel on failure too (it skips a null QP).
+        let q = Qp {
             qp,
             cq,
+            channel,
             dev: self.clone(),
             depth,
-        })
+        };
+        if q.qp.is_null() {
+            return Err(err("ibv_create_qp"));
+        }
+        Ok(q)
     }
 }
 
@@ -333,6 +374,8 @@ pub struct Read {
 pub struct Qp {
     qp: *mut ibv_qp,
     cq: *mut ibv_cq,
+    /// Null when busy-polling.
+    channel: *mut ibv_comp_channel,
     dev: Arc<Device>,
     depth: u32,
 }
@@ -498,44 +541,96 @@ impl Qp {
         Ok(())
     }
 
-    /// Busy-polls until `count` completions arrived, all successful, or
-    /// fails on the first error completion or after `timeout`.
+    /// Polls the completion queue once; fails on an error completion.
+    fn poll_once(&mut self, wcs: &mut [ibv_wc; 16]) -> Result<usize, TransportError> {
+        // SAFETY: `cq` is live; `wcs` has room for 16 entries.
+        let n = unsafe { ibv_poll_cq(self.cq, 16, wcs.as_mut_ptr()) };
+        if n < 0 {
+            return Err(TransportError::Rdma(
+                "ibv_poll_cq failed (device removed?)".into(),
+            ));
+        }
+        for wc in &wcs[..n as usize] {
+            if wc.status != ibv_wc_status::IBV_WC_SUCCESS {
+                // SAFETY: returns a static C string for any status.
+                let why = unsafe { CStr::from_ptr(ibv_wc_status_str(wc.status)) };
+                return Err(TransportError::Rdma(format!(
+                    "RDMA READ failed: {} (the source died or its QP went to error)",
+                    why.to_string_lossy()
+                )));
+            }
+        }
+        Ok(n as usize)
+    }
+
+    /// Sleeps until the completion channel signals or `deadline` passes;
+    /// returns false on timeout.
+    fn sleep_for_event(&mut self, deadline: Instant) -> Result<bool, TransportError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // SAFETY: `channel` is live (event mode).
+        let fd = unsafe { (*self.channel).fd };
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if n <= 0 {
+            return Ok(
+                n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+            );
+        }
+        let mut cq = ptr::null_mut();
+        let mut ctx = ptr::null_mut();
+        // SAFETY: the channel is readable; out-pointers are valid.
+        if unsafe { ibv_get_cq_event(self.channel, &mut cq, &mut ctx) } == 0 {
+            // SAFETY: one event was taken from our own CQ.
+            unsafe { ibv_ack_cq_events(self.cq, 1) };
+        }
+        Ok(true)
+    }
+
+    /// Waits until `count` completions arrived, all successful; fails on
+    /// the first error completion or after `timeout`.
     pub fn poll(&mut self, count: usize, timeout: Duration) -> Result<(), TransportError> {
         let deadline = Instant::now() + timeout;
+        let timed_out = || {
+            TransportError::Rdma(format!(
+                "no RDMA READ completion within {:.1} s (the source died or the link is down)",
+                timeout.as_secs_f64()
+            ))
+        };
         let mut got = 0;
         // SAFETY: zeroed work completions are valid out-values.
         let mut wcs: [ibv_wc; 16] = unsafe { std::mem::zeroed() };
         let mut spins = 0u32;
         while got < count {
-            // SAFETY: `cq` is live; `wcs` has room for 16 entries.
-            let n = unsafe { ibv_poll_cq(self.cq, 16, wcs.as_mut_ptr()) };
-            if n < 0 {
-                return Err(TransportError::Rdma(
-                    "ibv_poll_cq failed (device removed?)".into(),
-                ));
+            let n = self.poll_once(&mut wcs)?;
+            got += n;
+            if n > 0 || got >= count {
+                continue;
             }
-            for wc in &wcs[..n as usize] {
-                if wc.status != ibv_wc_status::IBV_WC_SUCCESS {
-                    // SAFETY: returns a static C string for any status.
-                    let why = unsafe { CStr::from_ptr(ibv_wc_status_str(wc.status)) };
-                    return Err(TransportError::Rdma(format!(
-                        "RDMA READ failed: {} (the source died or its QP went to error)",
-                        why.to_string_lossy()
-                    )));
-                }
-            }
-            got += n as usize;
-            if n == 0 {
+            if self.channel.is_null() {
                 spins += 1;
                 if spins.is_multiple_of(1024) {
                     if Instant::now() > deadline {
-                        return Err(TransportError::Rdma(format!(
-                            "no RDMA READ completion within {:.1} s (the source died or the link is down)",
-                            timeout.as_secs_f64()
-                        )));
+                        return Err(timed_out());
                     }
                     std::thread::yield_now();
                 }
+                continue;
+            }
+            // Arm, then poll again: a completion that arrived before the
+            // arm raises no event.
+            // SAFETY: `cq` is live and bound to our channel.
+            if unsafe { ibv_req_notify_cq(self.cq, 0) } != 0 {
+                return Err(err("ibv_req_notify_cq"));
+            }
+            let n = self.poll_once(&mut wcs)?;
+            got += n;
+            if n == 0 && got < count && !self.sleep_for_event(deadline)? {
+                return Err(timed_out());
             }
         }
         Ok(())
@@ -544,10 +639,16 @@ impl Qp {
 
 impl Drop for Qp {
     fn drop(&mut self) {
-        // SAFETY: the QP and CQ are ours; the QP goes first as it uses the CQ.
+        // SAFETY: the QP, CQ and channel are ours; each goes before what it
+        // uses (QP, then CQ, then channel). Events were acked as taken.
         unsafe {
-            ibv_destroy_qp(self.qp);
+            if !self.qp.is_null() {
+                ibv_destroy_qp(self.qp);
+            }
             ibv_destroy_cq(self.cq);
+            if !self.channel.is_null() {
+                ibv_destroy_comp_channel(self.channel);
+            }
         }
     }
 }
