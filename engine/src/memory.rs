@@ -1,6 +1,6 @@
 //! Destination guest memory: vm-memory regions laid out like the source.
 
-use pagewire_transport::MemoryLayout;
+use pagewire_transport::{LayoutError, MemoryLayout, PageRange};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::error::EngineError;
@@ -93,12 +93,22 @@ impl DestMemory {
         self.regions.iter().map(|r| (r.host, r.len))
     }
 
+    /// Host address and byte length of `range`, which must lie inside one
+    /// region.
+    pub fn host_span(&self, range: PageRange) -> Result<(usize, usize), LayoutError> {
+        let (region, off) = self.layout.locate(range)?;
+        Ok((
+            self.regions[region].host + off,
+            range.count as usize * self.layout.page_size(),
+        ))
+    }
+
     /// Host address of the first byte of global page `page`, or `None` when
     /// out of range.
     pub fn host_addr(&self, page: u64) -> Option<usize> {
-        let region = self.layout.region_of(page)?;
-        let r = &self.regions[region];
-        Some(r.host + ((page - r.first_page) as usize) * self.layout.page_size())
+        self.host_span(PageRange::new(page, 1))
+            .ok()
+            .map(|(addr, _)| addr)
     }
 
     /// The global page holding host address `addr`, or `None` when the

@@ -97,7 +97,7 @@ impl Prepager {
                 }
                 let n = states.claim_up(b.fwd, max, b.fwd_end);
                 let run = PageRange::new(b.fwd, n as u32);
-                b.fwd += n.max(1).min(b.fwd_end.saturating_sub(b.fwd));
+                b.fwd = (b.fwd + n.max(1)).min(b.fwd_end);
                 if n > 0 {
                     return Some(run);
                 }
@@ -107,7 +107,7 @@ impl Prepager {
                 }
                 let n = states.claim_down(b.bwd, max, b.bwd_end);
                 let end = b.bwd;
-                b.bwd -= n.max(1).min(b.bwd - b.bwd_end);
+                b.bwd = b.bwd.saturating_sub(n.max(1)).max(b.bwd_end);
                 if n > 0 {
                     return Some(PageRange::new(end - n, n as u32));
                 }

@@ -65,12 +65,7 @@ impl PageInstaller {
 
     /// Host address and byte length of `range`, checked against the memory.
     fn span(&self, range: PageRange) -> Result<(usize, usize), EngineError> {
-        self.mem.layout().locate(range)?;
-        let addr = self
-            .mem
-            .host_addr(range.first)
-            .ok_or(EngineError::StrayFault(0))?;
-        Ok((addr, range.count as usize * self.mem.layout().page_size()))
+        Ok(self.mem.host_span(range)?)
     }
 
     /// Copies `data` into the pages of `range` with UFFDIO_COPY. Pages that

@@ -7,7 +7,7 @@ use crate::error::TransportError;
 use crate::layout::{PageRange, SourceInfo};
 use crate::source::SourceMemory;
 use crate::wire::SourceStats;
-use crate::{ranges_len, ChannelClass, PageChannel, Transport};
+use crate::{check_buffer, ChannelClass, PageChannel, Transport};
 
 /// A transport that copies pages straight out of a [`SourceMemory`].
 #[derive(Debug, Clone)]
@@ -40,13 +40,7 @@ pub fn copy_ranges(
     buf: &mut [u8],
 ) -> Result<(), TransportError> {
     let ps = source.info().layout.page_size();
-    let want = ranges_len(ranges, ps);
-    if buf.len() != want {
-        return Err(TransportError::BufferSize {
-            want,
-            got: buf.len(),
-        });
-    }
+    let want = check_buffer(ranges, ps, buf)?;
     let mut off = 0;
     for r in ranges {
         let src = source.pages(*r)?;
@@ -78,5 +72,32 @@ impl Transport for InProcTransport {
 
     fn source_stats(&self) -> Result<SourceStats, TransportError> {
         Ok(self.source.stats())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::MemoryLayout;
+
+    #[test]
+    fn a_buffer_of_the_wrong_size_is_refused() {
+        let layout = MemoryLayout::single(4 * 4096).unwrap();
+        let src = SourceMemory::new(layout, vec![Arc::new(vec![1u8; 4 * 4096])]).unwrap();
+        let mut small = vec![0u8; 4096];
+        let err = copy_ranges(&src, &[PageRange::new(0, 2)], &mut small).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TransportError::BufferSize {
+                    want: 8192,
+                    got: 4096
+                }
+            ),
+            "{err}"
+        );
+        let mut ok = vec![0u8; 8192];
+        copy_ranges(&src, &[PageRange::new(0, 2)], &mut ok).unwrap();
+        assert!(ok.iter().all(|&b| b == 1));
     }
 }

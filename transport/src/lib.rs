@@ -65,3 +65,20 @@ pub trait PageChannel: Send {
 pub fn ranges_len(ranges: &[PageRange], page_size: usize) -> usize {
     ranges.iter().map(|r| r.count as usize).sum::<usize>() * page_size
 }
+
+/// Checks that `buf` holds exactly the pages of `ranges`; returns its length.
+/// Every [`PageChannel::fetch`] starts with this.
+pub fn check_buffer(
+    ranges: &[PageRange],
+    page_size: usize,
+    buf: &[u8],
+) -> Result<usize, TransportError> {
+    let want = ranges_len(ranges, page_size);
+    if buf.len() != want {
+        return Err(TransportError::BufferSize {
+            want,
+            got: buf.len(),
+        });
+    }
+    Ok(want)
+}

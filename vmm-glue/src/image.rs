@@ -48,6 +48,10 @@ pub fn from_file(path: &Path) -> Result<SourceMemory, ImageError> {
     Ok(SourceMemory::new(MemoryLayout::single(len)?, vec![region])?)
 }
 
+/// Share of a synthetic guest's pages that are all zero, in percent, unless
+/// told otherwise.
+pub const DEFAULT_ZERO_PERCENT: u8 = 25;
+
 /// A deterministic synthetic guest of `size` bytes: each page is either all
 /// zero (about `zero_percent` % of them) or filled with a pattern derived
 /// from `seed` and the page number.

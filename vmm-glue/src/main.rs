@@ -65,7 +65,7 @@ struct SourceArgs {
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Share of the synthetic guest's pages that are all zero, in percent.
-    #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u8).range(0..=100))]
+    #[arg(long, default_value_t = image::DEFAULT_ZERO_PERCENT, value_parser = clap::value_parser!(u8).range(0..=100))]
     zero_percent: u8,
     #[command(flatten)]
     rdma: RdmaArgs,
@@ -386,7 +386,7 @@ fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
             (select_transport(&a.path, t)?, Some(child))
         }
         TransportKind::Inproc => {
-            let mem: SourceMemory = image::synthetic(a.size, a.seed, 25)?;
+            let mem: SourceMemory = image::synthetic(a.size, a.seed, image::DEFAULT_ZERO_PERCENT)?;
             (Arc::new(InProcTransport::new(Arc::new(mem))), None)
         }
     };

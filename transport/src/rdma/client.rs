@@ -9,7 +9,7 @@ use crate::error::TransportError;
 use crate::layout::{PageRange, SourceInfo};
 use crate::tcp::TcpTransport;
 use crate::wire::{RemoteRegion, SourceStats};
-use crate::{ranges_len, ChannelClass, PageChannel, Transport};
+use crate::{check_buffer, ChannelClass, PageChannel, Transport};
 
 use super::verbs::{CompletionWait, Device, Mr, Qp, Read};
 
@@ -85,13 +85,7 @@ struct RdmaChannel {
 impl PageChannel for RdmaChannel {
     fn fetch(&mut self, ranges: &[PageRange], buf: &mut [u8]) -> Result<(), TransportError> {
         let ps = self.info.layout.page_size();
-        let want = ranges_len(ranges, ps);
-        if buf.len() != want {
-            return Err(TransportError::BufferSize {
-                want,
-                got: buf.len(),
-            });
-        }
+        let want = check_buffer(ranges, ps, buf)?;
         if self.staging.as_ref().is_none_or(|s| s.buf.len() < want) {
             // Drop the old registration before making a bigger one.
             self.staging = None;

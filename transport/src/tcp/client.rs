@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::error::TransportError;
 use crate::layout::{PageRange, SourceInfo};
 use crate::wire::{self, ChannelKind, Hello, QpEndpoint, RdmaAccept, Request, SourceStats};
-use crate::{ranges_len, ChannelClass, PageChannel, Transport};
+use crate::{check_buffer, ChannelClass, PageChannel, Transport};
 
 /// Timeouts of the TCP client.
 #[derive(Debug, Clone, Copy)]
@@ -254,13 +254,7 @@ struct TcpChannel {
 
 impl PageChannel for TcpChannel {
     fn fetch(&mut self, ranges: &[PageRange], buf: &mut [u8]) -> Result<(), TransportError> {
-        let want = ranges_len(ranges, self.page_size);
-        if buf.len() != want {
-            return Err(TransportError::BufferSize {
-                want,
-                got: buf.len(),
-            });
-        }
+        check_buffer(ranges, self.page_size, buf)?;
         self.conn.fetch(ranges, buf)
     }
 }
