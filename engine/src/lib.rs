@@ -11,16 +11,23 @@
 
 #![deny(missing_docs)]
 
+pub mod config;
 pub mod error;
+mod fault;
+pub mod governor;
+mod lanes;
 pub mod memory;
 pub mod metrics;
 pub mod migration;
 pub mod prepager;
+mod shared;
 pub mod state;
 pub mod uffd;
 
+pub use config::MigrationConfig;
 pub use error::EngineError;
+pub use governor::FlowStats;
 pub use memory::DestMemory;
 pub use metrics::LatencyUs;
-pub use migration::{EngineReport, Migration, MigrationConfig, MigrationHandle};
+pub use migration::{EngineReport, Migration, MigrationHandle};
 pub use state::PageOrigin;

@@ -8,6 +8,86 @@ use hdrhistogram::Histogram;
 use pagewire_transport::PageRange;
 use serde::Serialize;
 
+/// Buckets of the power-of-two latency distribution: bucket `n` counts
+/// faults that took `[2^n, 2^(n+1))` µs (bucket 0 also holds faster ones),
+/// as QEMU's `postcopy-latency-dist` reports them.
+pub const DIST_BUCKETS: usize = 26;
+
+/// A latency histogram: hdrhistogram for percentiles plus power-of-two
+/// buckets.
+#[derive(Debug)]
+pub struct LatencyHist {
+    hist: Mutex<Histogram<u64>>,
+    dist: [AtomicU64; DIST_BUCKETS],
+}
+
+impl Default for LatencyHist {
+    fn default() -> Self {
+        Self {
+            // 1 ns .. 60 s at 3 significant digits.
+            hist: Mutex::new(
+                Histogram::new_with_bounds(1, 60_000_000_000, 3)
+                    .expect("constant histogram bounds are valid"),
+            ),
+            dist: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl LatencyHist {
+    /// Records one latency.
+    pub fn record(&self, d: Duration) {
+        let ns = (d.as_nanos().min(u128::from(u64::MAX)) as u64).clamp(1, 60_000_000_000);
+        let us = ns / 1000;
+        let bucket = if us == 0 {
+            0
+        } else {
+            (63 - us.leading_zeros() as usize).min(DIST_BUCKETS - 1)
+        };
+        self.dist[bucket].fetch_add(1, Ordering::Relaxed);
+        let mut h = self.hist.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = h.record(ns);
+    }
+
+    /// The summary so far.
+    pub fn summary(&self) -> LatencyUs {
+        let h = self.hist.lock().unwrap_or_else(|p| p.into_inner());
+        if h.is_empty() {
+            return LatencyUs::default();
+        }
+        let us = |ns: u64| ns as f64 / 1000.0;
+        LatencyUs {
+            count: h.len(),
+            p50: us(h.value_at_quantile(0.50)),
+            p90: us(h.value_at_quantile(0.90)),
+            p99: us(h.value_at_quantile(0.99)),
+            max: us(h.max()),
+            mean: h.mean() / 1000.0,
+        }
+    }
+
+    /// The power-of-two distribution, trailing empty buckets dropped.
+    pub fn distribution(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .dist
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        while v.last() == Some(&0) {
+            v.pop();
+        }
+        v
+    }
+
+    /// Latencies at the given quantiles (0..=1), in µs, for CDF plots.
+    pub fn quantiles(&self, qs: &[f64]) -> Vec<f64> {
+        let h = self.hist.lock().unwrap_or_else(|p| p.into_inner());
+        qs.iter()
+            .map(|&q| h.value_at_quantile(q) as f64 / 1000.0)
+            .collect()
+    }
+}
+
 /// Live counters, updated by the fault handler and the lanes.
 #[derive(Debug)]
 pub struct Metrics {
@@ -31,8 +111,17 @@ pub struct Metrics {
     pub duplicate_pages: AtomicU64,
     /// Installs that found the page already mapped (EEXIST).
     pub install_conflicts: AtomicU64,
+    /// Most urgent requests outstanding at once.
+    pub max_concurrent_faults: AtomicU64,
+    /// Every fault, from reading its event to waking its thread.
+    pub all: LatencyHist,
+    /// Faults fetched over the network.
+    pub network: LatencyHist,
+    /// Faults that waited for a page a lane was fetching.
+    pub inflight: LatencyHist,
+    /// Faults on zero pages.
+    pub zero: LatencyHist,
     fetch_counts: Box<[AtomicU8]>,
-    latency_ns: Mutex<Histogram<u64>>,
 }
 
 /// Fault latency summary in microseconds.
@@ -42,6 +131,8 @@ pub struct LatencyUs {
     pub count: u64,
     /// Median.
     pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
     /// 99th percentile.
     pub p99: f64,
     /// Worst.
@@ -65,12 +156,12 @@ impl Metrics {
             bytes_received: counter(),
             duplicate_pages: counter(),
             install_conflicts: counter(),
+            max_concurrent_faults: counter(),
+            all: LatencyHist::default(),
+            network: LatencyHist::default(),
+            inflight: LatencyHist::default(),
+            zero: LatencyHist::default(),
             fetch_counts: (0..pages).map(|_| AtomicU8::new(0)).collect(),
-            // 1 ns .. 60 s at 3 significant digits.
-            latency_ns: Mutex::new(
-                Histogram::new_with_bounds(1, 60_000_000_000, 3)
-                    .expect("constant histogram bounds are valid"),
-            ),
         }
     }
 
@@ -92,27 +183,14 @@ impl Metrics {
             .fetch_add(pages * page_size as u64, Ordering::Relaxed);
     }
 
-    /// Records one fault's service time.
+    /// Records one fault's service time (every kind).
     pub fn record_fault_latency(&self, d: Duration) {
-        let ns = (d.as_nanos() as u64).clamp(1, 60_000_000_000);
-        let mut h = self.latency_ns.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = h.record(ns);
+        self.all.record(d);
     }
 
-    /// The fault latency summary so far.
+    /// The fault latency summary so far (every kind).
     pub fn latency(&self) -> LatencyUs {
-        let h = self.latency_ns.lock().unwrap_or_else(|p| p.into_inner());
-        if h.is_empty() {
-            return LatencyUs::default();
-        }
-        let us = |ns: u64| ns as f64 / 1000.0;
-        LatencyUs {
-            count: h.len(),
-            p50: us(h.value_at_quantile(0.50)),
-            p99: us(h.value_at_quantile(0.99)),
-            max: us(h.max()),
-            mean: h.mean() / 1000.0,
-        }
+        self.all.summary()
     }
 
     /// Reads a counter.
@@ -149,6 +227,11 @@ mod tests {
         }
         let l = m.latency();
         assert_eq!(l.count, 4);
+        // 10 and 20 µs fall in [8, 16) and [16, 32); 30 in [16, 32);
+        // 1000 in [512, 1024).
+        let d = m.all.distribution();
+        assert_eq!(d.len(), 10);
+        assert_eq!((d[3], d[4], d[9]), (1, 2, 1));
         assert!((l.p50 - 20.0).abs() < 0.1, "{l:?}");
         assert!((l.max - 1000.0).abs() < 1.0, "{l:?}");
     }

@@ -1,51 +1,25 @@
-//! The destination side of a post-copy migration: fault handler, pusher
-//! lanes and prepager around one page state map.
+//! Starting a migration and the handle that watches it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use pagewire_transport::{ChannelClass, PageChannel, PageRange, Transport};
+use pagewire_transport::{ChannelClass, FetchLimits, Transport};
 use serde::Serialize;
-use tracing::{debug, info};
-use userfaultfd::EventBuffer;
+use tracing::info;
 
+use crate::config::MigrationConfig;
 use crate::error::EngineError;
+use crate::fault::fault_main;
+use crate::governor::{FlowStats, Governor};
+use crate::lanes::lane_main;
 use crate::memory::DestMemory;
 use crate::metrics::{LatencyUs, Metrics};
 use crate::prepager::Prepager;
-use crate::state::{Claim, PageOrigin, PageStateMap};
+use crate::shared::Shared;
+use crate::state::{PageOrigin, PageStateMap};
 use crate::uffd::PageInstaller;
-
-/// How a migration runs.
-#[derive(Debug, Clone)]
-pub struct MigrationConfig {
-    /// Pusher lanes (threads with their own bulk channel). At least 1.
-    pub lanes: usize,
-    /// Bubble radius in pages each way around the last fault; 0 turns
-    /// bubbling off.
-    pub bubble: u64,
-    /// Most pages a lane asks for in one request.
-    pub batch_pages: u32,
-    /// Run the background sweep from the start. When false the sweep waits
-    /// for [`MigrationHandle::release_push`] (pure demand paging until then).
-    pub push: bool,
-    /// Pin lane `i` to core `i % cores`.
-    pub pin_lanes: bool,
-}
-
-impl Default for MigrationConfig {
-    fn default() -> Self {
-        Self {
-            lanes: thread::available_parallelism().map_or(2, |n| n.get()),
-            bubble: 64,
-            batch_pages: 64,
-            push: true,
-            pin_lanes: true,
-        }
-    }
-}
 
 /// What a migration did, in the paper's terms.
 #[derive(Debug, Clone, Serialize)]
@@ -62,6 +36,8 @@ pub struct EngineReport {
     pub inflight_faults: u64,
     /// Faults on zero pages, served locally.
     pub zero_faults: u64,
+    /// Most faults waiting for the network at once.
+    pub max_concurrent_faults: u64,
     /// Pages fetched by bubbles around faults.
     pub prepaged_pages: u64,
     /// Pages fetched by the background sweep.
@@ -74,9 +50,23 @@ pub struct EngineReport {
     pub duplicate_pages: u64,
     /// Installs that found the page already mapped.
     pub install_conflicts: u64,
-    /// Fault service time, from reading the fault event to waking the
-    /// vCPU (as QEMU's postcopy blocktime measures it).
+    /// Service time of every fault, from reading the fault event to waking
+    /// the vCPU (as QEMU's postcopy blocktime measures it).
     pub fault_latency_us: LatencyUs,
+    /// Faults fetched over the network.
+    pub network_fault_us: LatencyUs,
+    /// Faults that waited for a page a lane was fetching.
+    pub inflight_wait_us: LatencyUs,
+    /// Faults on zero pages.
+    pub zero_fault_us: LatencyUs,
+    /// Every fault's latency as a power-of-two distribution: element `n`
+    /// counts faults of `[2^n, 2^(n+1))` µs, like QEMU's
+    /// `postcopy-latency-dist`.
+    pub fault_latency_dist: Vec<u64>,
+    /// Fault latency (every fault) at 1 %, 2 %, ... 100 %, in µs.
+    pub fault_latency_cdf_us: Vec<f64>,
+    /// Bulk flow control.
+    pub flow: FlowStats,
     /// Time from start (the VM resumed) to the last page installed.
     pub total_ms: f64,
     /// Pusher lanes.
@@ -85,238 +75,8 @@ pub struct EngineReport {
     pub bubble: u64,
     /// Whether the sweep ran from the start.
     pub push: bool,
-}
-
-struct Shared {
-    states: PageStateMap,
-    installer: PageInstaller,
-    transport: Arc<dyn Transport>,
-    prepager: Prepager,
-    metrics: Metrics,
-    config: MigrationConfig,
-    sweep_cursor: std::sync::atomic::AtomicU64,
-    push_released: AtomicBool,
-    abort: AtomicBool,
-    error: Mutex<Option<EngineError>>,
-    started: Instant,
-    finished: OnceLock<Instant>,
-}
-
-impl Shared {
-    fn fail(&self, e: EngineError) {
-        tracing::error!("migration failed: {e}");
-        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_none() {
-            *slot = Some(e);
-        }
-        self.abort.store(true, Ordering::SeqCst);
-    }
-
-    fn aborted(&self) -> bool {
-        self.abort.load(Ordering::SeqCst)
-    }
-
-    fn page_size(&self) -> usize {
-        self.installer.memory().layout().page_size()
-    }
-
-    fn mark_present(&self, range: PageRange, origin: PageOrigin) {
-        self.states
-            .mark_present(range.first, u64::from(range.count), origin);
-        if self.states.all_present() {
-            let _ = self.finished.set(Instant::now());
-        }
-    }
-
-    /// Installs runs the caller has claimed: zero pages locally, the rest
-    /// fetched in one request on `channel`. Returns pages fetched.
-    fn install_claimed(
-        &self,
-        runs: &[PageRange],
-        origin: PageOrigin,
-        channel: &mut dyn PageChannel,
-        buf: &mut Vec<u8>,
-    ) -> Result<u64, EngineError> {
-        let zero = &self.transport.info().zero;
-        let mut fetch = Vec::with_capacity(runs.len());
-        for run in runs {
-            // Split the run into maximal pieces of equal zero-ness.
-            let mut start = run.first;
-            while start < run.end() {
-                let z = zero.is_zero(start);
-                let mut end = start + 1;
-                while end < run.end() && zero.is_zero(end) == z {
-                    end += 1;
-                }
-                let piece = PageRange::new(start, (end - start) as u32);
-                if z {
-                    let done = self.installer.install_zero(piece, true)?;
-                    Metrics::add(&self.metrics.zero_pages, done.pages);
-                    Metrics::add(&self.metrics.install_conflicts, done.already_present);
-                    self.mark_present(piece, origin);
-                } else {
-                    fetch.push(piece);
-                }
-                start = end;
-            }
-        }
-        if fetch.is_empty() {
-            return Ok(0);
-        }
-        let ps = self.page_size();
-        let len = pagewire_transport::ranges_len(&fetch, ps);
-        buf.resize(len, 0);
-        channel.fetch(&fetch, &mut buf[..len])?;
-        self.metrics.record_fetched(&fetch, ps);
-        let mut off = 0;
-        for piece in &fetch {
-            let n = piece.count as usize * ps;
-            let done = self.installer.install(*piece, &buf[off..off + n], true)?;
-            Metrics::add(&self.metrics.install_conflicts, done.already_present);
-            self.mark_present(*piece, origin);
-            off += n;
-        }
-        Ok((len / ps) as u64)
-    }
-
-    /// Serves one fault at host address `addr`.
-    fn handle_fault(
-        &self,
-        addr: usize,
-        channel: &mut dyn PageChannel,
-        buf: &mut Vec<u8>,
-    ) -> Result<(), EngineError> {
-        let mem = self.installer.memory();
-        let page = mem.page_of(addr).ok_or(EngineError::StrayFault(addr))?;
-        let range = PageRange::new(page, 1);
-        Metrics::add(&self.metrics.faults, 1);
-        self.prepager.on_fault(page, mem.layout());
-        match self.states.try_claim(page) {
-            Claim::Won => {
-                let fetched = self.install_claimed(&[range], PageOrigin::Fault, channel, buf)?;
-                let counter = if fetched > 0 {
-                    &self.metrics.network_faults
-                } else {
-                    &self.metrics.zero_faults
-                };
-                Metrics::add(counter, 1);
-            }
-            Claim::InFlight => {
-                // A lane is fetching it: wait rather than fetch it twice.
-                Metrics::add(&self.metrics.inflight_faults, 1);
-                let mut spins = 0u32;
-                while !self.states.is_present(page) {
-                    if self.aborted() {
-                        return Err(EngineError::Aborted);
-                    }
-                    spins += 1;
-                    if spins < 64 {
-                        std::hint::spin_loop();
-                    } else {
-                        thread::yield_now();
-                    }
-                }
-                self.installer.wake(range)?;
-            }
-            // Installed between the fault and now; the install woke the
-            // thread already, waking again is harmless.
-            Claim::Present => self.installer.wake(range)?,
-        }
-        Ok(())
-    }
-
-    /// Claims every missing page of the next sweep window, as runs.
-    fn next_sweep_runs(&self, runs: &mut Vec<PageRange>) -> bool {
-        let layout = self.installer.memory().layout();
-        let total = layout.total_pages();
-        let window = u64::from(self.config.batch_pages);
-        loop {
-            let start = self.sweep_cursor.fetch_add(window, Ordering::Relaxed);
-            if start >= total {
-                return false;
-            }
-            let end = (start + window).min(total);
-            let mut p = start;
-            while p < end {
-                let Some(region) = layout.region_of(p) else {
-                    break;
-                };
-                let limit = end.min(layout.region_pages(region).end);
-                let n = self.states.claim_up(p, limit - p, limit);
-                if n > 0 {
-                    runs.push(PageRange::new(p, n as u32));
-                }
-                p += n.max(1);
-            }
-            if !runs.is_empty() {
-                return true;
-            }
-        }
-    }
-}
-
-fn lane_main(
-    shared: &Shared,
-    lane: usize,
-    channel: &mut dyn PageChannel,
-) -> Result<(), EngineError> {
-    let mut buf = Vec::new();
-    let mut runs = Vec::new();
-    let max = u64::from(shared.config.batch_pages);
-    loop {
-        if shared.aborted() || shared.states.all_present() {
-            return Ok(());
-        }
-        runs.clear();
-        let mut pages = 0;
-        while pages < max {
-            match shared.prepager.next_run(&shared.states, max - pages) {
-                Some(r) => {
-                    pages += u64::from(r.count);
-                    runs.push(r);
-                }
-                None => break,
-            }
-        }
-        let origin = if !runs.is_empty() {
-            PageOrigin::Bubble
-        } else if shared.config.push || shared.push_released.load(Ordering::SeqCst) {
-            if !shared.next_sweep_runs(&mut runs) {
-                debug!(lane, "sweep done");
-                return Ok(());
-            }
-            PageOrigin::Push
-        } else {
-            shared.prepager.wait_for_pivot(Duration::from_millis(5));
-            continue;
-        };
-        let fetched = shared.install_claimed(&runs, origin, channel, &mut buf)?;
-        let counter = match origin {
-            PageOrigin::Bubble => &shared.metrics.prepaged_pages,
-            _ => &shared.metrics.pushed_pages,
-        };
-        Metrics::add(counter, fetched);
-    }
-}
-
-fn fault_main(shared: &Shared, channel: &mut dyn PageChannel) -> Result<(), EngineError> {
-    let mut events = EventBuffer::new(64);
-    let mut addrs = Vec::with_capacity(64);
-    let mut buf = Vec::new();
-    loop {
-        if shared.aborted() || shared.states.all_present() {
-            return Ok(());
-        }
-        if !shared.installer.wait_readable(20)? {
-            continue;
-        }
-        shared.installer.read_faults(&mut events, &mut addrs)?;
-        for &addr in &addrs {
-            let t0 = Instant::now();
-            shared.handle_fault(addr, channel, &mut buf)?;
-            shared.metrics.record_fault_latency(t0.elapsed());
-        }
-    }
+    /// Bulk bytes-per-second cap, if any.
+    pub push_rate: Option<u64>,
 }
 
 /// Starts post-copy migrations.
@@ -352,6 +112,15 @@ impl Migration {
             ));
         }
         let pages = mem.layout().total_pages();
+        let page_size = mem.layout().page_size();
+        // Requests never exceed what the transport accepts (nor what both
+        // the wire and the transport's own limits allow).
+        let t = transport.limits();
+        let limits = FetchLimits {
+            max_ranges: t.max_ranges.clamp(1, FetchLimits::WIRE.max_ranges),
+            max_pages: t.max_pages.clamp(1, FetchLimits::WIRE.max_pages),
+        };
+        let batch = u64::from(config.batch_pages).min(limits.max_pages) as u32;
         let installer = PageInstaller::register(mem.clone())?;
         // Open every channel before the guest may fault: a source that is
         // unreachable fails here, not in the middle of a fault.
@@ -359,46 +128,42 @@ impl Migration {
         let lanes = (0..config.lanes)
             .map(|l| transport.open(ChannelClass::Bulk(l as u16)))
             .collect::<Result<Vec<_>, _>>()?;
-        let shared = Arc::new(Shared {
-            states: PageStateMap::new(pages),
+        let shared = Arc::new(Shared::new(
+            PageStateMap::new(pages),
             installer,
-            prepager: Prepager::new(config.bubble),
-            metrics: Metrics::new(pages),
             transport,
-            config,
-            sweep_cursor: Default::default(),
-            push_released: AtomicBool::new(false),
-            abort: AtomicBool::new(false),
-            error: Mutex::new(None),
-            started: Instant::now(),
-            finished: OnceLock::new(),
-        });
+            Prepager::new(config.bubble),
+            Metrics::new(pages),
+            config.clone(),
+            Governor::new(page_size, batch, config.flow_control, config.push_rate),
+            limits,
+        ));
         info!(
             pages,
             transport = shared.transport.name(),
-            lanes = shared.config.lanes,
-            bubble = shared.config.bubble,
-            push = shared.config.push,
+            lanes = config.lanes,
+            bubble = config.bubble,
+            push = config.push,
+            flow_control = config.flow_control,
             "post-copy migration started"
         );
-        let mut threads = Vec::new();
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
             thread::Builder::new()
                 .name(name.clone())
                 .spawn(f)
                 .map_err(|error| EngineError::Thread { name, error })
         };
+        let mut threads = Vec::new();
         let s = shared.clone();
         let mut urgent = urgent;
-        let fault = spawn(
+        threads.push(spawn(
             "pw-fault".into(),
             Box::new(move || {
                 if let Err(e) = fault_main(&s, urgent.as_mut()) {
                     s.fail(e);
                 }
             }),
-        );
-        threads.push(fault);
+        ));
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         for (i, mut ch) in lanes.into_iter().enumerate() {
             let s = shared.clone();
@@ -422,9 +187,7 @@ impl Migration {
         for t in threads {
             match t {
                 Ok(t) => handle.threads.push(t),
-                Err(e) => {
-                    handle.shared.fail(e);
-                }
+                Err(e) => handle.shared.fail(e),
             }
         }
         Ok(handle)
@@ -432,6 +195,16 @@ impl Migration {
 }
 
 /// A running migration.
+///
+/// # Failure never hands the guest zero pages
+/// When a migration fails (the source died, a protocol violation) or is
+/// dropped before it finished, the userfaultfd and the guest memory stay
+/// registered and mapped for the rest of the process's life: threads
+/// blocked on pages that never arrived stay blocked, and later touches of
+/// such pages block too. Closing the userfaultfd instead would let the
+/// kernel fill those pages with zeros, silently. The embedder decides what
+/// happens to the guest (stop its vCPUs, tear it down); the memory is not
+/// reclaimed until the process exits.
 pub struct MigrationHandle {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
@@ -478,20 +251,44 @@ impl MigrationHandle {
         &self.shared.transport
     }
 
+    /// Keeps the userfaultfd and guest memory alive for the rest of the
+    /// process: blocked threads stay blocked instead of reading zeros.
+    fn park(&self) {
+        tracing::warn!(
+            present = self.shared.states.present(),
+            total = self.shared.states.len(),
+            "migration did not finish: guest memory stays registered, threads on missing pages stay blocked"
+        );
+        std::mem::forget(self.shared.clone());
+    }
+
     /// Waits until every page is installed, unregisters the memory and
-    /// reports. On error, threads still blocked on missing pages stay
-    /// blocked: the VMM must stop the guest.
+    /// reports. On error the memory stays registered (see the type's
+    /// docs): threads blocked on missing pages stay blocked and the VMM
+    /// must stop the guest.
     pub fn wait(mut self) -> Result<EngineReport, EngineError> {
         for t in self.threads.drain(..) {
-            let _ = t.join();
+            if t.join().is_err() {
+                self.shared.fail(EngineError::Thread {
+                    name: "engine thread".into(),
+                    error: std::io::Error::other("panicked"),
+                });
+            }
         }
-        let s = &self.shared;
-        if let Some(e) = s.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        let s = self.shared.clone();
+        let failed = s.error.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(e) = failed {
+            self.park();
             return Err(e);
+        }
+        if !s.states.all_present() {
+            self.park();
+            return Err(EngineError::Aborted);
         }
         s.installer.unregister()?;
         let m = &s.metrics;
         let finished = s.finished.get().copied().unwrap_or_else(Instant::now);
+        let cdf: Vec<f64> = (1..=100).map(|i| f64::from(i) / 100.0).collect();
         let report = EngineReport {
             transport: s.transport.name().to_string(),
             pages_total: s.states.len(),
@@ -499,17 +296,29 @@ impl MigrationHandle {
             network_faults: Metrics::get(&m.network_faults),
             inflight_faults: Metrics::get(&m.inflight_faults),
             zero_faults: Metrics::get(&m.zero_faults),
+            max_concurrent_faults: Metrics::get(&m.max_concurrent_faults),
             prepaged_pages: Metrics::get(&m.prepaged_pages),
             pushed_pages: Metrics::get(&m.pushed_pages),
             zero_pages: Metrics::get(&m.zero_pages),
             bytes_received: Metrics::get(&m.bytes_received),
             duplicate_pages: Metrics::get(&m.duplicate_pages),
             install_conflicts: Metrics::get(&m.install_conflicts),
-            fault_latency_us: m.latency(),
+            fault_latency_us: m.all.summary(),
+            network_fault_us: m.network.summary(),
+            inflight_wait_us: m.inflight.summary(),
+            zero_fault_us: m.zero.summary(),
+            fault_latency_dist: m.all.distribution(),
+            fault_latency_cdf_us: if m.all.summary().count > 0 {
+                m.all.quantiles(&cdf)
+            } else {
+                Vec::new()
+            },
+            flow: s.governor.stats(),
             total_ms: finished.duration_since(s.started).as_secs_f64() * 1000.0,
             lanes: s.config.lanes,
             bubble: s.config.bubble,
             push: s.config.push,
+            push_rate: s.config.push_rate,
         };
         info!(total_ms = report.total_ms, "post-copy migration complete");
         Ok(report)
@@ -523,6 +332,9 @@ impl Drop for MigrationHandle {
             self.shared.abort.store(true, Ordering::SeqCst);
             for t in self.threads.drain(..) {
                 let _ = t.join();
+            }
+            if !self.shared.states.all_present() {
+                self.park();
             }
         }
     }

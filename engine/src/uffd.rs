@@ -1,7 +1,7 @@
 //! A thin, safe wrapper over userfaultfd for installing pages into
 //! [`DestMemory`]. Every `unsafe` call of the engine lives here.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use pagewire_transport::PageRange;
@@ -192,22 +192,45 @@ impl PageInstaller {
     /// Waits up to `timeout_ms` for fault events; returns whether any are
     /// ready to read.
     pub fn wait_readable(&self, timeout_ms: i32) -> Result<bool, EngineError> {
-        let mut pfd = libc::pollfd {
-            fd: self.uffd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is a valid pollfd for the duration of the call and
-        // we pass a count of exactly one.
-        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        Ok(self.wait_with(None, timeout_ms)?.0)
+    }
+
+    /// Waits up to `timeout_ms` (0: just look) for fault events or for
+    /// `other` to become readable; returns (faults ready, other ready).
+    pub fn wait_with(
+        &self,
+        other: Option<RawFd>,
+        timeout_ms: i32,
+    ) -> Result<(bool, bool), EngineError> {
+        let mut pfds = [
+            libc::pollfd {
+                fd: self.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: other.unwrap_or(-1),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let count = if other.is_some() { 2 } else { 1 };
+        // SAFETY: `pfds` holds `count` valid pollfds for the duration of
+        // the call (a negative fd is ignored by poll).
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), count, timeout_ms) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
-                return Ok(false);
+                return Ok((false, false));
             }
             return Err(EngineError::Memory(format!("poll on userfaultfd: {e}")));
         }
-        Ok(n > 0 && pfd.revents & libc::POLLIN != 0)
+        let ready =
+            |p: &libc::pollfd| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0;
+        Ok((
+            n > 0 && pfds[0].revents & libc::POLLIN != 0,
+            n > 0 && other.is_some() && ready(&pfds[1]),
+        ))
     }
 
     /// Reads pending fault events (non-blocking) and returns the faulting

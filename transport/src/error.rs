@@ -134,6 +134,20 @@ pub enum TransportError {
         /// Bytes given.
         got: usize,
     },
+    /// A request asks for more than one request may carry.
+    #[error("a request of {ranges} ranges and {pages} pages exceeds the limits ({} ranges, {} pages)", limits.max_ranges, limits.max_pages)]
+    TooLarge {
+        /// Ranges asked for.
+        ranges: usize,
+        /// Pages asked for.
+        pages: u64,
+        /// The limits in force.
+        limits: crate::FetchLimits,
+    },
+    /// More requests than the channel keeps outstanding, or a reply
+    /// awaited with none outstanding.
+    #[error("channel misuse: {0}")]
+    Misuse(&'static str),
     /// The RDMA backend failed (device, verbs call or work completion).
     #[error("rdma: {0}")]
     Rdma(String),

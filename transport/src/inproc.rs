@@ -1,13 +1,14 @@
 //! In-process transport: memcpy from the source's memory. The floor other
 //! transports are measured against; not a way to migrate between hosts.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::error::TransportError;
 use crate::layout::{PageRange, SourceInfo};
 use crate::source::SourceMemory;
 use crate::wire::SourceStats;
-use crate::{check_buffer, ChannelClass, PageChannel, Transport};
+use crate::{check_buffer, ChannelClass, FetchLimits, PageChannel, Transport};
 
 /// A transport that copies pages straight out of a [`SourceMemory`].
 #[derive(Debug, Clone)]
@@ -22,13 +23,42 @@ impl InProcTransport {
     }
 }
 
+/// Most requests an in-process channel keeps outstanding.
+const INPROC_MAX_OUTSTANDING: usize = 64;
+
 struct InProcChannel {
     source: Arc<SourceMemory>,
+    outstanding: VecDeque<Vec<PageRange>>,
 }
 
 impl PageChannel for InProcChannel {
-    fn fetch(&mut self, ranges: &[PageRange], buf: &mut [u8]) -> Result<(), TransportError> {
-        copy_ranges(&self.source, ranges, buf)
+    fn send(&mut self, ranges: &[PageRange]) -> Result<(), TransportError> {
+        if self.outstanding.len() >= INPROC_MAX_OUTSTANDING {
+            return Err(TransportError::Misuse("too many requests outstanding"));
+        }
+        FetchLimits::WIRE.check(ranges)?;
+        self.outstanding.push_back(ranges.to_vec());
+        Ok(())
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
+        let ranges = self
+            .outstanding
+            .pop_front()
+            .ok_or(TransportError::Misuse("recv with no request outstanding"))?;
+        copy_ranges(&self.source, &ranges, buf)
+    }
+
+    fn reply_ready(&mut self) -> Result<bool, TransportError> {
+        Ok(!self.outstanding.is_empty())
+    }
+
+    fn outstanding(&self) -> usize {
+        self.outstanding.len()
+    }
+
+    fn max_outstanding(&self) -> usize {
+        INPROC_MAX_OUTSTANDING
     }
 }
 
@@ -63,6 +93,7 @@ impl Transport for InProcTransport {
     fn open(&self, _class: ChannelClass) -> Result<Box<dyn PageChannel>, TransportError> {
         Ok(Box::new(InProcChannel {
             source: self.source.clone(),
+            outstanding: VecDeque::new(),
         }))
     }
 

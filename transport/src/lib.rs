@@ -47,6 +47,11 @@ pub trait Transport: Send + Sync {
     /// Opens a channel for one thread's fetches.
     fn open(&self, class: ChannelClass) -> Result<Box<dyn PageChannel>, TransportError>;
 
+    /// The most one request may ask for.
+    fn limits(&self) -> FetchLimits {
+        FetchLimits::WIRE
+    }
+
     /// Checksums of the source's pages of `range`, for verification.
     fn checksums(&self, range: PageRange) -> Result<Vec<u64>, TransportError>;
 
@@ -54,11 +59,82 @@ pub trait Transport: Send + Sync {
     fn source_stats(&self) -> Result<SourceStats, TransportError>;
 }
 
+/// The most one fetch request may ask for. The engine splits its batches
+/// so that no request exceeds them; a request that does is refused before
+/// anything is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchLimits {
+    /// Most page ranges in one request.
+    pub max_ranges: usize,
+    /// Most pages in one request.
+    pub max_pages: u64,
+}
+
+impl FetchLimits {
+    /// The limits of the TCP wire protocol, which every backend shares.
+    pub const WIRE: Self = Self {
+        max_ranges: wire::MAX_RANGES,
+        max_pages: wire::MAX_FETCH_PAGES,
+    };
+
+    /// Checks `ranges` against the limits.
+    pub fn check(&self, ranges: &[PageRange]) -> Result<u64, TransportError> {
+        let pages: u64 = ranges.iter().map(|r| u64::from(r.count)).sum();
+        if ranges.is_empty() || ranges.len() > self.max_ranges || pages > self.max_pages {
+            return Err(TransportError::TooLarge {
+                ranges: ranges.len(),
+                pages,
+                limits: *self,
+            });
+        }
+        Ok(pages)
+    }
+}
+
 /// One thread's connection to the source's pages.
+///
+/// Requests are pipelined: [`PageChannel::send`] puts a request on the
+/// wire and returns; [`PageChannel::recv`] takes the reply to the oldest
+/// outstanding request. Up to [`PageChannel::max_outstanding`] requests may
+/// be outstanding at once. [`PageChannel::fetch`] does one request and
+/// waits for it.
 pub trait PageChannel: Send {
+    /// Sends a request for `ranges` (within [`FetchLimits::WIRE`]) without
+    /// waiting for the reply.
+    fn send(&mut self, ranges: &[PageRange]) -> Result<(), TransportError>;
+
+    /// Receives the pages of the oldest outstanding request into `buf`,
+    /// range after range. `buf` must be exactly as long as those pages.
+    /// Waits up to the channel's I/O timeout.
+    fn recv(&mut self, buf: &mut [u8]) -> Result<(), TransportError>;
+
+    /// Whether a reply can be received without waiting.
+    fn reply_ready(&mut self) -> Result<bool, TransportError>;
+
+    /// A file descriptor that polls readable when a reply may be ready,
+    /// for callers that wait on several things at once; `None` when the
+    /// channel can only be polled with [`PageChannel::reply_ready`].
+    fn ready_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
+    /// Requests sent and not yet received.
+    fn outstanding(&self) -> usize;
+
+    /// Most requests this channel keeps outstanding.
+    fn max_outstanding(&self) -> usize;
+
     /// Fetches `ranges` into `buf`, one after another: range `i` lands right
-    /// after range `i - 1`. `buf` must be exactly as long as the pages.
-    fn fetch(&mut self, ranges: &[PageRange], buf: &mut [u8]) -> Result<(), TransportError>;
+    /// after range `i - 1`. Only valid with nothing outstanding.
+    fn fetch(&mut self, ranges: &[PageRange], buf: &mut [u8]) -> Result<(), TransportError> {
+        if self.outstanding() != 0 {
+            return Err(TransportError::Misuse(
+                "fetch on a channel with requests outstanding",
+            ));
+        }
+        self.send(ranges)?;
+        self.recv(buf)
+    }
 }
 
 /// Bytes needed to hold `ranges`.

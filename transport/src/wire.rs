@@ -413,9 +413,12 @@ pub fn decode_welcome(body: &[u8]) -> Result<Welcome, TransportError> {
 pub fn encode_request(r: &Request) -> Vec<u8> {
     match r {
         Request::Fetch { id, ranges } => {
+            // Callers check FetchLimits first; a count that does not fit
+            // is sent as 0, which the source refuses, never truncated.
+            let n = u16::try_from(ranges.len()).unwrap_or(0);
             let mut v = frame(T_FETCH);
             v.extend_from_slice(&id.to_le_bytes());
-            v.extend_from_slice(&(ranges.len() as u16).to_le_bytes());
+            v.extend_from_slice(&n.to_le_bytes());
             for r in ranges {
                 v.extend_from_slice(&r.first.to_le_bytes());
                 v.extend_from_slice(&r.count.to_le_bytes());

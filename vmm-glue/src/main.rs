@@ -132,9 +132,21 @@ struct EngineArgs {
     /// plus bubbles only while the workload runs).
     #[arg(long)]
     no_push: bool,
-    /// Most pages a lane fetches in one request.
+    /// Most pages a lane fetches in one request (clamped to what the
+    /// transport accepts in one request: 4096 over TCP, 256 over RDMA).
+    /// With flow control, requests are sized to the link and usually
+    /// smaller.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     batch: u32,
+    /// Turn off bulk flow control: lanes then keep their channels full,
+    /// and faults queue behind the push wherever the link is the
+    /// bottleneck. For comparison only.
+    #[arg(long)]
+    no_flow_control: bool,
+    /// Cap the push (sweep and bubbles) at this many bytes per second, e.g.
+    /// 50MB or 100MiB (default: unlimited). Faults are never capped.
+    #[arg(long, value_parser = parse_size)]
+    push_rate: Option<u64>,
     /// Do not pin lanes to cores.
     #[arg(long)]
     no_pin: bool,
@@ -194,7 +206,8 @@ struct DemoArgs {
     engine: EngineArgs,
 }
 
-/// Parses sizes like `4096`, `64KiB`, `256MiB`, `1GiB` (K/M/G are binary too).
+/// Parses sizes like `4096`, `64KiB`, `256MiB`, `1GiB` (K/M/G are binary
+/// too; KB/MB/GB are decimal).
 fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -202,9 +215,12 @@ fn parse_size(s: &str) -> Result<u64, String> {
     let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
     let mul: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
         u => return Err(format!("unknown size unit {u:?} (use KiB, MiB, GiB)")),
     };
     n.checked_mul(mul)
@@ -225,6 +241,8 @@ impl EngineArgs {
                 batch_pages: self.batch,
                 push: !self.no_push,
                 pin_lanes: !self.no_pin,
+                flow_control: !self.no_flow_control,
+                push_rate: self.push_rate,
             },
             workload: Workload {
                 pattern: self.workload,

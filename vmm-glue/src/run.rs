@@ -74,7 +74,11 @@ impl RunReport {
              \x20 total time        {total:.1} ms (resume to last page), {recv:.1} MiB received, {gbps:.2} GB/s\n\
              \x20 workload          {pattern:?}: {touches} touches of {distinct} pages in {wms:.1} ms\n\
              \x20 faults            {faults} ({nf} network, {inflight} waited on a lane, {zf} zero)\n\
-             \x20 fault latency     p50 {p50:.1} us, p99 {p99:.1} us, max {max:.1} us\n\
+             \x20 fault latency     p50 {p50:.1} us, p99 {p99:.1} us, max {max:.1} us (all faults)\n\
+             \x20   network         p50 {np50:.1} us, p99 {np99:.1} us ({ncount})\n\
+             \x20   waited on lane  p50 {ip50:.1} us, p99 {ip99:.1} us ({icount})\n\
+             \x20   most at once    {conc} faults waiting on the network\n\
+             \x20 flow control      {flow}\n\
              \x20 prepaged (bubble) {pre} pages, {hits} later touched\n\
              \x20 pushed (sweep)    {pushed} pages, {phits} later touched\n\
              \x20 source data path  {sreq} requests, {spages} pages\n\
@@ -96,6 +100,25 @@ impl RunReport {
             p50 = l.p50,
             p99 = l.p99,
             max = l.max,
+            np50 = e.network_fault_us.p50,
+            np99 = e.network_fault_us.p99,
+            ncount = e.network_fault_us.count,
+            ip50 = e.inflight_wait_us.p50,
+            ip99 = e.inflight_wait_us.p99,
+            icount = e.inflight_wait_us.count,
+            conc = e.max_concurrent_faults,
+            flow = if e.flow.enabled {
+                format!(
+                    "window {:.0} KiB, {} pages per request, peak {:.0} MB/s, lanes held {} times for faults{}",
+                    e.flow.window_bytes as f64 / 1024.0,
+                    e.flow.chunk_pages,
+                    e.flow.peak_rate_mbps,
+                    e.flow.urgent_holds,
+                    e.push_rate.map(|r| format!(", push capped at {:.1} MB/s", r as f64 / 1e6)).unwrap_or_default()
+                )
+            } else {
+                "off".to_string()
+            },
             pre = e.prepaged_pages,
             hits = self.prepaged_hits,
             pushed = e.pushed_pages,

@@ -1,6 +1,7 @@
 //! The destination side: one RC queue pair per channel, RDMA READs into a
 //! registered staging buffer.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use crate::error::TransportError;
 use crate::layout::{PageRange, SourceInfo};
 use crate::tcp::TcpTransport;
 use crate::wire::{RemoteRegion, SourceStats};
-use crate::{check_buffer, ChannelClass, PageChannel, Transport};
+use crate::{ChannelClass, FetchLimits, PageChannel, Transport};
 
 use super::verbs::{CompletionWait, Device, Mr, Qp, Read};
 
@@ -55,7 +56,22 @@ impl RdmaTransport {
     }
 }
 
-/// A page-aligned staging buffer registered for local writes.
+/// Requests an RDMA channel keeps outstanding, each in its own staging slot.
+const SLOTS: usize = 8;
+/// Most pages one RDMA request may ask for (the staging slot's size).
+const SLOT_PAGES: u64 = 256;
+/// Most ranges (READ work requests) in one RDMA request.
+const SLOT_RANGES: usize = 32;
+
+/// The limits of one RDMA request: a staging slot's worth.
+pub const RDMA_LIMITS: FetchLimits = FetchLimits {
+    max_ranges: SLOT_RANGES,
+    max_pages: SLOT_PAGES,
+};
+
+/// Staging memory registered for local writes: one slot per outstanding
+/// request, registered once when the channel opens so that no fault pays
+/// for a registration.
 struct Staging {
     // Declared first so it is dropped (deregistered) before `buf` is freed.
     mr: Mr,
@@ -73,55 +89,112 @@ impl Staging {
     }
 }
 
+/// A request posted and not yet received.
+struct Posted {
+    slot: usize,
+    reads: usize,
+    len: usize,
+}
+
 struct RdmaChannel {
     qp: Qp,
     regions: Vec<RemoteRegion>,
     info: SourceInfo,
-    staging: Option<Staging>,
-    device: Arc<Device>,
+    staging: Staging,
+    slot_len: usize,
+    free_slots: Vec<usize>,
+    posted: VecDeque<Posted>,
+    /// Completions polled and not yet consumed by `recv`.
+    completions: usize,
     timeout: Duration,
 }
 
 impl PageChannel for RdmaChannel {
-    fn fetch(&mut self, ranges: &[PageRange], buf: &mut [u8]) -> Result<(), TransportError> {
+    fn send(&mut self, ranges: &[PageRange]) -> Result<(), TransportError> {
+        RDMA_LIMITS.check(ranges)?;
         let ps = self.info.layout.page_size();
-        let want = check_buffer(ranges, ps, buf)?;
-        if self.staging.as_ref().is_none_or(|s| s.buf.len() < want) {
-            // Drop the old registration before making a bigger one.
-            self.staging = None;
-            self.staging = Some(Staging::new(
-                &self.device,
-                want.next_power_of_two().max(64 << 10),
-            )?);
-        }
-        let staging = self
-            .staging
-            .as_mut()
-            .ok_or_else(|| TransportError::Rdma("no staging buffer".into()))?;
-        let base = staging.buf.as_mut_ptr() as u64;
+        let slot = self
+            .free_slots
+            .pop()
+            .ok_or(TransportError::Misuse("too many requests outstanding"))?;
+        let base = self.staging.buf.as_mut_ptr() as u64 + (slot * self.slot_len) as u64;
+        let lkey = self.staging.mr.lkey();
         let mut reads = Vec::with_capacity(ranges.len());
         let mut off = 0u64;
         for r in ranges {
-            let (region, roff) = self.info.layout.locate(*r)?;
+            let located = self.info.layout.locate(*r);
+            let (region, roff) = match located {
+                Ok(l) => l,
+                Err(e) => {
+                    self.free_slots.push(slot);
+                    return Err(e.into());
+                }
+            };
             let remote = self.regions[region];
+            // Bounded by SLOT_PAGES pages: fits u32.
             let len = r.count as usize * ps;
             reads.push(Read {
                 local: base + off,
-                lkey: staging.mr.lkey(),
+                lkey,
                 len: len as u32,
                 remote: remote.addr + roff as u64,
                 rkey: remote.rkey,
             });
             off += len as u64;
         }
-        for chunk in reads.chunks(self.qp.max_outstanding()) {
-            // SAFETY: every read lands inside `staging`, registered for
-            // local write, which stays alive until the completions below.
-            unsafe { self.qp.post_reads(chunk) }?;
-            self.qp.poll(chunk.len(), self.timeout)?;
+        // SAFETY: every read lands inside this request's slot of `staging`,
+        // registered for local write, which lives as long as the channel
+        // (and so past every completion); the slot is not handed out again
+        // before `recv` consumed this request's completions.
+        if let Err(e) = unsafe { self.qp.post_reads(&reads) } {
+            self.free_slots.push(slot);
+            return Err(e);
         }
-        buf.copy_from_slice(&staging.buf[..want]);
+        self.posted.push_back(Posted {
+            slot,
+            reads: reads.len(),
+            len: off as usize,
+        });
         Ok(())
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
+        let p = self
+            .posted
+            .pop_front()
+            .ok_or(TransportError::Misuse("recv with no request outstanding"))?;
+        if buf.len() != p.len {
+            return Err(TransportError::BufferSize {
+                want: p.len,
+                got: buf.len(),
+            });
+        }
+        self.qp
+            .poll_until(p.reads, &mut self.completions, self.timeout)?;
+        self.completions -= p.reads;
+        let start = p.slot * self.slot_len;
+        buf.copy_from_slice(&self.staging.buf[start..start + p.len]);
+        self.free_slots.push(p.slot);
+        Ok(())
+    }
+
+    fn reply_ready(&mut self) -> Result<bool, TransportError> {
+        let Some(p) = self.posted.front() else {
+            return Ok(false);
+        };
+        let need = p.reads;
+        if self.completions < need {
+            self.qp.poll_ready(&mut self.completions)?;
+        }
+        Ok(self.completions >= need)
+    }
+
+    fn outstanding(&self) -> usize {
+        self.posted.len()
+    }
+
+    fn max_outstanding(&self) -> usize {
+        SLOTS
     }
 }
 
@@ -139,18 +212,27 @@ impl Transport for RdmaTransport {
             ChannelClass::Urgent => CompletionWait::Poll,
             ChannelClass::Bulk(_) => self.bulk_wait,
         };
-        let mut qp = self.device.create_qp(64, wait)?;
+        let mut qp = self.device.create_qp((SLOTS * SLOT_RANGES) as u32, wait)?;
         let psn = self.next_psn.fetch_add(1_000_003, Ordering::Relaxed) & 0xff_ffff;
         let accept = self.control.rdma_connect(qp.endpoint(psn))?;
         qp.connect(psn, &accept.ep, false)?;
+        let info = self.control.info().clone();
+        let slot_len = SLOT_PAGES as usize * info.layout.page_size();
         Ok(Box::new(RdmaChannel {
             qp,
             regions: accept.regions,
-            info: self.control.info().clone(),
-            staging: None,
-            device: self.device.clone(),
+            staging: Staging::new(&self.device, SLOTS * slot_len)?,
+            slot_len,
+            free_slots: (0..SLOTS).rev().collect(),
+            posted: VecDeque::new(),
+            completions: 0,
+            info,
             timeout: self.control.io_timeout(),
         }))
+    }
+
+    fn limits(&self) -> FetchLimits {
+        RDMA_LIMITS
     }
 
     fn checksums(&self, range: PageRange) -> Result<Vec<u64>, TransportError> {

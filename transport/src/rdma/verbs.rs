@@ -491,8 +491,10 @@ impl Qp {
             .max(1)
     }
 
-    /// Posts `reads` (at most [`Qp::max_outstanding`]) as one chain of
-    /// signaled RDMA READs.
+    /// Posts `reads` as one chain of signaled RDMA READs. The caller keeps
+    /// the READs not yet completed within the depth the QP was created
+    /// with; the device keeps at most [`Qp::max_outstanding`] of them on
+    /// the wire and queues the rest.
     ///
     /// # Safety
     /// Each read's local range must lie in a live MR registered for local
@@ -521,8 +523,8 @@ impl Qp {
             wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
             wr.wr.rdma.remote_addr = r.remote;
             wr.wr.rdma.rkey = r.rkey;
-            // SAFETY: `base + i + 1` is inside the vector when i + 1 < n.
             wr.next = if i + 1 < n {
+                // SAFETY: `base + i + 1` is inside the vector when i + 1 < n.
                 unsafe { base.add(i + 1) }
             } else {
                 ptr::null_mut()
@@ -591,9 +593,24 @@ impl Qp {
         Ok(true)
     }
 
-    /// Waits until `count` completions arrived, all successful; fails on
-    /// the first error completion or after `timeout`.
-    pub fn poll(&mut self, count: usize, timeout: Duration) -> Result<(), TransportError> {
+    /// Takes whatever completions are ready without waiting, adding them
+    /// to `have`; fails on an error completion.
+    pub fn poll_ready(&mut self, have: &mut usize) -> Result<(), TransportError> {
+        // SAFETY: zeroed work completions are valid out-values.
+        let mut wcs: [ibv_wc; 16] = unsafe { std::mem::zeroed() };
+        *have += self.poll_once(&mut wcs)?;
+        Ok(())
+    }
+
+    /// Waits until `have` reaches `need` completions, all successful;
+    /// completions beyond `need` stay counted in `have` for the next
+    /// request. Fails on the first error completion or after `timeout`.
+    pub fn poll_until(
+        &mut self,
+        need: usize,
+        have: &mut usize,
+        timeout: Duration,
+    ) -> Result<(), TransportError> {
         let deadline = Instant::now() + timeout;
         let timed_out = || {
             TransportError::Rdma(format!(
@@ -601,14 +618,13 @@ impl Qp {
                 timeout.as_secs_f64()
             ))
         };
-        let mut got = 0;
         // SAFETY: zeroed work completions are valid out-values.
         let mut wcs: [ibv_wc; 16] = unsafe { std::mem::zeroed() };
         let mut spins = 0u32;
-        while got < count {
+        while *have < need {
             let n = self.poll_once(&mut wcs)?;
-            got += n;
-            if n > 0 || got >= count {
+            *have += n;
+            if n > 0 || *have >= need {
                 continue;
             }
             if self.channel.is_null() {
@@ -628,12 +644,19 @@ impl Qp {
                 return Err(err("ibv_req_notify_cq"));
             }
             let n = self.poll_once(&mut wcs)?;
-            got += n;
-            if n == 0 && got < count && !self.sleep_for_event(deadline)? {
+            *have += n;
+            if n == 0 && *have < need && !self.sleep_for_event(deadline)? {
                 return Err(timed_out());
             }
         }
         Ok(())
+    }
+
+    /// Waits until `count` completions arrived, all successful; fails on
+    /// the first error completion or after `timeout`.
+    pub fn poll(&mut self, count: usize, timeout: Duration) -> Result<(), TransportError> {
+        let mut have = 0;
+        self.poll_until(count, &mut have, timeout)
     }
 }
 

@@ -1,14 +1,18 @@
 //! The destination's TCP client.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::error::TransportError;
 use crate::layout::{PageRange, SourceInfo};
 use crate::wire::{self, ChannelKind, Hello, QpEndpoint, RdmaAccept, Request, SourceStats};
-use crate::{check_buffer, ChannelClass, PageChannel, Transport};
+use crate::{ChannelClass, FetchLimits, PageChannel, Transport};
+
+use super::sockopt;
 
 /// Timeouts of the TCP client.
 #[derive(Debug, Clone, Copy)]
@@ -30,11 +34,22 @@ impl Default for TcpOptions {
     }
 }
 
+/// Most requests a TCP channel keeps outstanding.
+const TCP_MAX_OUTSTANDING: usize = 64;
+
+/// Bytes every reply to a fetch starts with: frame length, type, request
+/// id, and either the page count (pages) or the error code and message
+/// length (error). Reading exactly this much never consumes the next
+/// reply.
+const REPLY_HEAD: usize = 4 + wire::PAGES_HEADER;
+
 /// One connection to the source, handshake done.
 struct Conn {
     stream: TcpStream,
     next_id: u64,
     timeout: f64,
+    /// Requests sent and not answered yet: (id, pages), oldest first.
+    outstanding: VecDeque<(u64, u64)>,
 }
 
 impl Conn {
@@ -52,10 +67,12 @@ impl Conn {
         setup(stream.set_nodelay(true))?;
         setup(stream.set_read_timeout(Some(opts.io_timeout)))?;
         setup(stream.set_write_timeout(Some(opts.io_timeout)))?;
+        sockopt::tune(&stream, kind);
         let mut conn = Self {
             stream,
             next_id: 1,
             timeout,
+            outstanding: VecDeque::new(),
         };
         let hello = Hello {
             version: wire::VERSION,
@@ -137,37 +154,74 @@ impl Conn {
         Ok(())
     }
 
-    fn fetch(&mut self, ranges: &[PageRange], buf: &mut [u8]) -> Result<(), TransportError> {
+    /// Sends a fetch without waiting for its reply.
+    fn send_fetch(&mut self, ranges: &[PageRange]) -> Result<(), TransportError> {
+        if self.outstanding.len() >= TCP_MAX_OUTSTANDING {
+            return Err(TransportError::Misuse("too many requests outstanding"));
+        }
+        let pages = FetchLimits::WIRE.check(ranges)?;
         let id = self.send(|id| Request::Fetch {
             id,
             ranges: ranges.to_vec(),
         })?;
-        let (ty, len) = wire::read_frame_header(&mut self.stream).map_err(|e| self.read_err(e))?;
-        if ty != wire::T_PAGES {
-            let mut body = vec![0u8; len.min(64 << 10)];
-            self.stream
-                .read_exact(&mut body)
-                .map_err(|e| self.read_err(e))?;
-            // check_reply turns an error reply into its typed error and any
-            // other type into a protocol error; it cannot succeed here.
-            return Err(match self.check_reply(ty, &body, id, wire::T_PAGES) {
-                Err(e) => e,
-                Ok(()) => TransportError::Protocol("unexpected reply to fetch".into()),
+        self.outstanding.push_back((id, pages));
+        Ok(())
+    }
+
+    /// Receives the reply to the oldest outstanding fetch into `buf`.
+    fn recv_fetch(&mut self, buf: &mut [u8], page_size: usize) -> Result<(), TransportError> {
+        let &(id, want_pages) = self
+            .outstanding
+            .front()
+            .ok_or(TransportError::Misuse("recv with no request outstanding"))?;
+        let want_len = want_pages as usize * page_size;
+        if buf.len() != want_len {
+            return Err(TransportError::BufferSize {
+                want: want_len,
+                got: buf.len(),
             });
         }
-        let mut head = [0u8; wire::PAGES_HEADER - 1];
+        // Whatever happens next, this request is answered or the channel
+        // is broken.
+        self.outstanding.pop_front();
+        let mut head = [0u8; REPLY_HEAD];
         self.stream
             .read_exact(&mut head)
             .map_err(|e| self.read_err(e))?;
         let mut d = wire::Decoder::new(&head);
-        let (got_id, pages) = (d.u64()?, d.u32()?);
-        let want_pages: u64 = ranges.iter().map(|r| u64::from(r.count)).sum();
-        if got_id != id || u64::from(pages) != want_pages || len != head.len() + buf.len() {
+        let len = d.u32()? as usize;
+        let ty = d.u8()?;
+        let got_id = d.u64()?;
+        if len < REPLY_HEAD - 4 || len > wire::MAX_FRAME as usize {
             return Err(TransportError::Protocol(format!(
-                "pages reply (request {got_id}, {pages} pages, {len} bytes) does not match request {id} for {want_pages} pages"
+                "reply frame of {len} bytes"
             )));
         }
-        self.stream.read_exact(buf).map_err(|e| self.read_err(e))
+        match ty {
+            wire::T_PAGES => {
+                let pages = d.u32()?;
+                if got_id != id
+                    || u64::from(pages) != want_pages
+                    || len != REPLY_HEAD - 4 + want_len
+                {
+                    return Err(TransportError::Protocol(format!(
+                        "pages reply (request {got_id}, {pages} pages, {len} bytes) does not match request {id} for {want_pages} pages"
+                    )));
+                }
+                self.stream.read_exact(buf).map_err(|e| self.read_err(e))
+            }
+            wire::T_ERROR => {
+                let mut body = vec![0u8; len - 1];
+                body[..REPLY_HEAD - 5].copy_from_slice(&head[5..]);
+                self.stream
+                    .read_exact(&mut body[REPLY_HEAD - 5..])
+                    .map_err(|e| self.read_err(e))?;
+                Err(wire::decode_error(&body))
+            }
+            t => Err(TransportError::Protocol(format!(
+                "expected a pages reply, got message type {t:#04x}"
+            ))),
+        }
     }
 }
 
@@ -253,9 +307,29 @@ struct TcpChannel {
 }
 
 impl PageChannel for TcpChannel {
-    fn fetch(&mut self, ranges: &[PageRange], buf: &mut [u8]) -> Result<(), TransportError> {
-        check_buffer(ranges, self.page_size, buf)?;
-        self.conn.fetch(ranges, buf)
+    fn send(&mut self, ranges: &[PageRange]) -> Result<(), TransportError> {
+        self.conn.send_fetch(ranges)
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
+        self.conn.recv_fetch(buf, self.page_size)
+    }
+
+    fn reply_ready(&mut self) -> Result<bool, TransportError> {
+        sockopt::wait_readable(&self.conn.stream, Duration::ZERO)
+            .map_err(|e| self.conn.err("poll the connection", e))
+    }
+
+    fn ready_fd(&self) -> Option<RawFd> {
+        Some(self.conn.stream.as_raw_fd())
+    }
+
+    fn outstanding(&self) -> usize {
+        self.conn.outstanding.len()
+    }
+
+    fn max_outstanding(&self) -> usize {
+        TCP_MAX_OUTSTANDING
     }
 }
 

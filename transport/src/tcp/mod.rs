@@ -2,6 +2,7 @@
 
 mod client;
 mod server;
+pub mod sockopt;
 
 pub use client::{TcpOptions, TcpTransport};
 pub use server::{PageServer, RdmaAcceptor, ServerHandle};

@@ -194,6 +194,7 @@ fn serve_connection(
             theirs: hello.version,
         });
     }
+    super::sockopt::tune(&stream, hello.kind);
     let info = (hello.kind == ChannelKind::Control).then(|| source.info().clone());
     stream
         .write_all(&wire::encode_welcome(&Welcome {

@@ -1,0 +1,43 @@
+//! How a migration runs.
+
+use std::thread;
+
+/// How a migration runs.
+#[derive(Debug, Clone)]
+pub struct MigrationConfig {
+    /// Pusher lanes (threads with their own bulk channel). At least 1.
+    pub lanes: usize,
+    /// Bubble radius in pages each way around the last fault; 0 turns
+    /// bubbling off.
+    pub bubble: u64,
+    /// Most pages a lane asks for in one request. Clamped to what the
+    /// transport accepts in one request; with flow control on, requests
+    /// are usually smaller (sized to the link's rate).
+    pub batch_pages: u32,
+    /// Run the background sweep from the start. When false the sweep waits
+    /// for [`crate::MigrationHandle::release_push`] (pure demand paging
+    /// plus bubbles until then).
+    pub push: bool,
+    /// Pin lane `i` to core `i % cores`.
+    pub pin_lanes: bool,
+    /// Keep bulk bytes in flight near what the link needs (delay-based
+    /// flow control) so that faults never queue behind the push at the
+    /// bottleneck. Off: lanes keep their channels full.
+    pub flow_control: bool,
+    /// Cap on bulk (push and bubble) bytes per second; `None` is unlimited.
+    pub push_rate: Option<u64>,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        Self {
+            lanes: thread::available_parallelism().map_or(2, |n| n.get()),
+            bubble: 64,
+            batch_pages: 64,
+            push: true,
+            pin_lanes: true,
+            flow_control: true,
+            push_rate: None,
+        }
+    }
+}

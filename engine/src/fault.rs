@@ -1,0 +1,133 @@
+//! The fault service: one event loop that reads userfaultfd events and
+//! keeps several urgent requests outstanding at once, so concurrent faults
+//! are served concurrently and never queue behind one another.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use pagewire_transport::{PageChannel, PageRange};
+use userfaultfd::EventBuffer;
+
+use crate::error::EngineError;
+use crate::metrics::Metrics;
+use crate::shared::Shared;
+use crate::state::{Claim, PageOrigin};
+
+/// A fault whose page was requested on the urgent channel.
+struct Pending {
+    page: u64,
+    t0: Instant,
+}
+
+/// How long the loop sleeps on the userfaultfd when nothing is
+/// outstanding, before it looks at the stop conditions again.
+const IDLE_POLL_MS: i32 = 20;
+
+pub(crate) fn fault_main(
+    shared: &Shared,
+    channel: &mut dyn PageChannel,
+) -> Result<(), EngineError> {
+    let mut events = EventBuffer::new(64);
+    let mut addrs = Vec::with_capacity(64);
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    let mut buf = vec![0u8; shared.page_size()];
+    let max = channel.max_outstanding().max(1);
+    loop {
+        if shared.aborted() || (pending.is_empty() && shared.states.all_present()) {
+            return Ok(());
+        }
+        // Wait for a fault, or for a reply when requests are outstanding.
+        let (faults, _) = if pending.is_empty() {
+            shared.installer.wait_with(None, IDLE_POLL_MS)?
+        } else if let Some(fd) = channel.ready_fd() {
+            shared.installer.wait_with(Some(fd), IDLE_POLL_MS)?
+        } else {
+            // No fd to sleep on (RDMA): busy-poll both.
+            shared.installer.wait_with(None, 0)?
+        };
+        if faults {
+            shared.installer.read_faults(&mut events, &mut addrs)?;
+            for &addr in &addrs {
+                let t0 = Instant::now();
+                if let Some(page) = serve_fault(shared, addr, t0)? {
+                    while pending.len() >= max {
+                        receive_one(shared, channel, &mut pending, &mut buf)?;
+                    }
+                    shared.governor.urgent_begin();
+                    if let Err(e) = channel.send(&[PageRange::new(page, 1)]) {
+                        shared.governor.urgent_end();
+                        return Err(e.into());
+                    }
+                    pending.push_back(Pending { page, t0 });
+                    let n = pending.len() as u64;
+                    shared
+                        .metrics
+                        .max_concurrent_faults
+                        .fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+        while !pending.is_empty() && channel.reply_ready()? {
+            receive_one(shared, channel, &mut pending, &mut buf)?;
+        }
+    }
+}
+
+/// Handles one fault event. Returns the page when it must be fetched on
+/// the urgent channel; everything else is settled here.
+fn serve_fault(shared: &Shared, addr: usize, t0: Instant) -> Result<Option<u64>, EngineError> {
+    let mem = shared.installer.memory();
+    let page = mem.page_of(addr).ok_or(EngineError::StrayFault(addr))?;
+    let range = PageRange::new(page, 1);
+    Metrics::add(&shared.metrics.faults, 1);
+    shared.prepager.on_fault(page, mem.layout());
+    match shared.states.try_claim(page) {
+        Claim::Won => {
+            if shared.transport.info().zero.is_zero(page) {
+                let mut none = Vec::new();
+                shared.split_claimed(&[range], PageOrigin::Fault, &mut none)?;
+                Metrics::add(&shared.metrics.zero_faults, 1);
+                shared.metrics.zero.record(t0.elapsed());
+                shared.metrics.all.record(t0.elapsed());
+                return Ok(None);
+            }
+            Ok(Some(page))
+        }
+        Claim::InFlight => {
+            // Someone is fetching it: their install wakes the thread.
+            Metrics::add(&shared.metrics.inflight_faults, 1);
+            shared.wait_for(page, t0);
+            Ok(None)
+        }
+        Claim::Present => {
+            // Installed between the fault and now; the install woke the
+            // thread already, waking again is harmless.
+            shared.installer.wake(range)?;
+            shared.metrics.all.record(t0.elapsed());
+            Ok(None)
+        }
+    }
+}
+
+/// Receives the oldest urgent reply, installs the page and wakes the
+/// faulting thread.
+fn receive_one(
+    shared: &Shared,
+    channel: &mut dyn PageChannel,
+    pending: &mut VecDeque<Pending>,
+    buf: &mut [u8],
+) -> Result<(), EngineError> {
+    let Some(p) = pending.pop_front() else {
+        return Ok(());
+    };
+    let got = channel.recv(buf);
+    shared.governor.urgent_end();
+    got?;
+    let range = PageRange::new(p.page, 1);
+    shared.install_fetched(&[range], buf, PageOrigin::Fault)?;
+    let d = p.t0.elapsed();
+    Metrics::add(&shared.metrics.network_faults, 1);
+    shared.metrics.network.record(d);
+    shared.metrics.all.record(d);
+    Ok(())
+}

@@ -1,0 +1,405 @@
+//! Flow control of the bulk (bubble and push) traffic.
+//!
+//! Faults must not queue behind bulk bytes at the bottleneck: socket
+//! buffers, the qdisc, the NIC or the link's shaper. The destination asks
+//! for every bulk byte, so it controls what is in flight: lanes ask the
+//! governor before each request, and the governor keeps
+//! - requests small: one request takes about [`CHUNK_TIME`] on the wire at
+//!   the measured delivery rate, so an urgent reply never waits behind a
+//!   large one;
+//! - bytes in flight near what the link needs, with a delay-based window
+//!   (TCP Vegas' rule on whole requests): the window grows while requests
+//!   come back in the minimum round trip for their size and shrinks when
+//!   round trips grow, which means bytes are queueing somewhere;
+//! - the push quiet while a fault's request is outstanding (faults preempt
+//!   bubbles and the sweep), and under an optional bytes-per-second cap.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// Wire time one bulk request should take at the measured rate.
+pub const CHUNK_TIME: Duration = Duration::from_micros(40);
+/// How often the delivery rate (and with it the request size) is updated.
+const EPOCH: Duration = Duration::from_millis(20);
+/// Largest window, whatever the link.
+const MAX_WINDOW: f64 = (64 << 20) as f64;
+/// Round-trip samples of one request size needed before the window moves.
+const MIN_SAMPLES: u32 = 3;
+
+/// Room to send one bulk request of up to `pages` pages.
+#[derive(Debug)]
+#[must_use = "a ticket holds window room until committed or released"]
+pub struct Ticket {
+    /// Most pages the request may ask for.
+    pub pages: u32,
+    reserved: u64,
+}
+
+/// A bulk request on the wire, to be reported with
+/// [`Governor::complete`] when its reply has arrived.
+#[derive(Debug, Clone, Copy)]
+pub struct Sent {
+    pages: u32,
+    bytes: u64,
+    at: Instant,
+    inflight: u64,
+}
+
+/// What the flow control settled on, for the report.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct FlowStats {
+    /// Whether delay-based flow control ran.
+    pub enabled: bool,
+    /// Bulk bytes allowed in flight at the end.
+    pub window_bytes: u64,
+    /// Pages per bulk request at the end.
+    pub chunk_pages: u32,
+    /// Highest bulk delivery rate seen over one epoch, in MB/s.
+    pub peak_rate_mbps: f64,
+    /// Smallest bulk round trip seen for the final request size, in µs.
+    pub min_rtt_us: f64,
+    /// Times lanes held back because a fault's request was outstanding.
+    pub urgent_holds: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    inflight: u64,
+    window: f64,
+    ssthresh: f64,
+    chunk: u32,
+    min_rtt: Option<Duration>,
+    samples: u32,
+    epoch_start: Instant,
+    epoch_bytes: u64,
+    peak_rate: f64,
+    last_cut: Instant,
+    tokens: f64,
+    refill: Instant,
+    holds: u64,
+}
+
+/// Admission control for bulk requests; see the module docs.
+#[derive(Debug)]
+pub struct Governor {
+    page_size: u64,
+    max_chunk: u32,
+    enabled: bool,
+    push_rate: Option<f64>,
+    urgent: AtomicU32,
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+impl Governor {
+    /// A governor for pages of `page_size` bytes and requests of at most
+    /// `max_chunk` pages. `enabled` turns the delay-based window on;
+    /// `push_rate` caps bulk bytes per second.
+    pub fn new(page_size: usize, max_chunk: u32, enabled: bool, push_rate: Option<u64>) -> Self {
+        let max_chunk = max_chunk.max(1);
+        let chunk = if enabled { 1 } else { max_chunk };
+        let now = Instant::now();
+        Self {
+            page_size: page_size as u64,
+            max_chunk,
+            enabled,
+            push_rate: push_rate.map(|r| r.max(1) as f64),
+            urgent: AtomicU32::new(0),
+            state: Mutex::new(State {
+                inflight: 0,
+                window: 2.0 * (u64::from(chunk) * page_size as u64) as f64,
+                ssthresh: MAX_WINDOW,
+                chunk,
+                min_rtt: None,
+                samples: 0,
+                epoch_start: now,
+                epoch_bytes: 0,
+                peak_rate: 0.0,
+                last_cut: now,
+                tokens: 0.0,
+                refill: now,
+                holds: 0,
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Plain numbers: a panic elsewhere cannot leave them unusable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn chunk_bytes(&self, st: &State) -> u64 {
+        u64::from(st.chunk) * self.page_size
+    }
+
+    /// A fault's request is going out: lanes hold new requests until
+    /// [`Governor::urgent_end`].
+    pub fn urgent_begin(&self) {
+        self.urgent.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A fault's request has been answered.
+    pub fn urgent_end(&self) {
+        if self.urgent.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let _g = self.lock();
+            self.cv.notify_all();
+        }
+    }
+
+    /// Refills the push-rate bucket; returns how long until it holds
+    /// `need` bytes (zero when it does now).
+    fn refill(&self, st: &mut State, need: u64) -> Duration {
+        let Some(rate) = self.push_rate else {
+            return Duration::ZERO;
+        };
+        let now = Instant::now();
+        let burst = (rate * 0.005).max(2.0 * need as f64);
+        st.tokens = (st.tokens + rate * now.duration_since(st.refill).as_secs_f64()).min(burst);
+        st.refill = now;
+        if st.tokens >= need as f64 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((need as f64 - st.tokens) / rate)
+        }
+    }
+
+    /// Asks for room to send one bulk request. Without `wait` it answers at
+    /// once; with it, it waits up to that long for room. `None`: no room.
+    pub fn acquire(&self, wait: Option<Duration>) -> Option<Ticket> {
+        let deadline = wait.map(|w| Instant::now() + w);
+        let mut st = self.lock();
+        let mut held = false;
+        loop {
+            let cb = self.chunk_bytes(&st);
+            let urgent = self.enabled && self.urgent.load(Ordering::Acquire) > 0;
+            let window_ok =
+                !self.enabled || st.inflight == 0 || (st.inflight + cb) as f64 <= st.window;
+            let pause = self.refill(&mut st, cb);
+            if !urgent && window_ok && pause.is_zero() {
+                st.inflight += cb;
+                if self.push_rate.is_some() {
+                    st.tokens -= cb as f64;
+                }
+                return Some(Ticket {
+                    pages: st.chunk,
+                    reserved: cb,
+                });
+            }
+            if urgent && !held {
+                held = true;
+                st.holds += 1;
+            }
+            let now = Instant::now();
+            let left = match deadline {
+                Some(d) if d > now => d - now,
+                _ => return None,
+            };
+            let nap = if pause.is_zero() {
+                left
+            } else {
+                left.min(pause)
+            };
+            st = self
+                .cv
+                .wait_timeout(st, nap)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Gives back a ticket that was not used.
+    pub fn release(&self, ticket: Ticket) {
+        let mut st = self.lock();
+        st.inflight -= ticket.reserved.min(st.inflight);
+        if self.push_rate.is_some() {
+            st.tokens += ticket.reserved as f64;
+        }
+        self.cv.notify_all();
+    }
+
+    /// Turns a ticket into a request of `pages` pages (at most the
+    /// ticket's) that is being sent now.
+    pub fn commit(&self, ticket: Ticket, pages: u32) -> Sent {
+        let bytes = u64::from(pages.min(ticket.pages)) * self.page_size;
+        let mut st = self.lock();
+        let unused = ticket.reserved.saturating_sub(bytes);
+        st.inflight -= unused.min(st.inflight);
+        if self.push_rate.is_some() {
+            st.tokens += unused as f64;
+        }
+        if unused > 0 {
+            self.cv.notify_all();
+        }
+        Sent {
+            pages,
+            bytes,
+            at: Instant::now(),
+            inflight: st.inflight,
+        }
+    }
+
+    /// Reports that the reply to `sent` has fully arrived, and adapts the
+    /// request size and the window.
+    pub fn complete(&self, sent: Sent) {
+        let now = Instant::now();
+        let rtt = now.duration_since(sent.at);
+        let mut st = self.lock();
+        st.inflight -= sent.bytes.min(st.inflight);
+        self.cv.notify_all();
+        if !self.enabled {
+            return;
+        }
+        st.epoch_bytes += sent.bytes;
+        let epoch = now.duration_since(st.epoch_start);
+        if epoch >= EPOCH {
+            let rate = st.epoch_bytes as f64 / epoch.as_secs_f64();
+            st.peak_rate = st.peak_rate.max(rate);
+            st.epoch_start = now;
+            st.epoch_bytes = 0;
+            let ideal = rate * CHUNK_TIME.as_secs_f64() / self.page_size as f64;
+            let chunk = if ideal >= 2.0 * f64::from(st.chunk) {
+                (st.chunk * 2).min(self.max_chunk)
+            } else if ideal < f64::from(st.chunk) / 2.0 {
+                (st.chunk / 2).max(1)
+            } else {
+                st.chunk
+            };
+            if chunk != st.chunk {
+                // Round trips of the new size are not comparable with the
+                // old minimum: measure afresh from a small window.
+                st.ssthresh = st.window;
+                st.chunk = chunk;
+                st.min_rtt = None;
+                st.samples = 0;
+                st.window = 2.0 * self.chunk_bytes(&st) as f64;
+            }
+        }
+        if sent.pages != st.chunk {
+            return;
+        }
+        let min = st.min_rtt.map_or(rtt, |m| m.min(rtt));
+        st.min_rtt = Some(min);
+        st.samples += 1;
+        if st.samples < MIN_SAMPLES {
+            return;
+        }
+        let cb = self.chunk_bytes(&st) as f64;
+        let bytes = sent.bytes as f64;
+        // Bytes that were queued ahead of this request (Vegas' diff).
+        let queued = sent.inflight as f64 * (1.0 - min.as_secs_f64() / rtt.as_secs_f64());
+        let limited = sent.inflight as f64 + cb >= st.window;
+        if queued < 0.5 * cb {
+            if limited {
+                st.window += if st.window < st.ssthresh {
+                    bytes
+                } else {
+                    cb * bytes / st.window
+                };
+            }
+        } else if queued > 1.5 * cb {
+            st.ssthresh = st.ssthresh.min(st.window);
+            if queued > 4.0 * cb && now.duration_since(st.last_cut) > rtt {
+                st.window *= 0.75;
+                st.last_cut = now;
+            } else {
+                st.window -= cb * bytes / st.window;
+            }
+        }
+        st.window = st.window.clamp(cb, MAX_WINDOW);
+    }
+
+    /// What the flow control settled on.
+    pub fn stats(&self) -> FlowStats {
+        let st = self.lock();
+        FlowStats {
+            enabled: self.enabled,
+            window_bytes: st.window as u64,
+            chunk_pages: st.chunk,
+            peak_rate_mbps: st.peak_rate / 1e6,
+            min_rtt_us: st.min_rtt.map_or(0.0, |d| d.as_secs_f64() * 1e6),
+            urgent_holds: st.holds,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_bounds_bytes_in_flight() {
+        let g = Governor::new(4096, 64, true, None);
+        let a = g.acquire(None).expect("first request always passes");
+        assert_eq!(a.pages, 1, "flow control starts with one-page requests");
+        let sa = g.commit(a, 1);
+        let b = g.acquire(None).expect("the initial window holds two");
+        let sb = g.commit(b, 1);
+        assert!(g.acquire(None).is_none(), "window full");
+        g.complete(sa);
+        let c = g.acquire(None).expect("room again after a completion");
+        g.release(c);
+        g.complete(sb);
+    }
+
+    #[test]
+    fn an_outstanding_fault_holds_bulk_requests() {
+        let g = Governor::new(4096, 64, true, None);
+        g.urgent_begin();
+        assert!(g.acquire(Some(Duration::from_millis(5))).is_none());
+        g.urgent_end();
+        assert!(g.acquire(None).is_some());
+        assert_eq!(g.stats().urgent_holds, 1);
+    }
+
+    #[test]
+    fn without_flow_control_requests_are_full_size_and_unlimited() {
+        let g = Governor::new(4096, 64, false, None);
+        g.urgent_begin();
+        let tickets: Vec<_> = (0..100).map(|_| g.acquire(None).unwrap()).collect();
+        assert!(tickets.iter().all(|t| t.pages == 64));
+    }
+
+    #[test]
+    fn growing_round_trips_shrink_the_window() {
+        let g = Governor::new(4096, 64, true, None);
+        // Round trips at the minimum grow the window (slow start)...
+        for _ in 0..20 {
+            let mut sent = Vec::new();
+            while let Some(t) = g.acquire(None) {
+                sent.push(g.commit(t, 1));
+            }
+            for s in sent {
+                g.complete(s);
+            }
+        }
+        let grown = g.stats().window_bytes;
+        assert!(grown > 2 * 4096, "window did not grow: {grown}");
+        // ...and round trips far above it (a queue) shrink it.
+        for _ in 0..50 {
+            let mut sent = Vec::new();
+            while let Some(t) = g.acquire(None) {
+                sent.push(g.commit(t, 1));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            for s in sent {
+                g.complete(s);
+            }
+        }
+        let shrunk = g.stats().window_bytes;
+        assert!(shrunk < grown, "window {grown} -> {shrunk}");
+    }
+
+    #[test]
+    fn the_push_rate_cap_spaces_requests() {
+        // 64 KiB/s with 4-page (16 KiB) requests: the bucket starts empty,
+        // so the first request waits about 250 ms.
+        let g = Governor::new(4096, 4, false, Some(64 << 10));
+        assert!(g.acquire(None).is_none(), "no tokens yet");
+        let t = g.acquire(Some(Duration::from_secs(5)));
+        assert!(t.is_some());
+    }
+}

@@ -1,0 +1,184 @@
+//! Pusher lanes: each takes runs from the bubble around the last fault,
+//! then from the linear sweep, and keeps several requests outstanding on
+//! its own bulk channel, within what the [`crate::governor::Governor`]
+//! allows.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use pagewire_transport::{PageChannel, PageRange};
+use tracing::debug;
+
+use crate::error::EngineError;
+use crate::governor::Sent;
+use crate::metrics::Metrics;
+use crate::shared::Shared;
+use crate::state::PageOrigin;
+
+/// How long an idle lane waits for room or for a new pivot before it
+/// looks at the stop conditions again.
+const IDLE_WAIT: Duration = Duration::from_millis(5);
+
+/// A bulk request on the wire.
+struct Pending {
+    pieces: Vec<PageRange>,
+    len: usize,
+    origin: PageOrigin,
+    /// Set on the last request of one governor ticket.
+    sent: Option<Sent>,
+}
+
+/// What a lane claimed for one ticket.
+struct Claimed {
+    runs: Vec<PageRange>,
+    origin: PageOrigin,
+}
+
+/// Claims up to `max` pages: bubble runs first, then the sweep. `None`
+/// when there is nothing to claim; `Some` with no runs when the sweep is
+/// over (every page is claimed by someone).
+fn claim(shared: &Shared, max: u64, sweep_done: &mut bool) -> Option<Claimed> {
+    let mut runs = Vec::new();
+    let mut pages = 0;
+    while pages < max && runs.len() < shared.limits.max_ranges {
+        match shared.prepager.next_run(&shared.states, max - pages) {
+            Some(r) => {
+                pages += u64::from(r.count);
+                runs.push(r);
+            }
+            None => break,
+        }
+    }
+    if !runs.is_empty() {
+        return Some(Claimed {
+            runs,
+            origin: PageOrigin::Bubble,
+        });
+    }
+    if *sweep_done || !shared.push_allowed() {
+        return None;
+    }
+    if shared.next_sweep_runs(max, &mut runs) {
+        Some(Claimed {
+            runs,
+            origin: PageOrigin::Push,
+        })
+    } else {
+        *sweep_done = true;
+        None
+    }
+}
+
+pub(crate) fn lane_main(
+    shared: &Shared,
+    lane: usize,
+    channel: &mut dyn PageChannel,
+) -> Result<(), EngineError> {
+    let max_out = channel.max_outstanding().max(1);
+    let max_ranges = shared.limits.max_ranges.max(1);
+    let max_pages = shared.limits.max_pages.max(1);
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    let mut pool: Vec<Vec<u8>> = Vec::new();
+    let mut fetch = Vec::new();
+    let mut sweep_done = false;
+    let ps = shared.page_size();
+    loop {
+        if shared.aborted() {
+            return Ok(());
+        }
+        // Fill the channel while the governor allows.
+        while pending.len() < max_out {
+            let wait = pending.is_empty().then_some(IDLE_WAIT);
+            let Some(ticket) = shared.governor.acquire(wait) else {
+                break;
+            };
+            let Some(c) = claim(shared, u64::from(ticket.pages), &mut sweep_done) else {
+                shared.governor.release(ticket);
+                break;
+            };
+            fetch.clear();
+            let zeros = shared.split_claimed(&c.runs, c.origin, &mut fetch)?;
+            let counter = match c.origin {
+                PageOrigin::Bubble => &shared.metrics.prepaged_pages,
+                _ => &shared.metrics.pushed_pages,
+            };
+            let _ = zeros;
+            let pages: u64 = fetch.iter().map(|r| u64::from(r.count)).sum();
+            Metrics::add(counter, pages);
+            if fetch.is_empty() {
+                shared.governor.release(ticket);
+                continue;
+            }
+            // Fits: at most the ticket's pages, a u32.
+            let sent = shared.governor.commit(ticket, pages as u32);
+            // Zero pages may have split the runs into more pieces than one
+            // request carries: send several, the ticket rides on the last.
+            let mut chunks = Vec::new();
+            let mut start = 0;
+            while start < fetch.len() {
+                let mut end = start;
+                let mut n = 0u64;
+                while end < fetch.len()
+                    && end - start < max_ranges
+                    && n + u64::from(fetch[end].count) <= max_pages
+                {
+                    n += u64::from(fetch[end].count);
+                    end += 1;
+                }
+                if end == start {
+                    return Err(EngineError::Memory(format!(
+                        "a run of {} pages exceeds the transport's request limit of {max_pages}",
+                        fetch[start].count
+                    )));
+                }
+                chunks.push(fetch[start..end].to_vec());
+                start = end;
+            }
+            let last = chunks.len() - 1;
+            for (i, pieces) in chunks.into_iter().enumerate() {
+                while pending.len() >= max_out {
+                    receive_one(shared, channel, &mut pending, &mut pool)?;
+                }
+                channel.send(&pieces)?;
+                let len = pagewire_transport::ranges_len(&pieces, ps);
+                pending.push_back(Pending {
+                    pieces,
+                    len,
+                    origin: c.origin,
+                    sent: (i == last).then_some(sent),
+                });
+            }
+        }
+        if pending.is_empty() {
+            if sweep_done || shared.states.all_present() {
+                debug!(lane, "sweep done");
+                return Ok(());
+            }
+            if !shared.push_allowed() {
+                shared.prepager.wait_for_pivot(IDLE_WAIT);
+            }
+            continue;
+        }
+        receive_one(shared, channel, &mut pending, &mut pool)?;
+    }
+}
+
+fn receive_one(
+    shared: &Shared,
+    channel: &mut dyn PageChannel,
+    pending: &mut VecDeque<Pending>,
+    pool: &mut Vec<Vec<u8>>,
+) -> Result<(), EngineError> {
+    let Some(p) = pending.pop_front() else {
+        return Ok(());
+    };
+    let mut buf = pool.pop().unwrap_or_default();
+    buf.resize(p.len, 0);
+    channel.recv(&mut buf)?;
+    if let Some(sent) = p.sent {
+        shared.governor.complete(sent);
+    }
+    shared.install_fetched(&p.pieces, &buf, p.origin)?;
+    pool.push(buf);
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! State shared by the fault service and the pusher lanes of one
+//! migration.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use pagewire_transport::{FetchLimits, PageRange, Transport};
+
+use crate::config::MigrationConfig;
+use crate::error::EngineError;
+use crate::governor::Governor;
+use crate::metrics::Metrics;
+use crate::prepager::Prepager;
+use crate::state::{PageOrigin, PageStateMap};
+use crate::uffd::PageInstaller;
+
+/// Everything the threads of one migration share.
+pub(crate) struct Shared {
+    pub states: PageStateMap,
+    pub installer: PageInstaller,
+    pub transport: Arc<dyn Transport>,
+    pub prepager: Prepager,
+    pub metrics: Metrics,
+    pub config: MigrationConfig,
+    pub governor: Governor,
+    /// What one request may carry on this transport.
+    pub limits: FetchLimits,
+    pub sweep_cursor: AtomicU64,
+    pub push_released: AtomicBool,
+    pub abort: AtomicBool,
+    pub error: Mutex<Option<EngineError>>,
+    pub started: Instant,
+    pub finished: OnceLock<Instant>,
+    /// Faults waiting for a page a lane is fetching: (page, when read).
+    waiters: Mutex<Vec<(u64, Instant)>>,
+    waiting: AtomicUsize,
+}
+
+impl Shared {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        states: PageStateMap,
+        installer: PageInstaller,
+        transport: Arc<dyn Transport>,
+        prepager: Prepager,
+        metrics: Metrics,
+        config: MigrationConfig,
+        governor: Governor,
+        limits: FetchLimits,
+    ) -> Self {
+        Self {
+            states,
+            installer,
+            transport,
+            prepager,
+            metrics,
+            config,
+            governor,
+            limits,
+            sweep_cursor: AtomicU64::new(0),
+            push_released: AtomicBool::new(false),
+            abort: AtomicBool::new(false),
+            error: Mutex::new(None),
+            started: Instant::now(),
+            finished: OnceLock::new(),
+            waiters: Mutex::new(Vec::new()),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    /// Records the first error and tells every thread to stop.
+    pub fn fail(&self, e: EngineError) {
+        tracing::error!("migration failed: {e}");
+        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+        self.abort.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the migration is stopping on an error or an abort.
+    pub fn aborted(&self) -> bool {
+        self.abort.load(Ordering::SeqCst)
+    }
+
+    /// Whether the background sweep may run.
+    pub fn push_allowed(&self) -> bool {
+        self.config.push || self.push_released.load(Ordering::SeqCst)
+    }
+
+    pub fn page_size(&self) -> usize {
+        self.installer.memory().layout().page_size()
+    }
+
+    /// Marks an installed range present and settles faults that waited
+    /// for it.
+    pub fn mark_present(&self, range: PageRange, origin: PageOrigin) {
+        self.states
+            .mark_present(range.first, u64::from(range.count), origin);
+        if self.states.all_present() {
+            let _ = self.finished.set(Instant::now());
+        }
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            let now = Instant::now();
+            let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+            w.retain(|&(page, t0)| {
+                let done = page >= range.first && page < range.end();
+                if done {
+                    self.metrics.inflight.record(now - t0);
+                    self.metrics.all.record(now - t0);
+                }
+                !done
+            });
+            self.waiting.store(w.len(), Ordering::Release);
+        }
+    }
+
+    /// A fault found `page` being fetched by someone else: its install
+    /// wakes the faulting thread; this only times the wait.
+    pub fn wait_for(&self, page: u64, t0: Instant) {
+        let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        // Checked under the lock: an install marks the page present
+        // before it looks for waiters, so one of the two sees the other.
+        if self.states.is_present(page) {
+            drop(w);
+            self.metrics.inflight.record(t0.elapsed());
+            self.metrics.all.record(t0.elapsed());
+            return;
+        }
+        w.push((page, t0));
+        self.waiting.store(w.len(), Ordering::Release);
+    }
+
+    /// Installs the zero pages of claimed `runs` at once and appends the
+    /// pieces that must be fetched to `fetch`. Returns zero pages installed.
+    pub fn split_claimed(
+        &self,
+        runs: &[PageRange],
+        origin: PageOrigin,
+        fetch: &mut Vec<PageRange>,
+    ) -> Result<u64, EngineError> {
+        let zero = &self.transport.info().zero;
+        let mut zeros = 0;
+        for run in runs {
+            // Split the run into maximal pieces of equal zero-ness.
+            let mut start = run.first;
+            while start < run.end() {
+                let z = zero.is_zero(start);
+                let mut end = start + 1;
+                while end < run.end() && zero.is_zero(end) == z {
+                    end += 1;
+                }
+                // A piece is part of a run, whose count is a u32.
+                let piece = PageRange::new(start, (end - start) as u32);
+                if z {
+                    let done = self.installer.install_zero(piece, true)?;
+                    Metrics::add(&self.metrics.zero_pages, done.pages);
+                    Metrics::add(&self.metrics.install_conflicts, done.already_present);
+                    self.mark_present(piece, origin);
+                    zeros += u64::from(piece.count);
+                } else {
+                    fetch.push(piece);
+                }
+                start = end;
+            }
+        }
+        Ok(zeros)
+    }
+
+    /// Installs fetched bytes: `buf` holds `pieces` back to back.
+    pub fn install_fetched(
+        &self,
+        pieces: &[PageRange],
+        buf: &[u8],
+        origin: PageOrigin,
+    ) -> Result<(), EngineError> {
+        let ps = self.page_size();
+        self.metrics.record_fetched(pieces, ps);
+        let mut off = 0;
+        for piece in pieces {
+            let n = piece.count as usize * ps;
+            let data = buf.get(off..off + n).ok_or_else(|| {
+                EngineError::Memory(format!(
+                    "{} bytes fetched for pages needing more",
+                    buf.len()
+                ))
+            })?;
+            let done = self.installer.install(*piece, data, true)?;
+            Metrics::add(&self.metrics.install_conflicts, done.already_present);
+            self.mark_present(*piece, origin);
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Claims missing pages of the next sweep window, up to `max` pages, as
+    /// runs. Returns false when the sweep has passed the last page.
+    pub fn next_sweep_runs(&self, max: u64, runs: &mut Vec<PageRange>) -> bool {
+        let layout = self.installer.memory().layout();
+        let total = layout.total_pages();
+        let window = max.max(1);
+        loop {
+            let start = self.sweep_cursor.fetch_add(window, Ordering::Relaxed);
+            if start >= total {
+                return false;
+            }
+            let end = (start + window).min(total);
+            let mut p = start;
+            while p < end {
+                let Some(region) = layout.region_of(p) else {
+                    break;
+                };
+                let limit = end.min(layout.region_pages(region).end);
+                let n = self.states.claim_up(p, limit - p, limit);
+                if n > 0 {
+                    // At most `window` pages: fits the u32 count.
+                    runs.push(PageRange::new(p, n as u32));
+                }
+                p += n.max(1);
+            }
+            if !runs.is_empty() {
+                return true;
+            }
+        }
+    }
+}
