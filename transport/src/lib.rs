@@ -158,3 +158,31 @@ pub fn check_buffer(
     }
     Ok(want)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fetch_limits_accept_the_limit_and_refuse_past_it() {
+        let l = FetchLimits::WIRE;
+        let at: Vec<PageRange> = (0..l.max_ranges as u64)
+            .map(|i| PageRange::new(i * 2, 1))
+            .collect();
+        assert_eq!(l.check(&at).unwrap(), l.max_ranges as u64);
+        let mut past = at.clone();
+        past.push(PageRange::new(1 << 20, 1));
+        assert!(matches!(
+            l.check(&past),
+            Err(TransportError::TooLarge { ranges, .. }) if ranges == l.max_ranges + 1
+        ));
+        let big = [PageRange::new(0, l.max_pages as u32)];
+        assert!(l.check(&big).is_ok());
+        let bigger = [PageRange::new(0, l.max_pages as u32 + 1)];
+        assert!(matches!(
+            l.check(&bigger),
+            Err(TransportError::TooLarge { .. })
+        ));
+        assert!(l.check(&[]).is_err());
+    }
+}

@@ -1,0 +1,218 @@
+//! The engine driven through its API against a real `pagewire source`
+//! process: concurrent faults are served concurrently, oversized batches
+//! are split to what the transport accepts, and a failed migration never
+//! lets a blocked thread read a zero page.
+
+mod common;
+
+use common::*;
+use pagewire_engine::{Migration, MigrationConfig};
+use pagewire_transport::tcp::{TcpOptions, TcpTransport};
+use pagewire_transport::{page_checksum, PageRange, Transport};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::Duration;
+
+fn connect(addr: &str, io_timeout: Duration) -> Arc<dyn Transport> {
+    Arc::new(
+        TcpTransport::connect(
+            addr,
+            TcpOptions {
+                io_timeout,
+                ..TcpOptions::default()
+            },
+        )
+        .expect("connect"),
+    )
+}
+
+fn demand_only() -> MigrationConfig {
+    MigrationConfig {
+        lanes: 1,
+        bubble: 0,
+        push: false,
+        ..MigrationConfig::default()
+    }
+}
+
+/// Non-zero pages of the source, the first `n` of them from `from` on.
+fn nonzero_pages(t: &Arc<dyn Transport>, from: u64, n: usize) -> Vec<u64> {
+    let zero = &t.info().zero;
+    (from..t.info().layout.total_pages())
+        .filter(|&p| !zero.is_zero(p))
+        .take(n)
+        .collect()
+}
+
+/// A relay on loopback that holds every chunk from the source for
+/// `delay` before passing it on: a long link, without netem.
+fn delaying_relay(target: String, delay: Duration) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    thread::spawn(move || {
+        for client in l.incoming().flatten() {
+            let Ok(server) = TcpStream::connect(&target) else {
+                continue;
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            thread::spawn(move || {
+                let mut b = vec![0u8; 1 << 16];
+                while let Ok(n @ 1..) = c_in.read(&mut b) {
+                    if s_out.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+            let (mut s_in, mut c_out) = (server, client);
+            thread::spawn(move || {
+                let mut b = vec![0u8; 1 << 16];
+                while let Ok(n @ 1..) = s_in.read(&mut b) {
+                    thread::sleep(delay);
+                    if c_out.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn concurrent_faults_are_served_concurrently() {
+    let src = start_source("2MiB", 21);
+    // Every reply takes 50 ms longer: faults served one after another
+    // would never overlap; served concurrently, they all wait together.
+    let relay = delaying_relay(src.addr.clone(), Duration::from_millis(50));
+    let t = connect(&relay, Duration::from_secs(10));
+    let threads = 8;
+    let pages = nonzero_pages(&t, 100, threads);
+    let sums: Vec<u64> = pages
+        .iter()
+        .map(|&p| t.checksums(PageRange::new(p, 1)).unwrap()[0])
+        .collect();
+    // The push after the faults crosses the relay too; flow control would
+    // pace it for a 50 ms round trip, which only makes the test slow.
+    let config = MigrationConfig {
+        flow_control: false,
+        ..demand_only()
+    };
+    let h = Migration::start(t.clone(), config).expect("start");
+    let mem = h.memory().clone();
+    let barrier = Arc::new(Barrier::new(threads));
+    let workers: Vec<_> = pages
+        .iter()
+        .map(|&p| {
+            let (mem, barrier) = (mem.clone(), barrier.clone());
+            thread::spawn(move || {
+                barrier.wait();
+                page_checksum(mem.page(p).unwrap())
+            })
+        })
+        .collect();
+    let got: Vec<u64> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    assert_eq!(got, sums, "pages differ from the source");
+    h.release_push();
+    let r = h.wait().expect("migration");
+    assert_eq!(r.duplicate_pages, 0);
+    assert!(
+        r.max_concurrent_faults >= 2,
+        "{threads} threads faulting at once never had two requests outstanding: {r:?}"
+    );
+    assert_eq!(r.network_faults as usize, threads, "{r:?}");
+}
+
+#[test]
+fn batches_past_the_request_limits_are_split() {
+    // 4096-page batches over a guest whose zero pages cut runs into more
+    // pieces than one request may carry (1024 ranges): every request must
+    // still be accepted by the source.
+    let src = start_source("32MiB", 5);
+    let t = connect(&src.addr, Duration::from_secs(10));
+    let h = Migration::start(
+        t.clone(),
+        MigrationConfig {
+            lanes: 2,
+            batch_pages: 4096,
+            flow_control: false,
+            ..MigrationConfig::default()
+        },
+    )
+    .expect("start");
+    let r = h
+        .wait()
+        .expect("a 4096-page batch must not break the migration");
+    assert_eq!(r.duplicate_pages, 0);
+    assert_eq!(
+        r.pushed_pages + r.zero_pages + r.network_faults + r.prepaged_pages,
+        r.pages_total
+    );
+    let stats = t.source_stats().unwrap();
+    assert_eq!(stats.pages_served, r.pages_total - r.zero_pages);
+}
+
+/// Runs `threads` threads that each touch a missing non-zero page after
+/// the source died, and returns how many ever came back.
+fn blocked_threads_after_source_death(drop_instead_of_wait: bool) -> usize {
+    let mut src = start_source("16MiB", 9);
+    let t = connect(&src.addr, Duration::from_secs(2));
+    let pages = nonzero_pages(&t, 0, 40);
+    let sums: Vec<u64> = pages
+        .iter()
+        .map(|&p| t.checksums(PageRange::new(p, 1)).unwrap()[0])
+        .collect();
+    let h = Migration::start(t.clone(), demand_only()).expect("start");
+    let mem = h.memory().clone();
+    // A few pages arrive while the source lives.
+    for (p, want) in pages.iter().zip(&sums).take(4) {
+        assert_eq!(page_checksum(mem.page(*p).unwrap()), *want);
+    }
+    src.child.kill().unwrap();
+    src.child.wait().unwrap();
+    let returned = Arc::new(AtomicUsize::new(0));
+    for &p in &pages[20..28] {
+        let (mem, returned) = (mem.clone(), returned.clone());
+        thread::spawn(move || {
+            let bytes = mem.page(p).unwrap();
+            // Reaching this line at all is the failure; a zero page
+            // would be the silent corruption the engine must prevent.
+            let _ = std::hint::black_box(bytes[0]);
+            returned.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+    if drop_instead_of_wait {
+        thread::sleep(Duration::from_millis(500));
+        drop(h);
+    } else {
+        let err = h
+            .wait()
+            .expect_err("the source is gone: the migration must fail");
+        eprintln!("engine reported: {err}");
+    }
+    // Give any wrongly woken thread ample time to come back.
+    thread::sleep(Duration::from_secs(1));
+    returned.load(Ordering::SeqCst)
+}
+
+#[test]
+fn a_failed_migration_never_hands_the_guest_zero_pages() {
+    assert_eq!(
+        blocked_threads_after_source_death(false),
+        0,
+        "a thread blocked on a missing page returned after the migration failed"
+    );
+}
+
+#[test]
+fn an_abandoned_migration_never_hands_the_guest_zero_pages() {
+    assert_eq!(
+        blocked_threads_after_source_death(true),
+        0,
+        "a thread blocked on a missing page returned after the handle was dropped"
+    );
+}

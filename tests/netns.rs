@@ -1,0 +1,137 @@
+//! Migrations between two network namespaces joined by a rate-shaped veth
+//! pair (`netlab/two-hosts.sh`): the source in one "host", the destination
+//! in the other, a 1 Gbit/s tbf link between them. Needs root and
+//! iproute2; prints SKIPPED and passes where they are missing.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../netlab/two-hosts.sh")
+}
+
+/// Why namespaces cannot be made here, if they cannot.
+fn unsupported() -> Option<String> {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        return Some("not root".into());
+    }
+    for tool in ["ip", "tc"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            return Some(format!("{tool} is missing (iproute2)"));
+        }
+    }
+    None
+}
+
+/// A link that is torn down when dropped, also when a test fails.
+struct Link {
+    name: String,
+}
+
+impl Link {
+    fn up(name: &str, rate: &str) -> Self {
+        let out = Command::new(script())
+            .args(["up", "--rate", rate, "--name", name])
+            .output()
+            .expect("run two-hosts.sh");
+        assert!(
+            out.status.success(),
+            "two-hosts.sh up failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { name: name.into() }
+    }
+
+    fn ns(&self, side: &str) -> String {
+        format!("{}-{side}", self.name)
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        let _ = Command::new(script())
+            .args(["down", "--name", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn migrations_cross_a_shaped_link_between_two_namespaces() {
+    if let Some(why) = unsupported() {
+        println!("SKIPPED: network namespaces unavailable ({why})");
+        return;
+    }
+    let name = format!("pwt{}", std::process::id() % 10_000);
+    let link = Link::up(&name, "1gbit");
+    let mut src = Command::new("ip")
+        .args(["netns", "exec", &link.ns("src")])
+        .arg(env!("CARGO_BIN_EXE_pagewire"))
+        .args(["source", "--listen", "192.0.2.1:0", "--synthetic", "16MiB"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start source in its namespace");
+    let mut line = String::new();
+    BufReader::new(src.stdout.take().unwrap())
+        .read_line(&mut line)
+        .expect("source address");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("listening line")
+        .to_string();
+    assert!(addr.starts_with("192.0.2.1:"), "{addr}");
+    let run = |args: &[&str]| {
+        let (out, _) = run_bounded(
+            Command::new("ip")
+                .args(["netns", "exec", &link.ns("dst")])
+                .arg(env!("CARGO_BIN_EXE_pagewire"))
+                .args(["dest", "--connect", &addr, "--json", "--transport", "tcp"])
+                .args(args),
+            Duration::from_secs(120),
+        );
+        assert!(
+            out.status.success(),
+            "dest failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("JSON report")
+    };
+    for workload in ["seq", "random", "hotset", "stride"] {
+        for extra in [
+            &[][..],
+            &["--no-flow-control"][..],
+            &["--push-rate", "50MB"][..],
+        ] {
+            let mut args = vec!["--workload", workload];
+            args.extend_from_slice(extra);
+            let r = run(&args);
+            let total = u(&r, "pages_total");
+            assert_eq!(u(&r, "pages_verified"), total, "{args:?}: {r}");
+            assert_eq!(u(&r, "checksum_mismatches"), 0, "{args:?}: {r}");
+            assert_eq!(u(&r, "duplicate_pages"), 0, "{args:?}: {r}");
+            assert_eq!(
+                u(&r, "network_faults")
+                    + u(&r, "prepaged_pages")
+                    + u(&r, "pushed_pages")
+                    + u(&r, "zero_pages"),
+                total,
+                "{args:?}: {r}"
+            );
+            let flow_on = !extra.contains(&"--no-flow-control");
+            assert_eq!(r["flow"]["enabled"], flow_on, "{args:?}: {r}");
+        }
+    }
+    let _ = src.kill();
+    let _ = src.wait();
+}
