@@ -35,12 +35,44 @@ fn faults(c: &mut Criterion) {
     g.finish();
 }
 
+/// 1, 2, 4 and 8 threads faulting at once on different pages over TCP
+/// loopback: the time per fault as the threads see it, and the engine's
+/// p50/p99 per thread count (printed), beside the single-thread figure.
+fn concurrent(c: &mut Criterion) {
+    let mut g = c.benchmark_group("concurrent_faults_tcp");
+    let src = source(16 << 20);
+    let b = transport("tcp", src);
+    for threads in [1usize, 2, 4, 8] {
+        let rounds = 64;
+        g.throughput(criterion::Throughput::Elements(threads as u64 * rounds));
+        let mut last = None;
+        g.bench_function(format!("threads{threads}"), |bench| {
+            bench.iter_custom(|n| {
+                let mut spent = std::time::Duration::ZERO;
+                for _ in 0..n {
+                    let (d, l) = time_concurrent_faults(&b.transport, threads, rounds);
+                    spent += d;
+                    last = Some(l);
+                }
+                spent
+            })
+        });
+        if let Some(l) = last {
+            eprintln!(
+                "concurrent_faults_tcp/threads{threads}: engine network fault p50 {:.1} us, p99 {:.1} us ({} faults)",
+                l.p50, l.p99, l.count
+            );
+        }
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .sample_size(20)
         .warm_up_time(std::time::Duration::from_secs(1))
         .measurement_time(std::time::Duration::from_secs(3));
-    targets = faults
+    targets = faults, concurrent
 }
 criterion_main!(benches);

@@ -224,13 +224,50 @@ pub fn time_tcp_stream(bytes: u64) -> Duration {
 }
 
 /// Runs a whole push-only migration (no workload) and returns its time.
-pub fn time_push(t: &Arc<dyn Transport>, lanes: usize) -> Duration {
+pub fn time_push(t: &Arc<dyn Transport>, lanes: usize, flow_control: bool) -> Duration {
     let cfg = MigrationConfig {
         lanes,
+        flow_control,
         ..MigrationConfig::default()
     };
     let t0 = Instant::now();
     let h = Migration::start(t.clone(), cfg).expect("start");
     h.wait().expect("migration");
     t0.elapsed()
+}
+
+/// `threads` threads fault at once, each on its own pages, `rounds` times
+/// in fresh demand-paging migrations over `t`. Returns the wall time the
+/// threads spent and the engine's network-fault latency summary of the
+/// last migration.
+pub fn time_concurrent_faults(
+    t: &Arc<dyn Transport>,
+    threads: usize,
+    rounds: u64,
+) -> (Duration, pagewire_engine::LatencyUs) {
+    let pages = t.info().layout.total_pages();
+    let per = (pages / threads as u64).max(1);
+    let h = Migration::start(t.clone(), demand_only()).expect("start");
+    let mem = h.memory().clone();
+    let barrier = Arc::new(std::sync::Barrier::new(threads + 1));
+    let workers: Vec<_> = (0..threads as u64)
+        .map(|i| {
+            let (mem, barrier) = (mem.clone(), barrier.clone());
+            thread::spawn(move || {
+                barrier.wait();
+                for r in 0..rounds.min(per) {
+                    std::hint::black_box(mem.page(i * per + r).expect("page")[0]);
+                }
+            })
+        })
+        .collect();
+    barrier.wait();
+    let t0 = Instant::now();
+    for w in workers {
+        w.join().expect("worker");
+    }
+    let spent = t0.elapsed();
+    h.release_push();
+    let r = h.wait().expect("migration");
+    (spent, r.network_fault_us)
 }

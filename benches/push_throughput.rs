@@ -14,9 +14,12 @@ fn push(c: &mut Criterion) {
         let b = transport(kind, src.clone());
         for lanes in [1usize, 2] {
             g.bench_function(format!("engine/{kind}/lanes{lanes}"), |bench| {
-                bench.iter_custom(|n| (0..n).map(|_| time_push(&b.transport, lanes)).sum())
+                bench.iter_custom(|n| (0..n).map(|_| time_push(&b.transport, lanes, true)).sum())
             });
         }
+        g.bench_function(format!("engine/{kind}/lanes2/no_flow_control"), |bench| {
+            bench.iter_custom(|n| (0..n).map(|_| time_push(&b.transport, 2, false)).sum())
+        });
     }
     g.bench_function("floor/tcp_stream", |bench| {
         bench.iter_custom(|n| (0..n).map(|_| time_tcp_stream(BYTES)).sum())

@@ -8,9 +8,10 @@
 //!   the measured delivery rate, so an urgent reply never waits behind a
 //!   large one;
 //! - bytes in flight near what the link needs, with a delay-based window
-//!   (TCP Vegas' rule on whole requests): the window grows while requests
-//!   come back in the minimum round trip for their size and shrinks when
-//!   round trips grow, which means bytes are queueing somewhere;
+//!   (as Swift or TCP Vegas do, on whole requests): the window grows while
+//!   requests come back within [`TARGET_DELAY`] of the minimum round trip
+//!   for their size and shrinks when round trips grow past it, which means
+//!   bytes are queueing somewhere;
 //! - the push quiet while a fault's request is outstanding (faults preempt
 //!   bubbles and the sweep), and under an optional bytes-per-second cap.
 
@@ -28,6 +29,10 @@ const EPOCH: Duration = Duration::from_millis(20);
 const MAX_WINDOW: f64 = (64 << 20) as f64;
 /// Round-trip samples of one request size needed before the window moves.
 const MIN_SAMPLES: u32 = 3;
+/// Queueing delay the bulk traffic may add, smoothed: above it the window
+/// shrinks, below half of it the window grows. A fault's reply waits
+/// behind about this much bulk at the bottleneck.
+pub const TARGET_DELAY: Duration = Duration::from_micros(40);
 
 /// Room to send one bulk request of up to `pages` pages.
 #[derive(Debug)]
@@ -73,6 +78,8 @@ struct State {
     chunk: u32,
     min_rtt: Option<Duration>,
     samples: u32,
+    /// Smoothed queueing delay (round trip above the minimum), seconds.
+    queue_delay: f64,
     epoch_start: Instant,
     epoch_bytes: u64,
     peak_rate: f64,
@@ -115,6 +122,7 @@ impl Governor {
                 chunk,
                 min_rtt: None,
                 samples: 0,
+                queue_delay: 0.0,
                 epoch_start: now,
                 epoch_bytes: 0,
                 peak_rate: 0.0,
@@ -275,6 +283,7 @@ impl Governor {
                 st.chunk = chunk;
                 st.min_rtt = None;
                 st.samples = 0;
+                st.queue_delay = 0.0;
                 st.window = 2.0 * self.chunk_bytes(&st) as f64;
             }
         }
@@ -289,10 +298,11 @@ impl Governor {
         }
         let cb = self.chunk_bytes(&st) as f64;
         let bytes = sent.bytes as f64;
-        // Bytes that were queued ahead of this request (Vegas' diff).
-        let queued = sent.inflight as f64 * (1.0 - min.as_secs_f64() / rtt.as_secs_f64());
+        let qd = (rtt - min).as_secs_f64();
+        st.queue_delay += (qd - st.queue_delay) / 8.0;
+        let target = TARGET_DELAY.as_secs_f64();
         let limited = sent.inflight as f64 + cb >= st.window;
-        if queued < 0.5 * cb {
+        if st.queue_delay < target / 2.0 {
             if limited {
                 st.window += if st.window < st.ssthresh {
                     bytes
@@ -300,13 +310,14 @@ impl Governor {
                     cb * bytes / st.window
                 };
             }
-        } else if queued > 1.5 * cb {
+        } else if st.queue_delay > target {
             st.ssthresh = st.ssthresh.min(st.window);
-            if queued > 4.0 * cb && now.duration_since(st.last_cut) > rtt {
-                st.window *= 0.75;
+            // At most one multiplicative cut per round trip, in proportion
+            // to how far past the target the delay is (as Swift does).
+            if now.duration_since(st.last_cut) > rtt {
+                let over = (st.queue_delay - target) / st.queue_delay;
+                st.window *= 1.0 - 0.5 * over.min(1.0);
                 st.last_cut = now;
-            } else {
-                st.window -= cb * bytes / st.window;
             }
         }
         st.window = st.window.clamp(cb, MAX_WINDOW);

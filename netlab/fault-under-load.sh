@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Fault latency and workload time with the push running, on a link between
+# two network namespaces (netlab/two-hosts.sh), beside the floors measured
+# in the same run: iperf3 over the same link and demand-only paging.
+#
+#   netlab/fault-under-load.sh [--rate 1gbit|10gbit|none] [--size 256MiB]
+#                              [--workloads "hotset seq"] [--runs N] [--out FILE]
+#
+# Each mode runs N times against one source; the table shows the median
+# run of each (by workload time). Raw reports go to FILE (JSON lines).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+rate=1gbit
+size=256MiB
+workloads="hotset seq random stride"
+runs=3
+out=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --rate) rate=$2; shift 2 ;;
+        --size) size=$2; shift 2 ;;
+        --workloads) workloads=$2; shift 2 ;;
+        --runs) runs=$2; shift 2 ;;
+        --out) out=$2; shift 2 ;;
+        *) echo "fault-under-load: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+bin=${PAGEWIRE:-$here/../target/release/pagewire}
+[ -x "$bin" ] || { echo "fault-under-load: build first (cargo build --release) or set PAGEWIRE" >&2; exit 2; }
+name=pwb$$
+out=${out:-$(mktemp /tmp/pagewire-fault-under-load.XXXXXX.jsonl)}
+: > "$out"
+src_pid=""
+cleanup() {
+    [ -n "$src_pid" ] && kill "$src_pid" 2>/dev/null || true
+    "$here/two-hosts.sh" down --name "$name"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+"$here/two-hosts.sh" up --rate "$rate" --name "$name" >&2
+
+floor_bps=$("$here/two-hosts.sh" iperf --name "$name" || true)
+echo "link $rate: iperf3 source -> destination $(python3 -c "print(f'{float(\"${floor_bps:-0}\")/1e6:.0f}')") Mbit/s" >&2
+
+ip netns exec "$name-src" "$bin" source --listen 192.0.2.1:7070 --synthetic "$size" >/dev/null 2>&1 &
+src_pid=$!
+sleep 1
+
+modes=("demand-only|--no-push --no-bubble" "bubbles, no push|--no-push" "push + bubbles|" "push + bubbles, no flow control|--no-flow-control")
+for w in $workloads; do
+    for m in "${modes[@]}"; do
+        label=${m%%|*}
+        args=${m#*|}
+        for i in $(seq "$runs"); do
+            # shellcheck disable=SC2086
+            ip netns exec "$name-dst" "$bin" dest --connect 192.0.2.1:7070 --transport tcp \
+                --workload "$w" --json $args > "$out.run" 2>/dev/null || { echo "run failed: $w $label" >&2; continue; }
+            python3 -c "import json,sys; r=json.load(open('$out.run')); r['mode']='$label'; r['rate']='$rate'; r['iperf3_bps']=float('${floor_bps:-0}'); print(json.dumps(r))" >> "$out"
+        done
+        echo -n "." >&2
+    done
+done
+rm -f "$out.run"
+echo >&2
+python3 - "$out" <<'EOF'
+import json, sys, collections
+rows = [json.loads(l) for l in open(sys.argv[1])]
+by = collections.defaultdict(list)
+for r in rows:
+    by[(r["workload"]["pattern"], r["mode"])].append(r)
+print(f"| workload | mode | fault p50 µs | fault p99 µs | p99 vs demand | workload ms | vs demand | network faults | in-flight waits p99 µs | total ms | push MB/s |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+base = {}
+for (w, mode), rs in by.items():
+    rs.sort(key=lambda r: r["workload"]["ms"])
+    r = rs[len(rs) // 2]
+    if mode == "demand-only":
+        base[w] = r
+for (w, mode), rs in by.items():
+    rs.sort(key=lambda r: r["workload"]["ms"])
+    r = rs[len(rs) // 2]
+    b = base.get(w, r)
+    l = r["fault_latency_us"]
+    mbps = r["bytes_received"] / (r["total_ms"] / 1000) / 1e6 if r["total_ms"] else 0
+    print(f"| {w} | {mode} | {l['p50']:.0f} | {l['p99']:.0f} | {l['p99'] / max(b['fault_latency_us']['p99'], 1e-9):.2f}× "
+          f"| {r['workload']['ms']:.0f} | {r['workload']['ms'] / max(b['workload']['ms'], 1e-9):.2f}× | {r['network_faults']} "
+          f"| {r['inflight_wait_us']['p99']:.0f} | {r['total_ms']:.0f} | {mbps:.0f} |")
+EOF
+echo "raw reports: $out" >&2
