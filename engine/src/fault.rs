@@ -19,6 +19,10 @@ struct Pending {
     t0: Instant,
 }
 
+/// How long an urgent reply may be late before the loop stops polling for
+/// it and waits in the channel's receive, with the I/O timeout.
+const STALLED: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// How long the loop sleeps on the userfaultfd when nothing is
 /// outstanding, before it looks at the stop conditions again.
 const IDLE_POLL_MS: i32 = 20;
@@ -68,6 +72,12 @@ pub(crate) fn fault_main(
             }
         }
         while !pending.is_empty() && channel.reply_ready()? {
+            receive_one(shared, channel, &mut pending, &mut buf)?;
+        }
+        // A reply this late means a stalled or dead source: wait for it in
+        // the channel's own receive, which gives up after the I/O timeout
+        // (polling for readiness never would).
+        if pending.front().is_some_and(|p| p.t0.elapsed() >= STALLED) {
             receive_one(shared, channel, &mut pending, &mut buf)?;
         }
     }

@@ -31,7 +31,8 @@ const MAX_WINDOW: f64 = (64 << 20) as f64;
 const MIN_SAMPLES: u32 = 3;
 /// Queueing delay the bulk traffic may add, smoothed: above it the window
 /// shrinks, below half of it the window grows. A fault's reply waits
-/// behind about this much bulk at the bottleneck.
+/// behind about this much bulk at the bottleneck. Where the minimum round
+/// trip is longer, that is the target instead.
 pub const TARGET_DELAY: Duration = Duration::from_micros(40);
 
 /// Room to send one bulk request of up to `pages` pages.
@@ -300,7 +301,10 @@ impl Governor {
         let bytes = sent.bytes as f64;
         let qd = (rtt - min).as_secs_f64();
         st.queue_delay += (qd - st.queue_delay) / 8.0;
-        let target = TARGET_DELAY.as_secs_f64();
+        // Queueing up to one base round trip is allowed on slow paths (BBR
+        // keeps two bandwidth-delay products in flight); fast ones get the
+        // fixed target.
+        let target = TARGET_DELAY.as_secs_f64().max(min.as_secs_f64());
         let limited = sent.inflight as f64 + cb >= st.window;
         if st.queue_delay < target / 2.0 {
             if limited {
