@@ -6,9 +6,8 @@
 mod common;
 
 use common::*;
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 fn script() -> PathBuf {
@@ -73,23 +72,13 @@ fn migrations_cross_a_shaped_link_between_two_namespaces() {
     }
     let name = format!("pwt{}", std::process::id() % 10_000);
     let link = Link::up(&name, "1gbit");
-    let mut src = Command::new("ip")
-        .args(["netns", "exec", &link.ns("src")])
-        .arg(env!("CARGO_BIN_EXE_pagewire"))
-        .args(["source", "--listen", "192.0.2.1:0", "--synthetic", "16MiB"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start source in its namespace");
-    let mut line = String::new();
-    BufReader::new(src.stdout.take().unwrap())
-        .read_line(&mut line)
-        .expect("source address");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect("listening line")
-        .to_string();
+    let src = spawn_source(
+        Command::new("ip")
+            .args(["netns", "exec", &link.ns("src")])
+            .arg(env!("CARGO_BIN_EXE_pagewire"))
+            .args(["source", "--listen", "192.0.2.1:0", "--synthetic", "16MiB"]),
+    );
+    let addr = src.addr.clone();
     assert!(addr.starts_with("192.0.2.1:"), "{addr}");
     let run = |args: &[&str]| {
         let (out, _) = run_bounded(
@@ -132,6 +121,5 @@ fn migrations_cross_a_shaped_link_between_two_namespaces() {
             assert_eq!(r["flow"]["enabled"], flow_on, "{args:?}: {r}");
         }
     }
-    let _ = src.kill();
-    let _ = src.wait();
+    drop(src);
 }

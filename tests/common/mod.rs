@@ -28,9 +28,15 @@ impl Drop for Source {
 /// Starts `pagewire source` serving a synthetic guest of `size` on a free
 /// loopback port and returns once it listens.
 pub fn start_source(size: &str, seed: u64) -> Source {
-    let mut child = pagewire()
-        .args(["source", "--listen", "127.0.0.1:0", "--synthetic", size])
-        .args(["--seed", &seed.to_string()])
+    let mut cmd = pagewire();
+    cmd.args(["source", "--listen", "127.0.0.1:0", "--synthetic", size])
+        .args(["--seed", &seed.to_string()]);
+    spawn_source(&mut cmd)
+}
+
+/// Spawns a source command and returns once it printed where it listens.
+pub fn spawn_source(cmd: &mut Command) -> Source {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
