@@ -41,7 +41,7 @@ pub(crate) fn fault_main(
             return Ok(());
         }
         // Wait for a fault, or for a reply when requests are outstanding.
-        let (faults, _) = if pending.is_empty() {
+        let (faults, mut reply) = if pending.is_empty() {
             shared.installer.wait_with(None, IDLE_POLL_MS)?
         } else if let Some(fd) = channel.ready_fd() {
             shared.installer.wait_with(Some(fd), IDLE_POLL_MS)?
@@ -71,8 +71,11 @@ pub(crate) fn fault_main(
                 }
             }
         }
-        while !pending.is_empty() && channel.reply_ready()? {
+        // The poll above may already have said a reply is there; ask the
+        // channel only when it has not.
+        while !pending.is_empty() && (reply || channel.reply_ready()?) {
             receive_one(shared, channel, &mut pending, &mut buf)?;
+            reply = false;
         }
         // A reply this late means a stalled or dead source: wait for it in
         // the channel's own receive, which gives up after the I/O timeout
@@ -94,8 +97,7 @@ fn serve_fault(shared: &Shared, addr: usize, t0: Instant) -> Result<Option<u64>,
     match shared.states.try_claim(page) {
         Claim::Won => {
             if shared.transport.info().zero.is_zero(page) {
-                let mut none = Vec::new();
-                shared.split_claimed(&[range], PageOrigin::Fault, &mut none)?;
+                shared.split_claimed(&[range], PageOrigin::Fault, &mut Vec::new())?;
                 Metrics::add(&shared.metrics.zero_faults, 1);
                 shared.metrics.zero.record(t0.elapsed());
                 shared.metrics.all.record(t0.elapsed());

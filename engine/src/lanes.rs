@@ -97,12 +97,11 @@ pub(crate) fn lane_main(
                 break;
             };
             fetch.clear();
-            let zeros = shared.split_claimed(&c.runs, c.origin, &mut fetch)?;
+            shared.split_claimed(&c.runs, c.origin, &mut fetch)?;
             let counter = match c.origin {
                 PageOrigin::Bubble => &shared.metrics.prepaged_pages,
                 _ => &shared.metrics.pushed_pages,
             };
-            let _ = zeros;
             let pages: u64 = fetch.iter().map(|r| u64::from(r.count)).sum();
             Metrics::add(counter, pages);
             if fetch.is_empty() {
@@ -113,7 +112,6 @@ pub(crate) fn lane_main(
             let sent = shared.governor.commit(ticket, pages as u32);
             // Zero pages may have split the runs into more pieces than one
             // request carries: send several, the ticket rides on the last.
-            let mut chunks = Vec::new();
             let mut start = 0;
             while start < fetch.len() {
                 let mut end = start;
@@ -131,22 +129,18 @@ pub(crate) fn lane_main(
                         fetch[start].count
                     )));
                 }
-                chunks.push(fetch[start..end].to_vec());
-                start = end;
-            }
-            let last = chunks.len() - 1;
-            for (i, pieces) in chunks.into_iter().enumerate() {
                 while pending.len() >= max_out {
                     receive_one(shared, channel, &mut pending, &mut pool)?;
                 }
+                let pieces = fetch[start..end].to_vec();
                 channel.send(&pieces)?;
-                let len = pagewire_transport::ranges_len(&pieces, ps);
                 pending.push_back(Pending {
+                    len: n as usize * ps,
                     pieces,
-                    len,
                     origin: c.origin,
-                    sent: (i == last).then_some(sent),
+                    sent: (end == fetch.len()).then_some(sent),
                 });
+                start = end;
             }
         }
         if pending.is_empty() {

@@ -183,16 +183,6 @@ impl Metrics {
             .fetch_add(pages * page_size as u64, Ordering::Relaxed);
     }
 
-    /// Records one fault's service time (every kind).
-    pub fn record_fault_latency(&self, d: Duration) {
-        self.all.record(d);
-    }
-
-    /// The fault latency summary so far (every kind).
-    pub fn latency(&self) -> LatencyUs {
-        self.all.summary()
-    }
-
     /// Reads a counter.
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
@@ -221,11 +211,11 @@ mod tests {
     #[test]
     fn latency_summary_is_in_microseconds() {
         let m = Metrics::new(1);
-        assert_eq!(m.latency().count, 0);
+        assert_eq!(m.all.summary().count, 0);
         for us in [10u64, 20, 30, 1000] {
-            m.record_fault_latency(Duration::from_micros(us));
+            m.all.record(Duration::from_micros(us));
         }
-        let l = m.latency();
+        let l = m.all.summary();
         assert_eq!(l.count, 4);
         // 10 and 20 µs fall in [8, 16) and [16, 32); 30 in [16, 32);
         // 1000 in [512, 1024).

@@ -289,6 +289,7 @@ impl MigrationHandle {
         let m = &s.metrics;
         let finished = s.finished.get().copied().unwrap_or_else(Instant::now);
         let cdf: Vec<f64> = (1..=100).map(|i| f64::from(i) / 100.0).collect();
+        let all = m.all.summary();
         let report = EngineReport {
             transport: s.transport.name().to_string(),
             pages_total: s.states.len(),
@@ -303,12 +304,12 @@ impl MigrationHandle {
             bytes_received: Metrics::get(&m.bytes_received),
             duplicate_pages: Metrics::get(&m.duplicate_pages),
             install_conflicts: Metrics::get(&m.install_conflicts),
-            fault_latency_us: m.all.summary(),
+            fault_latency_us: all,
             network_fault_us: m.network.summary(),
             inflight_wait_us: m.inflight.summary(),
             zero_fault_us: m.zero.summary(),
             fault_latency_dist: m.all.distribution(),
-            fault_latency_cdf_us: if m.all.summary().count > 0 {
+            fault_latency_cdf_us: if all.count > 0 {
                 m.all.quantiles(&cdf)
             } else {
                 Vec::new()

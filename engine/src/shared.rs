@@ -133,15 +133,14 @@ impl Shared {
     }
 
     /// Installs the zero pages of claimed `runs` at once and appends the
-    /// pieces that must be fetched to `fetch`. Returns zero pages installed.
+    /// pieces that must be fetched to `fetch`.
     pub fn split_claimed(
         &self,
         runs: &[PageRange],
         origin: PageOrigin,
         fetch: &mut Vec<PageRange>,
-    ) -> Result<u64, EngineError> {
+    ) -> Result<(), EngineError> {
         let zero = &self.transport.info().zero;
-        let mut zeros = 0;
         for run in runs {
             // Split the run into maximal pieces of equal zero-ness.
             let mut start = run.first;
@@ -158,14 +157,13 @@ impl Shared {
                     Metrics::add(&self.metrics.zero_pages, done.pages);
                     Metrics::add(&self.metrics.install_conflicts, done.already_present);
                     self.mark_present(piece, origin);
-                    zeros += u64::from(piece.count);
                 } else {
                     fetch.push(piece);
                 }
                 start = end;
             }
         }
-        Ok(zeros)
+        Ok(())
     }
 
     /// Installs fetched bytes: `buf` holds `pieces` back to back.

@@ -113,23 +113,17 @@ impl PageChannel for RdmaChannel {
     fn send(&mut self, ranges: &[PageRange]) -> Result<(), TransportError> {
         RDMA_LIMITS.check(ranges)?;
         let ps = self.info.layout.page_size();
-        let slot = self
+        // Taken off the free list only once the READs are posted.
+        let slot = *self
             .free_slots
-            .pop()
+            .last()
             .ok_or(TransportError::Misuse("too many requests outstanding"))?;
         let base = self.staging.buf.as_mut_ptr() as u64 + (slot * self.slot_len) as u64;
         let lkey = self.staging.mr.lkey();
         let mut reads = Vec::with_capacity(ranges.len());
         let mut off = 0u64;
         for r in ranges {
-            let located = self.info.layout.locate(*r);
-            let (region, roff) = match located {
-                Ok(l) => l,
-                Err(e) => {
-                    self.free_slots.push(slot);
-                    return Err(e.into());
-                }
-            };
+            let (region, roff) = self.info.layout.locate(*r)?;
             let remote = self.regions[region];
             // Bounded by SLOT_PAGES pages: fits u32.
             let len = r.count as usize * ps;
@@ -146,10 +140,8 @@ impl PageChannel for RdmaChannel {
         // registered for local write, which lives as long as the channel
         // (and so past every completion); the slot is not handed out again
         // before `recv` consumed this request's completions.
-        if let Err(e) = unsafe { self.qp.post_reads(&reads) } {
-            self.free_slots.push(slot);
-            return Err(e);
-        }
+        unsafe { self.qp.post_reads(&reads) }?;
+        self.free_slots.pop();
         self.posted.push_back(Posted {
             slot,
             reads: reads.len(),

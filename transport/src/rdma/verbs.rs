@@ -295,7 +295,6 @@ impl Device {
             cq,
             channel,
             dev: self.clone(),
-            depth,
         };
         if q.qp.is_null() {
             return Err(err("ibv_create_qp"));
@@ -377,7 +376,6 @@ pub struct Qp {
     /// Null when busy-polling.
     channel: *mut ibv_comp_channel,
     dev: Arc<Device>,
-    depth: u32,
 }
 
 // SAFETY: a QP is used by one thread at a time (`&mut self` for posting and
@@ -484,17 +482,10 @@ impl Qp {
         )
     }
 
-    /// Most READs this QP keeps outstanding.
-    pub fn max_outstanding(&self) -> usize {
-        (self.dev.max_rd_atomic as usize)
-            .min(self.depth as usize)
-            .max(1)
-    }
-
     /// Posts `reads` as one chain of signaled RDMA READs. The caller keeps
     /// the READs not yet completed within the depth the QP was created
-    /// with; the device keeps at most [`Qp::max_outstanding`] of them on
-    /// the wire and queues the rest.
+    /// with; the device keeps at most the negotiated `max_rd_atomic` of
+    /// them on the wire and queues the rest.
     ///
     /// # Safety
     /// Each read's local range must lie in a live MR registered for local
@@ -650,13 +641,6 @@ impl Qp {
             }
         }
         Ok(())
-    }
-
-    /// Waits until `count` completions arrived, all successful; fails on
-    /// the first error completion or after `timeout`.
-    pub fn poll(&mut self, count: usize, timeout: Duration) -> Result<(), TransportError> {
-        let mut have = 0;
-        self.poll_until(count, &mut have, timeout)
     }
 }
 

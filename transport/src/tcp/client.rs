@@ -43,6 +43,10 @@ const TCP_MAX_OUTSTANDING: usize = 64;
 /// reply.
 const REPLY_HEAD: usize = 4 + wire::PAGES_HEADER;
 
+/// Largest reply other than pages read in answer to a fetch: an error
+/// frame with the longest message a source sends.
+const MAX_ERROR_REPLY: usize = REPLY_HEAD + 1024;
+
 /// One connection to the source, handshake done.
 struct Conn {
     stream: TcpStream,
@@ -210,17 +214,22 @@ impl Conn {
                 }
                 self.stream.read_exact(buf).map_err(|e| self.read_err(e))
             }
-            wire::T_ERROR => {
+            ty => {
+                // An error reply (or a stray message): its body is small;
+                // read it, capped, and let check_reply type the error.
+                if len > MAX_ERROR_REPLY {
+                    return Err(TransportError::Protocol(format!(
+                        "reply of type {ty:#04x} and {len} bytes to a fetch"
+                    )));
+                }
                 let mut body = vec![0u8; len - 1];
                 body[..REPLY_HEAD - 5].copy_from_slice(&head[5..]);
                 self.stream
                     .read_exact(&mut body[REPLY_HEAD - 5..])
                     .map_err(|e| self.read_err(e))?;
-                Err(wire::decode_error(&body))
+                self.check_reply(ty, &body, id, wire::T_PAGES)?;
+                Err(TransportError::Protocol("unexpected reply to fetch".into()))
             }
-            t => Err(TransportError::Protocol(format!(
-                "expected a pages reply, got message type {t:#04x}"
-            ))),
         }
     }
 }
@@ -374,5 +383,102 @@ impl Transport for TcpTransport {
         let id = c.send(|id| Request::Stats { id })?;
         let body = c.reply(id, wire::T_STATS_REPLY)?;
         Ok(wire::decode_stats(&body)?.1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::{MemoryLayout, ZeroMap};
+    use crate::wire::Welcome;
+    use std::net::TcpListener;
+
+    /// A hostile source: a correct handshake, then `reply` to the first
+    /// request on every page channel.
+    fn hostile_source(reply: Vec<u8>) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let reply = reply.clone();
+                std::thread::spawn(move || {
+                    let mut s = s;
+                    let Ok((_, body)) = wire::read_frame(&mut s, 64) else {
+                        return;
+                    };
+                    let hello = wire::decode_hello(&body).unwrap();
+                    let layout = MemoryLayout::single(16 * 4096).unwrap();
+                    let info = (hello.kind == ChannelKind::Control).then(|| SourceInfo {
+                        zero: ZeroMap::new(layout.total_pages()),
+                        layout,
+                    });
+                    let welcome = Welcome {
+                        version: wire::VERSION,
+                        info,
+                    };
+                    s.write_all(&wire::encode_welcome(&welcome)).unwrap();
+                    if wire::read_frame(&mut s, 1 << 16).is_ok() {
+                        let _ = s.write_all(&reply);
+                    }
+                    // Hold the connection until the client leaves.
+                    let mut sink = [0u8; 64];
+                    while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+                });
+            }
+        });
+        addr
+    }
+
+    fn fetch_from(reply: Vec<u8>) -> TransportError {
+        let t = TcpTransport::connect(
+            hostile_source(reply),
+            TcpOptions {
+                io_timeout: Duration::from_secs(5),
+                ..TcpOptions::default()
+            },
+        )
+        .unwrap();
+        let mut ch = t.open(ChannelClass::Urgent).unwrap();
+        let mut buf = vec![0u8; 4096];
+        ch.fetch(&[PageRange::new(3, 1)], &mut buf)
+            .expect_err("a hostile reply must be refused")
+    }
+
+    #[test]
+    fn a_huge_non_page_reply_is_refused_before_it_is_read() {
+        // Claims an 80 MiB stats reply to a fetch: refused from its header.
+        let mut f = wire::MAX_FRAME.to_le_bytes().to_vec();
+        f.push(wire::T_STATS_REPLY);
+        f.extend_from_slice(&[0u8; 12]);
+        let e = fetch_from(f);
+        assert!(
+            matches!(e, TransportError::Protocol(ref m) if m.contains("to a fetch")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn page_replies_for_another_request_or_size_are_refused() {
+        for (id, pages) in [(99u64, 1u32), (1, 2)] {
+            let mut f = wire::encode_pages_header(id, pages, pages as usize * 4096);
+            f.extend(std::iter::repeat_n(0u8, pages as usize * 4096));
+            let e = fetch_from(f);
+            assert!(
+                matches!(e, TransportError::Protocol(ref m) if m.contains("does not match")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_error_reply_to_a_fetch_is_typed() {
+        let f = wire::encode_error(1, crate::RemoteCode::OutOfRange, "no such page");
+        match fetch_from(f) {
+            TransportError::Remote { code, message } => {
+                assert_eq!(code, crate::RemoteCode::OutOfRange);
+                assert_eq!(message, "no such page");
+            }
+            e => panic!("unexpected {e}"),
+        }
     }
 }
