@@ -4,9 +4,14 @@
 //! buffers, the qdisc, the NIC or the link's shaper. The destination asks
 //! for every bulk byte, so it controls what is in flight: lanes ask the
 //! governor before each request, and the governor keeps
-//! - requests small: one request takes about [`CHUNK_TIME`] on the wire at
-//!   the measured delivery rate, so an urgent reply never waits behind a
-//!   large one;
+//! - requests small: a request starts at one page and grows only while
+//!   growing pays. Now and then one epoch runs at twice the size; the
+//!   size is kept only if that epoch delivered clearly more than the
+//!   epochs around it (the path was paying per request, as when the CPU
+//!   is the limit), and never beyond what takes [`CHUNK_TIME`] x 2 at the
+//!   measured rate. On a link, where the rate does not grow with the size,
+//!   requests stay at about [`CHUNK_TIME`] of wire time, so an urgent
+//!   reply never waits behind a large one;
 //! - bytes in flight near what the link needs, with a delay-based window
 //!   (as Swift or TCP Vegas do, on whole requests): the window grows while
 //!   requests come back within [`TARGET_DELAY`] of the minimum round trip
@@ -23,8 +28,20 @@ use serde::Serialize;
 
 /// Wire time one bulk request should take at the measured rate.
 pub const CHUNK_TIME: Duration = Duration::from_micros(40);
-/// How often the delivery rate (and with it the request size) is updated.
+/// How often the delivery rate and the request size are reconsidered.
 const EPOCH: Duration = Duration::from_millis(20);
+/// A doubled request size is kept when its epoch delivered this much more
+/// than both epochs around it.
+const PROBE_GAIN: f64 = 1.4;
+/// Wait before the next size probe after one that paid...
+const PROBE_SOON: Duration = Duration::from_millis(60);
+/// ...and the longest wait after probes that did not.
+const PROBE_LATEST: Duration = Duration::from_secs(5);
+/// Request size classes: class `k` holds requests of `2^k..2^(k+1)` pages.
+const CLASSES: usize = 13;
+/// How long a size class's minimum round trip stays valid (it is the
+/// reference queueing delay is measured from).
+const MIN_RTT_AGE: Duration = Duration::from_secs(2);
 /// Largest window, whatever the link.
 const MAX_WINDOW: f64 = (64 << 20) as f64;
 /// Round-trip samples of one request size needed before the window moves.
@@ -55,7 +72,7 @@ pub struct Sent {
 }
 
 /// What the flow control settled on, for the report.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct FlowStats {
     /// Whether delay-based flow control ran.
     pub enabled: bool,
@@ -69,6 +86,26 @@ pub struct FlowStats {
     pub min_rtt_us: f64,
     /// Times lanes held back because a fault's request was outstanding.
     pub urgent_holds: u64,
+    /// Smallest bulk round trip per request size measured, in µs, as
+    /// (pages, µs): their slope is the wire time of a page.
+    pub min_rtt_by_size_us: Vec<(u32, f64)>,
+}
+
+/// The request-size probe: an epoch at twice the size between two at the
+/// current one.
+#[derive(Debug, Clone, Copy)]
+enum Probe {
+    /// Not probing.
+    Idle,
+    /// This epoch runs at twice the size `base`; `before` is the rate at
+    /// `base`.
+    Doubled { base: u32, before: f64 },
+    /// Back at `base`; the verdict waits for this epoch's rate.
+    After {
+        base: u32,
+        before: f64,
+        doubled: f64,
+    },
 }
 
 #[derive(Debug)]
@@ -77,8 +114,18 @@ struct State {
     window: f64,
     ssthresh: f64,
     chunk: u32,
-    min_rtt: Option<Duration>,
+    /// Minimum round trip per size class, and when it was last lowered or
+    /// confirmed.
+    class_min: [Option<(Duration, Instant)>; CLASSES],
+    /// Samples of the current size class since it became current.
     samples: u32,
+    /// Where the request-size probe stands.
+    probe: Probe,
+    /// When the next probe may start, and the wait after a failed one.
+    next_probe: Instant,
+    probe_wait: Duration,
+    /// Delivery rate of the last epoch, bytes per second.
+    last_rate: f64,
     /// Smoothed queueing delay (round trip above the minimum), seconds.
     queue_delay: f64,
     epoch_start: Instant,
@@ -121,8 +168,12 @@ impl Governor {
                 window: 2.0 * (u64::from(chunk) * page_size as u64) as f64,
                 ssthresh: MAX_WINDOW,
                 chunk,
-                min_rtt: None,
+                class_min: [None; CLASSES],
                 samples: 0,
+                probe: Probe::Idle,
+                next_probe: now + EPOCH,
+                probe_wait: PROBE_SOON,
+                last_rate: 0.0,
                 queue_delay: 0.0,
                 epoch_start: now,
                 epoch_bytes: 0,
@@ -183,7 +234,8 @@ impl Governor {
         let mut st = self.lock();
         let mut held = false;
         loop {
-            let cb = self.chunk_bytes(&st);
+            let pages = st.chunk;
+            let cb = u64::from(pages) * self.page_size;
             let urgent = self.enabled && self.urgent.load(Ordering::Acquire) > 0;
             let window_ok =
                 !self.enabled || st.inflight == 0 || (st.inflight + cb) as f64 <= st.window;
@@ -194,7 +246,7 @@ impl Governor {
                     st.tokens -= cb as f64;
                 }
                 return Some(Ticket {
-                    pages: st.chunk,
+                    pages,
                     reserved: cb,
                 });
             }
@@ -263,36 +315,34 @@ impl Governor {
             return;
         }
         st.epoch_bytes += sent.bytes;
+        let class = class_of(sent.pages);
+        let fresh = |m: Option<(Duration, Instant)>| {
+            m.filter(|&(_, at)| now.duration_since(at) < MIN_RTT_AGE)
+        };
+        let min = match fresh(st.class_min[class]) {
+            Some((m, _)) if m <= rtt => m,
+            _ => rtt,
+        };
+        st.class_min[class] = Some((min, now));
         let epoch = now.duration_since(st.epoch_start);
         if epoch >= EPOCH {
             let rate = st.epoch_bytes as f64 / epoch.as_secs_f64();
             st.peak_rate = st.peak_rate.max(rate);
             st.epoch_start = now;
             st.epoch_bytes = 0;
-            let ideal = rate * CHUNK_TIME.as_secs_f64() / self.page_size as f64;
-            let chunk = if ideal >= 2.0 * f64::from(st.chunk) {
-                (st.chunk * 2).min(self.max_chunk)
-            } else if ideal < f64::from(st.chunk) / 2.0 {
-                (st.chunk / 2).max(1)
-            } else {
-                st.chunk
-            };
+            let chunk = self.next_chunk(&mut st, rate, now);
             if chunk != st.chunk {
-                // Round trips of the new size are not comparable with the
-                // old minimum: measure afresh from a small window.
-                st.ssthresh = st.window;
+                // Queueing is now judged against the new size's minimum;
+                // the window keeps its bytes.
                 st.chunk = chunk;
-                st.min_rtt = None;
                 st.samples = 0;
                 st.queue_delay = 0.0;
-                st.window = 2.0 * self.chunk_bytes(&st) as f64;
+                st.window = st.window.max(2.0 * self.chunk_bytes(&st) as f64);
             }
         }
-        if sent.pages != st.chunk {
+        if class != class_of(st.chunk) {
             return;
         }
-        let min = st.min_rtt.map_or(rtt, |m| m.min(rtt));
-        st.min_rtt = Some(min);
         st.samples += 1;
         if st.samples < MIN_SAMPLES {
             return;
@@ -327,6 +377,54 @@ impl Governor {
         st.window = st.window.clamp(cb, MAX_WINDOW);
     }
 
+    /// The request size for the next epoch, given the one that ended
+    /// delivered `rate` bytes per second: probe steps, and a cap at twice
+    /// [`CHUNK_TIME`] of wire time at that rate.
+    fn next_chunk(&self, st: &mut State, rate: f64, now: Instant) -> u32 {
+        let mut chunk = st.chunk;
+        st.probe = match st.probe {
+            Probe::Idle if now >= st.next_probe && chunk * 2 <= self.max_chunk => {
+                chunk *= 2;
+                Probe::Doubled {
+                    base: st.chunk,
+                    before: st.last_rate,
+                }
+            }
+            Probe::Idle => Probe::Idle,
+            Probe::Doubled { base, before } => {
+                chunk = base;
+                Probe::After {
+                    base,
+                    before,
+                    doubled: rate,
+                }
+            }
+            Probe::After {
+                base,
+                before,
+                doubled,
+            } => {
+                chunk = base;
+                if doubled >= PROBE_GAIN * before.max(rate) {
+                    chunk = base * 2;
+                    st.probe_wait = PROBE_SOON;
+                } else {
+                    st.probe_wait = (st.probe_wait * 2).min(PROBE_LATEST);
+                }
+                st.next_probe = now + st.probe_wait;
+                Probe::Idle
+            }
+        };
+        st.last_rate = rate;
+        // Whatever the probes say, a request never takes more than twice
+        // the budget at the rate the path delivers.
+        let cap = rate * 2.0 * CHUNK_TIME.as_secs_f64() / self.page_size as f64;
+        while chunk > 1 && f64::from(chunk) > cap {
+            chunk /= 2;
+        }
+        chunk.clamp(1, self.max_chunk)
+    }
+
     /// What the flow control settled on.
     pub fn stats(&self) -> FlowStats {
         let st = self.lock();
@@ -335,10 +433,22 @@ impl Governor {
             window_bytes: st.window as u64,
             chunk_pages: st.chunk,
             peak_rate_mbps: st.peak_rate / 1e6,
-            min_rtt_us: st.min_rtt.map_or(0.0, |d| d.as_secs_f64() * 1e6),
+            min_rtt_us: st.class_min[class_of(st.chunk)]
+                .map_or(0.0, |(d, _)| d.as_secs_f64() * 1e6),
             urgent_holds: st.holds,
+            min_rtt_by_size_us: st
+                .class_min
+                .iter()
+                .enumerate()
+                .filter_map(|(k, m)| m.map(|(d, _)| (1u32 << k, d.as_secs_f64() * 1e6)))
+                .collect(),
         }
     }
+}
+
+/// The size class of a request of `pages` pages.
+fn class_of(pages: u32) -> usize {
+    (31 - pages.max(1).leading_zeros() as usize).min(CLASSES - 1)
 }
 
 #[cfg(test)]
@@ -416,5 +526,44 @@ mod tests {
         assert!(g.acquire(None).is_none(), "no tokens yet");
         let t = g.acquire(Some(Duration::from_secs(5)));
         assert!(t.is_some());
+    }
+
+    /// Drives the size probe with synthetic epoch rates: `rate_at(pages)`
+    /// is what an epoch at that request size delivers.
+    fn settle(g: &Governor, rate_at: impl Fn(u32) -> f64) -> u32 {
+        let mut st = g.lock();
+        let mut now = Instant::now();
+        for _ in 0..400 {
+            now += EPOCH;
+            let rate = rate_at(st.chunk);
+            st.chunk = g.next_chunk(&mut st, rate, now);
+        }
+        st.chunk
+    }
+
+    #[test]
+    fn requests_grow_where_size_pays_and_stay_small_on_a_link() {
+        // Per-request cost bound (the CPU): 5 µs per request plus 0.25 µs
+        // per page; a size-independent 10 GB/s beyond. Sizes grow until
+        // twice the budget at the delivered rate caps them.
+        let g = Governor::new(4096, 256, true, None);
+        let cpu = |pages: u32| {
+            let t = 5e-6 + 0.25e-6 * f64::from(pages);
+            (f64::from(pages) * 4096.0 / t).min(10e9)
+        };
+        let grown = settle(&g, cpu);
+        assert!(grown >= 16, "CPU-bound path stayed at {grown} pages");
+        let cap = cpu(grown) * 2.0 * CHUNK_TIME.as_secs_f64() / 4096.0;
+        assert!(
+            f64::from(grown) <= cap,
+            "{grown} pages exceed the cap {cap}"
+        );
+        // A 1 Gbit/s link: the rate does not depend on the size.
+        let g = Governor::new(4096, 256, true, None);
+        assert_eq!(
+            settle(&g, |_| 125e6),
+            1,
+            "a link must keep one-page requests"
+        );
     }
 }
