@@ -228,3 +228,15 @@ fn a_source_killed_mid_migration_fails_the_destination_cleanly() {
     );
     assert!(took < Duration::from_secs(30), "took {took:?}");
 }
+
+#[test]
+fn a_zero_push_rate_is_refused_before_anything_starts() {
+    let (o, _) = run_bounded(
+        pagewire().args(["dest", "--connect", "127.0.0.1:9", "--push-rate", "0"]),
+        LIMIT,
+    );
+    let e = stderr(&o);
+    assert!(!o.status.success(), "accepted --push-rate 0: {e}");
+    assert!(e.contains("push rate of 0"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+}

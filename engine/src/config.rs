@@ -24,7 +24,8 @@ pub struct MigrationConfig {
     /// flow control) so that faults never queue behind the push at the
     /// bottleneck. Off: lanes keep their channels full.
     pub flow_control: bool,
-    /// Cap on bulk (push and bubble) bytes per second; `None` is unlimited.
+    /// Cap on bulk (push and bubble) bytes per second; `None` is unlimited,
+    /// `Some(0)` is refused.
     pub push_rate: Option<u64>,
 }
 

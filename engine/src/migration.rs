@@ -101,9 +101,10 @@ impl Migration {
         mem: Arc<DestMemory>,
         config: MigrationConfig,
     ) -> Result<MigrationHandle, EngineError> {
-        if config.lanes == 0 || config.batch_pages == 0 {
+        if config.lanes == 0 || config.batch_pages == 0 || config.push_rate == Some(0) {
             return Err(EngineError::Memory(
-                "at least one lane and a batch of at least one page are needed".into(),
+                "at least one lane, a batch of at least one page and a push rate above 0 are needed"
+                    .into(),
             ));
         }
         if mem.layout() != &transport.info().layout {

@@ -145,7 +145,7 @@ struct EngineArgs {
     no_flow_control: bool,
     /// Cap the push (sweep and bubbles) at this many bytes per second, e.g.
     /// 50MB or 100MiB (default: unlimited). Faults are never capped.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = parse_rate)]
     push_rate: Option<u64>,
     /// Do not pin lanes to cores.
     #[arg(long)]
@@ -225,6 +225,17 @@ fn parse_size(s: &str) -> Result<u64, String> {
     };
     n.checked_mul(mul)
         .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// Parses a bytes-per-second rate like `parse_size`; zero would stop the
+/// push for good and is refused.
+fn parse_rate(s: &str) -> Result<u64, String> {
+    match parse_size(s)? {
+        0 => Err(
+            "a push rate of 0 would never finish the migration; omit --push-rate for no cap".into(),
+        ),
+        n => Ok(n),
+    }
 }
 
 impl EngineArgs {
@@ -454,6 +465,8 @@ mod tests {
         assert!(parse_size("12XB").is_err());
         assert!(parse_size("MiB").is_err());
         assert!(parse_size("99999999999999GiB").is_err());
+        assert_eq!(parse_rate("50MB"), Ok(50_000_000));
+        assert!(parse_rate("0").is_err());
     }
 
     #[test]
