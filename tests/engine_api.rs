@@ -216,3 +216,28 @@ fn an_abandoned_migration_never_hands_the_guest_zero_pages() {
         "a thread blocked on a missing page returned after the handle was dropped"
     );
 }
+
+#[test]
+fn bad_configurations_are_refused_before_anything_is_touched() {
+    let src = pagewire_vmm_glue::image::synthetic(1 << 20, 1, 25).unwrap();
+    let t: Arc<dyn Transport> = Arc::new(pagewire_transport::inproc::InProcTransport::new(
+        Arc::new(src),
+    ));
+    for bad in [
+        MigrationConfig {
+            push_rate: Some(0),
+            ..MigrationConfig::default()
+        },
+        MigrationConfig {
+            lanes: 0,
+            ..MigrationConfig::default()
+        },
+        MigrationConfig {
+            batch_pages: 0,
+            ..MigrationConfig::default()
+        },
+    ] {
+        let e = Migration::start(t.clone(), bad.clone()).expect_err("refused");
+        assert!(e.to_string().contains("are needed"), "{bad:?}: {e}");
+    }
+}
