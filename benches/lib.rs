@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use pagewire_engine::uffd::{EventBuffer, PageInstaller};
+use pagewire_engine::uffd::{EventBuffer, PageInstaller, UffdEvent};
 use pagewire_engine::{DestMemory, Migration, MigrationConfig};
 use pagewire_transport::inproc::InProcTransport;
 use pagewire_transport::tcp::{PageServer, ServerHandle, TcpOptions, TcpTransport};
@@ -164,8 +164,9 @@ pub fn time_floor_faults(floor: &Floor, n: u64) -> Duration {
                     if !inst.wait_readable(10).expect("poll") {
                         continue;
                     }
-                    inst.read_faults(&mut events, &mut addrs).expect("read");
-                    for &a in &addrs {
+                    inst.read_events(&mut events, &mut addrs).expect("read");
+                    for ev in &addrs {
+                        let UffdEvent::Fault(a) = *ev else { continue };
                         let page = inst.memory().page_of(a).expect("page");
                         match conn.as_mut() {
                             Some(s) => {

@@ -12,6 +12,7 @@ use crate::error::EngineError;
 use crate::metrics::Metrics;
 use crate::shared::Shared;
 use crate::state::{Claim, PageOrigin};
+use crate::uffd::{OnBusy, UffdEvent};
 
 /// A fault whose page was requested on the urgent channel.
 struct Pending {
@@ -27,12 +28,41 @@ const STALLED: std::time::Duration = std::time::Duration::from_millis(50);
 /// outstanding, before it looks at the stop conditions again.
 const IDLE_POLL_MS: i32 = 20;
 
+/// Reads userfaultfd events: removals are applied at once, faults wait
+/// in `faults` for the loop. Only the fault service reads events, so an
+/// install that finds the owner changing its mappings (EAGAIN) on this
+/// thread reads them here, and lanes just wait.
+struct Events {
+    buf: EventBuffer,
+    read: Vec<UffdEvent>,
+    faults: VecDeque<(usize, Instant)>,
+}
+
+impl Events {
+    fn drain(&mut self, shared: &Shared) -> Result<(), EngineError> {
+        shared
+            .installer
+            .read_events(&mut self.buf, &mut self.read)?;
+        let now = Instant::now();
+        for ev in self.read.drain(..) {
+            match ev {
+                UffdEvent::Fault(addr) => self.faults.push_back((addr, now)),
+                UffdEvent::Remove { start, end } => shared.apply_remove(start, end),
+            }
+        }
+        Ok(())
+    }
+}
+
 pub(crate) fn fault_main(
     shared: &Shared,
     channel: &mut dyn PageChannel,
 ) -> Result<(), EngineError> {
-    let mut events = EventBuffer::new(64);
-    let mut addrs = Vec::with_capacity(64);
+    let mut ev = Events {
+        buf: EventBuffer::new(64),
+        read: Vec::with_capacity(64),
+        faults: VecDeque::new(),
+    };
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut buf = vec![0u8; shared.page_size()];
     let max = channel.max_outstanding().max(1);
@@ -41,7 +71,9 @@ pub(crate) fn fault_main(
             return Ok(());
         }
         // Wait for a fault, or for a reply when requests are outstanding.
-        let (faults, mut reply) = if pending.is_empty() {
+        let (faults, mut reply) = if !ev.faults.is_empty() {
+            (false, false)
+        } else if pending.is_empty() {
             shared.installer.wait_with(None, IDLE_POLL_MS)?
         } else if let Some(fd) = channel.ready_fd() {
             shared.installer.wait_with(Some(fd), IDLE_POLL_MS)?
@@ -50,45 +82,50 @@ pub(crate) fn fault_main(
             shared.installer.wait_with(None, 0)?
         };
         if faults {
-            shared.installer.read_faults(&mut events, &mut addrs)?;
-            for &addr in &addrs {
-                let t0 = Instant::now();
-                if let Some(page) = serve_fault(shared, addr, t0)? {
-                    while pending.len() >= max {
-                        receive_one(shared, channel, &mut pending, &mut buf)?;
-                    }
-                    shared.governor.urgent_begin();
-                    if let Err(e) = channel.send(&[PageRange::new(page, 1)]) {
-                        shared.governor.urgent_end();
-                        return Err(e.into());
-                    }
-                    pending.push_back(Pending { page, t0 });
-                    let n = pending.len() as u64;
-                    shared
-                        .metrics
-                        .max_concurrent_faults
-                        .fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+            ev.drain(shared)?;
+        }
+        while let Some((addr, t0)) = ev.faults.pop_front() {
+            let page = serve_fault(shared, addr, t0, &mut || ev.drain(shared))?;
+            if let Some(page) = page {
+                while pending.len() >= max {
+                    receive_one(shared, channel, &mut pending, &mut buf, &mut ev)?;
                 }
+                shared.governor.urgent_begin();
+                if let Err(e) = channel.send(&[PageRange::new(page, 1)]) {
+                    shared.governor.urgent_end();
+                    return Err(e.into());
+                }
+                pending.push_back(Pending { page, t0 });
+                let n = pending.len() as u64;
+                shared
+                    .metrics
+                    .max_concurrent_faults
+                    .fetch_max(n, std::sync::atomic::Ordering::Relaxed);
             }
         }
         // The poll above may already have said a reply is there; ask the
         // channel only when it has not.
         while !pending.is_empty() && (reply || channel.reply_ready()?) {
-            receive_one(shared, channel, &mut pending, &mut buf)?;
+            receive_one(shared, channel, &mut pending, &mut buf, &mut ev)?;
             reply = false;
         }
         // A reply this late means a stalled or dead source: wait for it in
         // the channel's own receive, which gives up after the I/O timeout
         // (polling for readiness never would).
         if pending.front().is_some_and(|p| p.t0.elapsed() >= STALLED) {
-            receive_one(shared, channel, &mut pending, &mut buf)?;
+            receive_one(shared, channel, &mut pending, &mut buf, &mut ev)?;
         }
     }
 }
 
 /// Handles one fault event. Returns the page when it must be fetched on
 /// the urgent channel; everything else is settled here.
-fn serve_fault(shared: &Shared, addr: usize, t0: Instant) -> Result<Option<u64>, EngineError> {
+fn serve_fault(
+    shared: &Shared,
+    addr: usize,
+    t0: Instant,
+    busy: OnBusy<'_>,
+) -> Result<Option<u64>, EngineError> {
     let mem = shared.installer.memory();
     let page = mem.page_of(addr).ok_or(EngineError::StrayFault(addr))?;
     let range = PageRange::new(page, 1);
@@ -97,7 +134,7 @@ fn serve_fault(shared: &Shared, addr: usize, t0: Instant) -> Result<Option<u64>,
     match shared.states.try_claim(page) {
         Claim::Won => {
             if shared.transport.info().zero.is_zero(page) {
-                shared.split_claimed(&[range], PageOrigin::Fault, &mut Vec::new())?;
+                shared.split_claimed(&[range], PageOrigin::Fault, &mut Vec::new(), busy)?;
                 Metrics::add(&shared.metrics.zero_faults, 1);
                 shared.metrics.zero.record(t0.elapsed());
                 shared.metrics.all.record(t0.elapsed());
@@ -112,9 +149,11 @@ fn serve_fault(shared: &Shared, addr: usize, t0: Instant) -> Result<Option<u64>,
             Ok(None)
         }
         Claim::Present => {
-            // Installed between the fault and now; the install woke the
-            // thread already, waking again is harmless.
-            shared.installer.wake(range)?;
+            // Installed between the fault and now (the install woke the
+            // thread already; this finds it mapped and wakes again), or
+            // installed and then removed by the owner (a balloon): a
+            // removed page reads as zeros.
+            shared.installer.install_zero_with(range, true, busy)?;
             shared.metrics.all.record(t0.elapsed());
             Ok(None)
         }
@@ -128,6 +167,7 @@ fn receive_one(
     channel: &mut dyn PageChannel,
     pending: &mut VecDeque<Pending>,
     buf: &mut [u8],
+    ev: &mut Events,
 ) -> Result<(), EngineError> {
     let Some(p) = pending.pop_front() else {
         return Ok(());
@@ -136,7 +176,7 @@ fn receive_one(
     shared.governor.urgent_end();
     got?;
     let range = PageRange::new(p.page, 1);
-    shared.install_fetched(&[range], buf, PageOrigin::Fault)?;
+    shared.install_fetched(&[range], buf, PageOrigin::Fault, &mut || ev.drain(shared))?;
     let d = p.t0.elapsed();
     Metrics::add(&shared.metrics.network_faults, 1);
     shared.metrics.network.record(d);

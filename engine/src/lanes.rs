@@ -97,7 +97,7 @@ pub(crate) fn lane_main(
                 break;
             };
             fetch.clear();
-            shared.split_claimed(&c.runs, c.origin, &mut fetch)?;
+            shared.split_claimed(&c.runs, c.origin, &mut fetch, &mut || shared.lane_busy())?;
             let counter = match c.origin {
                 PageOrigin::Bubble => &shared.metrics.prepaged_pages,
                 _ => &shared.metrics.pushed_pages,
@@ -172,7 +172,7 @@ fn receive_one(
     if let Some(sent) = p.sent {
         shared.governor.complete(sent);
     }
-    shared.install_fetched(&p.pieces, &buf, p.origin)?;
+    shared.install_fetched(&p.pieces, &buf, p.origin, &mut || shared.lane_busy())?;
     pool.push(buf);
     Ok(())
 }

@@ -23,11 +23,12 @@ pub mod prepager;
 mod shared;
 pub mod state;
 pub mod uffd;
+mod vma;
 
 pub use config::MigrationConfig;
-pub use error::EngineError;
+pub use error::{EngineError, RegionError};
 pub use governor::FlowStats;
-pub use memory::DestMemory;
+pub use memory::{DestMemory, GuestRegion};
 pub use metrics::LatencyUs;
-pub use migration::{EngineReport, Migration, MigrationHandle};
+pub use migration::{EngineReport, LiveMetrics, Migration, MigrationHandle};
 pub use state::PageOrigin;

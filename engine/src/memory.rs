@@ -1,9 +1,33 @@
-//! Destination guest memory: vm-memory regions laid out like the source.
+//! Destination guest memory: regions laid out like the source's, either
+//! mapped by the engine, handed in by a VMM in this process, or living in
+//! another process (a VMM that hands over only its userfaultfd).
 
-use pagewire_transport::{LayoutError, MemoryLayout, PageRange};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use pagewire_transport::{LayoutError, MemoryLayout, PageRange, RegionInfo, PAGE_SIZE};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MmapRegion,
+};
 
-use crate::error::EngineError;
+use crate::error::{EngineError, RegionError};
+
+/// Page sizes pagewire moves today.
+pub const SUPPORTED_PAGE_SIZES: &[usize] = &[PAGE_SIZE];
+
+/// One region of guest memory as a VMM has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestRegion {
+    /// Guest-physical address of the first byte. With Firecracker's
+    /// protocol, which carries no guest addresses, this is the region's
+    /// offset in the snapshot memory file.
+    pub guest_base: u64,
+    /// Host virtual address of the first byte, in the process that owns
+    /// the memory.
+    pub host_addr: u64,
+    /// Length in bytes, a multiple of `page_size`.
+    pub size: u64,
+    /// Page size backing the region (4 KiB; 2 MiB for hugetlbfs).
+    pub page_size: usize,
+}
 
 /// One region's place in the host address space.
 #[derive(Debug, Clone, Copy)]
@@ -13,14 +37,112 @@ struct HostRegion {
     first_page: u64,
 }
 
-/// Guest memory at the destination, laid out as the source's
-/// [`MemoryLayout`], with translation between host addresses and global
-/// page indices.
+/// Checks what a VMM hands in and returns the regions sorted by guest
+/// address with the layout they form.
+pub fn validate_regions(
+    regions: &[GuestRegion],
+) -> Result<(Vec<GuestRegion>, MemoryLayout), RegionError> {
+    let first = regions.first().ok_or(RegionError::Empty)?;
+    for (i, r) in regions.iter().enumerate() {
+        let ps = r.page_size;
+        if ps < PAGE_SIZE || !ps.is_power_of_two() {
+            return Err(RegionError::BadPageSize {
+                region: i,
+                page_size: ps,
+            });
+        }
+        if ps != first.page_size {
+            return Err(RegionError::MixedPageSizes {
+                region: i,
+                page_size: ps,
+                first: first.page_size,
+            });
+        }
+        if !SUPPORTED_PAGE_SIZES.contains(&ps) {
+            return Err(RegionError::UnsupportedPageSize {
+                region: i,
+                page_size: ps,
+                supported: SUPPORTED_PAGE_SIZES,
+            });
+        }
+        if r.size == 0 {
+            return Err(RegionError::EmptyRegion { region: i });
+        }
+        let ps64 = ps as u64;
+        if !r.size.is_multiple_of(ps64) {
+            return Err(RegionError::SizeNotPageMultiple {
+                region: i,
+                size: r.size,
+                page_size: ps,
+            });
+        }
+        for (what, addr) in [("host", r.host_addr), ("guest", r.guest_base)] {
+            if !addr.is_multiple_of(ps64) {
+                return Err(RegionError::Unaligned {
+                    region: i,
+                    what,
+                    addr,
+                    page_size: ps,
+                });
+            }
+            if addr.checked_add(r.size).is_none() {
+                return Err(RegionError::Overflow { region: i });
+            }
+        }
+        if r.host_addr
+            .checked_add(r.size)
+            .is_none_or(|e| e > usize::MAX as u64)
+        {
+            return Err(RegionError::Overflow { region: i });
+        }
+    }
+    for (space, key) in [
+        (
+            "guest",
+            (|r: &GuestRegion| r.guest_base) as fn(&GuestRegion) -> u64,
+        ),
+        ("host", |r: &GuestRegion| r.host_addr),
+    ] {
+        let mut order: Vec<usize> = (0..regions.len()).collect();
+        order.sort_by_key(|&i| key(&regions[i]));
+        for w in order.windows(2) {
+            let (a, b) = (&regions[w[0]], &regions[w[1]]);
+            if key(a) + a.size > key(b) {
+                return Err(RegionError::Overlap {
+                    a: w[0].min(w[1]),
+                    b: w[0].max(w[1]),
+                    space,
+                });
+            }
+        }
+    }
+    let mut sorted = regions.to_vec();
+    sorted.sort_by_key(|r| r.guest_base);
+    let layout = MemoryLayout::new(
+        first.page_size,
+        sorted
+            .iter()
+            .map(|r| RegionInfo {
+                guest_base: r.guest_base,
+                len: r.size,
+            })
+            .collect(),
+    )
+    .map_err(|e| RegionError::LayoutMismatch(e.to_string()))?;
+    Ok((sorted, layout))
+}
+
+/// Destination guest memory, laid out like the source's [`MemoryLayout`]
+/// (or a finer split of it), with translation between host addresses and
+/// global page indices.
 #[derive(Debug)]
 pub struct DestMemory {
-    guest: GuestMemoryMmap,
+    /// The vm-memory view, when the memory is in this process.
+    guest: Option<GuestMemoryMmap>,
     layout: MemoryLayout,
     regions: Vec<HostRegion>,
+    /// The process owning the memory, when it is not this one.
+    owner: Option<u32>,
 }
 
 impl DestMemory {
@@ -35,6 +157,80 @@ impl DestMemory {
         let guest = GuestMemoryMmap::from_ranges(&ranges)
             .map_err(|e| EngineError::Memory(e.to_string()))?;
         Self::from_guest(guest, layout)
+    }
+
+    /// Uses guest memory a VMM mapped in this process.
+    ///
+    /// The regions are validated (see [`validate_regions`]) and checked to
+    /// be mapped; their pages must not have been touched yet.
+    ///
+    /// # Safety
+    /// Every region must stay mapped, readable and writable at its host
+    /// address for as long as the returned value (and any migration using
+    /// it) lives: a failed migration keeps it until the process exits.
+    pub unsafe fn from_vmm(regions: &[GuestRegion]) -> Result<Self, EngineError> {
+        let (sorted, layout) = validate_regions(regions)?;
+        crate::vma::check_mapped(None, regions, false)?;
+        let mut mapped = Vec::with_capacity(sorted.len());
+        for r in &sorted {
+            // SAFETY: the caller guarantees the range is mapped read-write
+            // for the life of the result; it was just found mapped in
+            // /proc/self/smaps. vm-memory does not own (never unmaps) a
+            // raw region.
+            let m = unsafe {
+                MmapRegion::build_raw(
+                    r.host_addr as *mut u8,
+                    r.size as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                )
+            }
+            .map_err(|e| EngineError::Memory(e.to_string()))?;
+            mapped.push(
+                GuestRegionMmap::new(m, GuestAddress(r.guest_base))
+                    .ok_or_else(|| EngineError::Memory("region end overflows".into()))?,
+            );
+        }
+        let guest = GuestMemoryMmap::from_regions(mapped)
+            .map_err(|e| EngineError::Memory(e.to_string()))?;
+        Self::from_guest(guest, &layout)
+    }
+
+    /// Describes guest memory that lives in another process, which handed
+    /// over a userfaultfd registered over it (Firecracker's page-fault
+    /// handler protocol). Pages are installed through that userfaultfd;
+    /// this process never reads them. `pid` is the owner, when known: its
+    /// mappings are checked to cover every region.
+    pub fn remote(regions: &[GuestRegion], pid: Option<u32>) -> Result<Self, EngineError> {
+        let (sorted, layout) = validate_regions(regions)?;
+        if let Some(pid) = pid {
+            crate::vma::check_mapped(Some(pid), regions, false)?;
+        }
+        let mut m = Self::with_regions(None, layout, &sorted);
+        m.owner = pid;
+        Ok(m)
+    }
+
+    fn with_regions(
+        guest: Option<GuestMemoryMmap>,
+        layout: MemoryLayout,
+        sorted: &[GuestRegion],
+    ) -> Self {
+        let regions = sorted
+            .iter()
+            .enumerate()
+            .map(|(i, r)| HostRegion {
+                host: r.host_addr as usize,
+                len: r.size as usize,
+                first_page: layout.region_pages(i).start,
+            })
+            .collect();
+        Self {
+            guest,
+            layout,
+            regions,
+            owner: None,
+        }
     }
 
     /// Uses a VMM's existing guest memory. Its regions must match `layout`
@@ -58,10 +254,11 @@ impl DestMemory {
             let host = guest
                 .get_host_address(r.start_addr())
                 .map_err(|e| EngineError::Memory(e.to_string()))?;
-            regions.push(HostRegion {
-                host: host as usize,
-                len: want.len as usize,
-                first_page: layout.region_pages(i).start,
+            regions.push(GuestRegion {
+                guest_base: want.guest_base,
+                host_addr: host as u64,
+                size: want.len,
+                page_size: layout.page_size(),
             });
         }
         let extra = ours.next().is_some();
@@ -71,11 +268,75 @@ impl DestMemory {
                 "guest memory has more regions than the source".into(),
             ));
         }
-        Ok(Self {
-            guest,
-            layout: layout.clone(),
-            regions,
-        })
+        Ok(Self::with_regions(Some(guest), layout.clone(), &regions))
+    }
+
+    /// Checks that this memory can receive the source's: same page size,
+    /// same pages, each at the same guest address. The destination may
+    /// split a source region in several (Firecracker registers a memory
+    /// file in pieces) but never join or move one.
+    pub fn check_source(&self, source: &MemoryLayout) -> Result<(), RegionError> {
+        let mine = &self.layout;
+        if mine.page_size() != source.page_size() {
+            return Err(RegionError::LayoutMismatch(format!(
+                "page size {} here, {} at the source",
+                mine.page_size(),
+                source.page_size()
+            )));
+        }
+        if mine.total_pages() != source.total_pages() {
+            return Err(RegionError::LayoutMismatch(format!(
+                "{} bytes here, {} at the source",
+                mine.total_bytes(),
+                source.total_bytes()
+            )));
+        }
+        let ps = mine.page_size() as u64;
+        for (i, r) in mine.regions().iter().enumerate() {
+            let pages = mine.region_pages(i);
+            let count = (pages.end - pages.start) as u32;
+            let range = PageRange::new(pages.start, count.max(1));
+            let (region, off) = source.locate(range).map_err(|_| {
+                RegionError::LayoutMismatch(format!(
+                    "region {i} ({:#x}+{:#x}) spans two of the source's regions",
+                    r.guest_base, r.len
+                ))
+            })?;
+            let at = source.regions()[region].guest_base + off as u64;
+            if at != r.guest_base || (pages.end - pages.start) * ps != r.len {
+                return Err(RegionError::LayoutMismatch(format!(
+                    "region {i} starts at guest address {:#x}, the source has that page at {at:#x}",
+                    r.guest_base
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The process that owns remote memory, when known.
+    pub fn owner_pid(&self) -> Option<u32> {
+        self.owner
+    }
+
+    /// The regions in guest address order.
+    pub fn regions(&self) -> Vec<GuestRegion> {
+        self.layout
+            .regions()
+            .iter()
+            .zip(&self.regions)
+            .map(|(l, h)| GuestRegion {
+                guest_base: l.guest_base,
+                host_addr: h.host as u64,
+                size: l.len,
+                page_size: self.layout.page_size(),
+            })
+            .collect()
+    }
+
+    /// Whether the memory is mapped in this process (readable through
+    /// [`Self::page`] and [`Self::guest`]).
+    pub fn is_local(&self) -> bool {
+        self.guest.is_some()
     }
 
     /// The layout.
@@ -83,9 +344,10 @@ impl DestMemory {
         &self.layout
     }
 
-    /// The vm-memory view, for a VMM.
-    pub fn guest(&self) -> &GuestMemoryMmap {
-        &self.guest
+    /// The vm-memory view, for a VMM; `None` when the memory lives in
+    /// another process.
+    pub fn guest(&self) -> Option<&GuestMemoryMmap> {
+        self.guest.as_ref()
     }
 
     /// Host address ranges of the regions, as (start, len).
@@ -120,14 +382,17 @@ impl DestMemory {
         })
     }
 
-    /// The bytes of page `page`. Touching a missing page faults, so call
-    /// this only from a thread the fault handler can serve.
+    /// The bytes of page `page`; `None` when out of range or when the
+    /// memory lives in another process. Touching a missing page faults, so
+    /// call this only from a thread the fault handler can serve.
     pub fn page(&self, page: u64) -> Option<&[u8]> {
+        self.guest.as_ref()?;
         let addr = self.host_addr(page)?;
-        // SAFETY: `addr` is the start of a page inside a mapping owned by
-        // `self.guest`, which lives as long as `&self`; the page is
-        // readable (anonymous private mapping) and nobody writes it through
-        // a `&mut` while guest memory is shared.
+        // SAFETY: `addr` is the start of a page inside a mapping of this
+        // process described by `self.guest` (checked above), which stays
+        // mapped as long as `&self` (owned by vm-memory, or guaranteed by
+        // the caller of `from_vmm`); it is readable and nobody writes it
+        // through a `&mut` while guest memory is shared.
         Some(unsafe { std::slice::from_raw_parts(addr as *const u8, self.layout.page_size()) })
     }
 }

@@ -113,6 +113,8 @@ pub struct Metrics {
     pub install_conflicts: AtomicU64,
     /// Most urgent requests outstanding at once.
     pub max_concurrent_faults: AtomicU64,
+    /// Pages the memory's owner removed (balloon) before they arrived.
+    pub removed_pages: AtomicU64,
     /// Every fault, from reading its event to waking its thread.
     pub all: LatencyHist,
     /// Faults fetched over the network.
@@ -157,6 +159,7 @@ impl Metrics {
             duplicate_pages: counter(),
             install_conflicts: counter(),
             max_concurrent_faults: counter(),
+            removed_pages: counter(),
             all: LatencyHist::default(),
             network: LatencyHist::default(),
             inflight: LatencyHist::default(),

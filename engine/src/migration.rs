@@ -44,6 +44,9 @@ pub struct EngineReport {
     pub pushed_pages: u64,
     /// Pages installed as zero pages without crossing the wire.
     pub zero_pages: u64,
+    /// Pages the memory's owner removed (a balloon) before they arrived:
+    /// never fetched, read as zeros.
+    pub removed_pages: u64,
     /// Page bytes received.
     pub bytes_received: u64,
     /// Pages received more than once (must be 0).
@@ -79,6 +82,32 @@ pub struct EngineReport {
     pub push_rate: Option<u64>,
 }
 
+/// A snapshot of a running migration, cheap enough to take at any time.
+#[derive(Debug, Clone, Serialize)]
+pub struct LiveMetrics {
+    /// Pages installed (or settled as removed) so far.
+    pub pages_present: u64,
+    /// Pages in guest memory.
+    pub pages_total: u64,
+    /// Fault events handled.
+    pub faults: u64,
+    /// Faults fetched over the network.
+    pub network_faults: u64,
+    /// Pages removed by the memory's owner before they arrived.
+    pub removed_pages: u64,
+    /// Page bytes received.
+    pub bytes_received: u64,
+    /// Latency of every fault so far.
+    pub fault_latency_us: LatencyUs,
+    /// Every fault's latency as a power-of-two distribution (element `n`:
+    /// `[2^n, 2^(n+1))` µs).
+    pub fault_latency_dist: Vec<u64>,
+    /// Time since the migration started.
+    pub elapsed_ms: f64,
+    /// Whether the migration failed or was aborted.
+    pub failed: bool,
+}
+
 /// Starts post-copy migrations.
 #[derive(Debug)]
 pub struct Migration;
@@ -94,24 +123,46 @@ impl Migration {
         Self::start_with_memory(transport, mem, config)
     }
 
-    /// Starts the migration into a VMM's guest memory, which must match
-    /// the source's layout and be untouched.
+    /// Starts the migration into guest memory in this process, which
+    /// must match the source's layout and be untouched; a userfaultfd is
+    /// created for it (user-mode faults at least, see
+    /// [`PageInstaller::register`]).
     pub fn start_with_memory(
         transport: Arc<dyn Transport>,
         mem: Arc<DestMemory>,
         config: MigrationConfig,
     ) -> Result<MigrationHandle, EngineError> {
+        Self::check(&transport, &mem, &config)?;
+        let installer = PageInstaller::register(mem)?;
+        Self::start_with_installer(transport, installer, config)
+    }
+
+    fn check(
+        transport: &Arc<dyn Transport>,
+        mem: &DestMemory,
+        config: &MigrationConfig,
+    ) -> Result<(), EngineError> {
         if config.lanes == 0 || config.batch_pages == 0 || config.push_rate == Some(0) {
             return Err(EngineError::Memory(
                 "at least one lane, a batch of at least one page and a push rate above 0 are needed"
                     .into(),
             ));
         }
-        if mem.layout() != &transport.info().layout {
-            return Err(EngineError::Memory(
-                "guest memory layout differs from the source's".into(),
-            ));
-        }
+        mem.check_source(&transport.info().layout)?;
+        Ok(())
+    }
+
+    /// Starts the migration through a userfaultfd already bound to the
+    /// guest memory (created by [`PageInstaller::create_for_kvm`] or handed
+    /// in by a VMM with [`PageInstaller::with_uffd`]). The memory must be
+    /// untouched and match the source (see [`DestMemory::check_source`]).
+    pub fn start_with_installer(
+        transport: Arc<dyn Transport>,
+        installer: PageInstaller,
+        config: MigrationConfig,
+    ) -> Result<MigrationHandle, EngineError> {
+        let mem = installer.memory().clone();
+        Self::check(&transport, &mem, &config)?;
         let pages = mem.layout().total_pages();
         let page_size = mem.layout().page_size();
         // Requests never exceed what the transport accepts (nor what both
@@ -122,7 +173,6 @@ impl Migration {
             max_pages: t.max_pages.clamp(1, FetchLimits::WIRE.max_pages),
         };
         let batch = u64::from(config.batch_pages).min(limits.max_pages) as u32;
-        let installer = PageInstaller::register(mem.clone())?;
         // Open every channel before the guest may fault: a source that is
         // unreachable fails here, not in the middle of a fault.
         let urgent = transport.open(ChannelClass::Urgent)?;
@@ -237,6 +287,52 @@ impl MigrationHandle {
         self.shared.states.all_present() || self.shared.aborted()
     }
 
+    /// Live counters and the fault latency histogram so far.
+    pub fn metrics(&self) -> LiveMetrics {
+        let s = &self.shared;
+        let m = &s.metrics;
+        LiveMetrics {
+            pages_present: s.states.present(),
+            pages_total: s.states.len(),
+            faults: Metrics::get(&m.faults),
+            network_faults: Metrics::get(&m.network_faults),
+            removed_pages: Metrics::get(&m.removed_pages),
+            bytes_received: Metrics::get(&m.bytes_received),
+            fault_latency_us: m.all.summary(),
+            fault_latency_dist: m.all.distribution(),
+            elapsed_ms: s.started.elapsed().as_secs_f64() * 1000.0,
+            failed: s.aborted(),
+        }
+    }
+
+    /// Stops the migration now. Pages that did not arrive never will:
+    /// guest memory stays registered (see the type's docs), so threads
+    /// touching them block until the process exits; the VMM must stop or
+    /// tear down the guest. Returns the error that had stopped the
+    /// migration already, if any.
+    pub fn abort(mut self) -> Option<EngineError> {
+        self.stop_threads();
+        let failed = self
+            .shared
+            .error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        failed
+    }
+
+    fn stop_threads(&mut self) {
+        if !self.threads.is_empty() {
+            self.shared.abort.store(true, Ordering::SeqCst);
+            for t in self.threads.drain(..) {
+                let _ = t.join();
+            }
+            if !self.shared.states.all_present() {
+                self.park();
+            }
+        }
+    }
+
     /// Lets the background sweep run (for migrations started without push).
     pub fn release_push(&self) {
         self.shared.push_released.store(true, Ordering::SeqCst);
@@ -302,6 +398,7 @@ impl MigrationHandle {
             prepaged_pages: Metrics::get(&m.prepaged_pages),
             pushed_pages: Metrics::get(&m.pushed_pages),
             zero_pages: Metrics::get(&m.zero_pages),
+            removed_pages: Metrics::get(&m.removed_pages),
             bytes_received: Metrics::get(&m.bytes_received),
             duplicate_pages: Metrics::get(&m.duplicate_pages),
             install_conflicts: Metrics::get(&m.install_conflicts),
@@ -329,15 +426,7 @@ impl MigrationHandle {
 
 impl Drop for MigrationHandle {
     fn drop(&mut self) {
-        if !self.threads.is_empty() {
-            // Dropped without wait(): stop the threads.
-            self.shared.abort.store(true, Ordering::SeqCst);
-            for t in self.threads.drain(..) {
-                let _ = t.join();
-            }
-            if !self.shared.states.all_present() {
-                self.park();
-            }
-        }
+        // Dropped without wait(): stop the threads.
+        self.stop_threads();
     }
 }

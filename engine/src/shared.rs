@@ -12,8 +12,8 @@ use crate::error::EngineError;
 use crate::governor::Governor;
 use crate::metrics::Metrics;
 use crate::prepager::Prepager;
-use crate::state::{PageOrigin, PageStateMap};
-use crate::uffd::PageInstaller;
+use crate::state::{PageOrigin, PageStateMap, Removal};
+use crate::uffd::{OnBusy, PageInstaller};
 
 /// Everything the threads of one migration share.
 pub(crate) struct Shared {
@@ -139,6 +139,7 @@ impl Shared {
         runs: &[PageRange],
         origin: PageOrigin,
         fetch: &mut Vec<PageRange>,
+        busy: OnBusy<'_>,
     ) -> Result<(), EngineError> {
         let zero = &self.transport.info().zero;
         for run in runs {
@@ -153,7 +154,7 @@ impl Shared {
                 // A piece is part of a run, whose count is a u32.
                 let piece = PageRange::new(start, (end - start) as u32);
                 if z {
-                    let done = self.installer.install_zero(piece, true)?;
+                    let done = self.installer.install_zero_with(piece, true, busy)?;
                     Metrics::add(&self.metrics.zero_pages, done.pages);
                     Metrics::add(&self.metrics.install_conflicts, done.already_present);
                     self.mark_present(piece, origin);
@@ -166,12 +167,14 @@ impl Shared {
         Ok(())
     }
 
-    /// Installs fetched bytes: `buf` holds `pieces` back to back.
+    /// Installs fetched bytes: `buf` holds `pieces` back to back. Pages
+    /// the owner removed while they were fetched get a zero page instead.
     pub fn install_fetched(
         &self,
         pieces: &[PageRange],
         buf: &[u8],
         origin: PageOrigin,
+        busy: OnBusy<'_>,
     ) -> Result<(), EngineError> {
         let ps = self.page_size();
         self.metrics.record_fetched(pieces, ps);
@@ -184,11 +187,63 @@ impl Shared {
                     buf.len()
                 ))
             })?;
-            let done = self.installer.install(*piece, data, true)?;
-            Metrics::add(&self.metrics.install_conflicts, done.already_present);
-            self.mark_present(*piece, origin);
+            // Sub-runs of equal removed-ness: removed pages are never
+            // installed from the source.
+            let mut start = piece.first;
+            while start < piece.end() {
+                let removed = self.states.removed_while_claimed(start);
+                let mut end = start + 1;
+                while end < piece.end() && self.states.removed_while_claimed(end) == removed {
+                    end += 1;
+                }
+                let sub = PageRange::new(start, (end - start) as u32);
+                if removed {
+                    self.installer.install_zero_with(sub, true, busy)?;
+                    Metrics::add(&self.metrics.removed_pages, u64::from(sub.count));
+                    self.mark_present(sub, PageOrigin::Removed);
+                } else {
+                    let from = (start - piece.first) as usize * ps;
+                    let data = &data[from..from + sub.count as usize * ps];
+                    let done = self.installer.install_with(sub, data, true, busy)?;
+                    Metrics::add(&self.metrics.install_conflicts, done.already_present);
+                    self.mark_present(sub, origin);
+                }
+                start = end;
+            }
             off += n;
         }
+        Ok(())
+    }
+
+    /// The owner dropped host range `[start, end)` (UFFD_EVENT_REMOVE):
+    /// its pages are never fetched again and read as zeros when touched.
+    pub fn apply_remove(&self, start: usize, end: usize) {
+        let mem = self.installer.memory();
+        let ps = self.page_size();
+        let mut removed = 0;
+        let mut addr = start - start % ps;
+        while addr < end {
+            if let Some(page) = mem.page_of(addr) {
+                if self.states.remove(page) == Removal::WasMissing {
+                    removed += 1;
+                }
+            }
+            addr += ps;
+        }
+        Metrics::add(&self.metrics.removed_pages, removed);
+        if self.states.all_present() {
+            let _ = self.finished.set(Instant::now());
+        }
+        tracing::debug!(start, end, removed, "guest memory removed by its owner");
+    }
+
+    /// What a lane does when the owner is changing its mappings: wait for
+    /// the fault service to read the event, unless the migration stops.
+    pub fn lane_busy(&self) -> Result<(), EngineError> {
+        if self.aborted() {
+            return Err(EngineError::Aborted);
+        }
+        std::thread::sleep(std::time::Duration::from_micros(20));
         Ok(())
     }
 

@@ -23,6 +23,10 @@ pub enum PageOrigin {
     Bubble = 2,
     /// Sent by the background sweep.
     Push = 3,
+    /// Dropped by the memory's owner (a balloon's `MADV_DONTNEED`) before
+    /// or while it was fetched: never installed from the source, a touch
+    /// maps a zero page.
+    Removed = 4,
 }
 
 impl PageOrigin {
@@ -31,9 +35,21 @@ impl PageOrigin {
             1 => Self::Fault,
             2 => Self::Bubble,
             3 => Self::Push,
+            4 => Self::Removed,
             _ => Self::None,
         }
     }
+}
+
+/// What a removal found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// The page was missing; it is now settled without a fetch.
+    WasMissing,
+    /// Someone is fetching it; their install must skip it.
+    WasClaimed,
+    /// It was installed; the kernel dropped it, a touch maps zeros.
+    WasPresent,
 }
 
 /// Result of trying to claim one page.
@@ -133,6 +149,44 @@ impl PageStateMap {
             debug_assert_eq!(prev, CLAIMED, "page {p} marked present without a claim");
         }
         self.present.fetch_add(count, Ordering::AcqRel);
+    }
+
+    /// The owner of the memory dropped `page` (UFFD_EVENT_REMOVE): it must
+    /// never be installed from the source again.
+    pub fn remove(&self, page: u64) -> Removal {
+        let Some(s) = self.states.get(page as usize) else {
+            return Removal::WasPresent;
+        };
+        loop {
+            match s.load(Ordering::Acquire) {
+                MISSING => {
+                    self.origins[page as usize].store(PageOrigin::Removed as u8, Ordering::Relaxed);
+                    if s.compare_exchange(MISSING, PRESENT, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                    {
+                        self.present.fetch_add(1, Ordering::AcqRel);
+                        return Removal::WasMissing;
+                    }
+                }
+                CLAIMED => {
+                    self.origins[page as usize].store(PageOrigin::Removed as u8, Ordering::Release);
+                    // Claimed still: its installer will see the mark. If it
+                    // turned present meanwhile, it was installed first.
+                    if s.load(Ordering::Acquire) == CLAIMED {
+                        return Removal::WasClaimed;
+                    }
+                    return Removal::WasPresent;
+                }
+                _ => return Removal::WasPresent,
+            }
+        }
+    }
+
+    /// Whether a claimed `page` was removed while it was being fetched.
+    pub fn removed_while_claimed(&self, page: u64) -> bool {
+        self.origins
+            .get(page as usize)
+            .is_some_and(|o| o.load(Ordering::Acquire) == PageOrigin::Removed as u8)
     }
 
     /// Who installed `page`.

@@ -1,14 +1,15 @@
 //! A thin, safe wrapper over userfaultfd for installing pages into
 //! [`DestMemory`]. Every `unsafe` call of the engine lives here.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use pagewire_transport::PageRange;
 pub use userfaultfd::EventBuffer;
-use userfaultfd::{Event, Uffd, UffdBuilder};
+use userfaultfd::{Event, FeatureFlags, Uffd, UffdBuilder};
 
-use crate::error::EngineError;
+use crate::error::{EngineError, RegionError};
 use crate::memory::DestMemory;
 
 fn uffd_err(context: &str) -> impl FnOnce(userfaultfd::Error) -> EngineError + '_ {
@@ -16,6 +17,12 @@ fn uffd_err(context: &str) -> impl FnOnce(userfaultfd::Error) -> EngineError + '
         context: context.to_string(),
         error,
     }
+}
+
+/// Waits a moment for another thread to read the pending events.
+fn yield_busy() -> Result<(), EngineError> {
+    std::thread::sleep(std::time::Duration::from_micros(20));
+    Ok(())
 }
 
 /// What an install did.
@@ -27,6 +34,26 @@ pub struct Installed {
     pub already_present: u64,
 }
 
+/// What the userfaultfd reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UffdEvent {
+    /// A thread touched a missing page at this host address.
+    Fault(usize),
+    /// The owner dropped `[start, end)` (`madvise(MADV_DONTNEED)` or
+    /// `MADV_REMOVE`, a balloon inflating): those pages now read as zeros.
+    Remove {
+        /// First byte.
+        start: usize,
+        /// One past the last byte.
+        end: usize,
+    },
+}
+
+/// A callback for when the owner of the memory is changing its mappings
+/// (an event is pending and installs return EAGAIN): it must get the
+/// pending events read, then the install is retried.
+pub type OnBusy<'a> = &'a mut dyn FnMut() -> Result<(), EngineError>;
+
 /// A userfaultfd bound to one [`DestMemory`]: registers its regions in
 /// MISSING mode and installs pages into them.
 #[derive(Debug)]
@@ -35,26 +62,89 @@ pub struct PageInstaller {
     mem: Arc<DestMemory>,
 }
 
+fn builder(user_mode_only: bool) -> UffdBuilder {
+    let mut b = UffdBuilder::new();
+    b.close_on_exec(true)
+        .non_blocking(true)
+        .user_mode_only(user_mode_only)
+        .require_features(FeatureFlags::EVENT_REMOVE);
+    b
+}
+
 impl PageInstaller {
     /// Opens a userfaultfd and registers every region of `mem` for missing
-    /// faults. Faults from the kernel (a KVM vCPU touching guest memory) are
-    /// asked for first and the installer falls back to user-mode-only faults
-    /// where the process may not see kernel ones.
+    /// faults, for memory touched from user space (the CLI's workloads).
+    /// Kernel-mode faults are asked for first; where the process may not
+    /// see them it falls back to user-mode-only faults, and logs so. A VMM
+    /// whose guest runs under KVM uses [`Self::create_for_kvm`] instead.
     pub fn register(mem: Arc<DestMemory>) -> Result<Self, EngineError> {
-        let build = |user_only| {
-            UffdBuilder::new()
-                .close_on_exec(true)
-                .non_blocking(true)
-                .user_mode_only(user_only)
-                .create()
+        let uffd = match builder(false).create() {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::info!("kernel-mode userfaultfd refused ({e:?}): user-mode faults only");
+                builder(true).create().map_err(uffd_err("create"))?
+            }
         };
-        let uffd = build(false)
-            .or_else(|_| build(true))
-            .map_err(uffd_err("create"))?;
+        Self::register_regions(uffd, mem)
+    }
+
+    /// Opens a userfaultfd that also receives faults raised in kernel
+    /// context (a KVM vCPU or vhost touching guest memory), and registers
+    /// every region of `mem`. Fails with
+    /// [`crate::RegionError::KernelFaultsRefused`] rather than fall back to
+    /// user-mode-only faults, under which KVM's accesses fail with EFAULT.
+    pub fn create_for_kvm(mem: Arc<DestMemory>) -> Result<Self, EngineError> {
+        let uffd = builder(false)
+            .create()
+            .map_err(|e| RegionError::KernelFaultsRefused(format!("{e:?}")))?;
+        Self::register_regions(uffd, mem)
+    }
+
+    fn register_regions(uffd: Uffd, mem: Arc<DestMemory>) -> Result<Self, EngineError> {
+        if !mem.is_local() {
+            return Err(EngineError::Memory(
+                "memory of another process can only be reached through its own userfaultfd".into(),
+            ));
+        }
         for (start, len) in mem.host_ranges() {
             uffd.register(start as *mut libc::c_void, len)
                 .map_err(uffd_err("register guest region"))?;
         }
+        Ok(Self { uffd, mem })
+    }
+
+    /// Uses a userfaultfd the VMM created and registered over every region
+    /// of `mem` itself (MISSING mode). It is made non-blocking; its
+    /// registration is checked against the owner's mappings where they can
+    /// be read.
+    pub fn with_uffd(mem: Arc<DestMemory>, fd: OwnedFd) -> Result<Self, EngineError> {
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .map_err(|e| RegionError::BadUffd(format!("cannot inspect fd: {e}")))?;
+        if link.to_string_lossy() != "anon_inode:[userfaultfd]" {
+            return Err(RegionError::BadUffd(format!(
+                "fd is {}, not a userfaultfd",
+                link.display()
+            ))
+            .into());
+        }
+        let flags = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)
+            .map_err(|e| RegionError::BadUffd(format!("F_GETFL: {e}")))?;
+        let mut flags = OFlag::from_bits_retain(flags);
+        if !flags.contains(OFlag::O_NONBLOCK) {
+            flags.insert(OFlag::O_NONBLOCK);
+            fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags))
+                .map_err(|e| RegionError::BadUffd(format!("F_SETFL O_NONBLOCK: {e}")))?;
+        }
+        match (mem.is_local(), mem.owner_pid()) {
+            (true, _) => crate::vma::check_mapped(None, &mem.regions(), true)?,
+            (false, Some(pid)) => crate::vma::check_mapped(Some(pid), &mem.regions(), true)?,
+            (false, None) => {
+                tracing::warn!("owner of guest memory unknown: registration not checked")
+            }
+        }
+        // SAFETY: `fd` is an open userfaultfd (checked above) whose
+        // ownership moves into the `Uffd`, which closes it on drop.
+        let uffd = unsafe { Uffd::from_raw_fd(fd.into_raw_fd()) };
         Ok(Self { uffd, mem })
     }
 
@@ -71,11 +161,25 @@ impl PageInstaller {
     /// Copies `data` into the pages of `range` with UFFDIO_COPY. Pages that
     /// are already mapped (EEXIST) are skipped and counted, never
     /// overwritten. With `wake`, threads blocked on these pages resume.
+    /// While the owner changes its mappings it yields and retries; use
+    /// [`Self::install_with`] on the thread that reads the events.
     pub fn install(
         &self,
         range: PageRange,
         data: &[u8],
         wake: bool,
+    ) -> Result<Installed, EngineError> {
+        self.install_with(range, data, wake, &mut yield_busy)
+    }
+
+    /// [`Self::install`], calling `busy` when the kernel answers EAGAIN
+    /// (an event such as a REMOVE is pending and must be read first).
+    pub fn install_with(
+        &self,
+        range: PageRange,
+        data: &[u8],
+        wake: bool,
+        busy: OnBusy<'_>,
     ) -> Result<Installed, EngineError> {
         let (addr, len) = self.span(range)?;
         if data.len() != len {
@@ -90,9 +194,10 @@ impl PageInstaller {
         while off < len {
             // SAFETY: `addr + off .. addr + len` lies inside a region of
             // `self.mem` (checked by `span`), which is registered with this
-            // uffd and stays mapped while `self` holds the Arc; `data[off..]`
-            // is a live slice of exactly `len - off` bytes. UFFDIO_COPY only
-            // fills pages that are not mapped yet.
+            // uffd and stays mapped in its owner process while `self`
+            // holds the Arc (parked on failure); `data[off..]` is a live
+            // slice of exactly `len - off` bytes in this process.
+            // UFFDIO_COPY only fills pages that are not mapped yet.
             let r = unsafe {
                 self.uffd.copy(
                     data[off..].as_ptr().cast(),
@@ -102,16 +207,18 @@ impl PageInstaller {
                 )
             };
             match r {
-                Ok(n) if n > 0 => {
+                Ok(n) if n > 0 && n <= len - off => {
                     done.pages += (n / ps) as u64;
                     off += n;
                 }
-                Err(userfaultfd::Error::PartiallyCopied(n)) if n > 0 => {
+                // EAGAIN: a partial copy, or (a negative count read as a
+                // huge one) none because the mappings are changing.
+                Err(userfaultfd::Error::PartiallyCopied(n)) if n > 0 && n <= len - off => {
                     done.pages += (n / ps) as u64;
                     off += n;
                 }
-                Ok(_) | Err(userfaultfd::Error::PartiallyCopied(_)) => {
-                    // Nothing copied: the next page is in the way.
+                Err(userfaultfd::Error::PartiallyCopied(_)) => busy()?,
+                Ok(_) => {
                     return Err(EngineError::Memory(format!(
                         "UFFDIO_COPY made no progress at {:#x}",
                         addr + off
@@ -122,6 +229,9 @@ impl PageInstaller {
                     self.wake_span(addr + off, ps)?;
                     off += ps;
                 }
+                Err(userfaultfd::Error::CopyFailed(errno)) if errno as i32 == libc::EAGAIN => {
+                    busy()?
+                }
                 Err(e) => return Err(uffd_err("UFFDIO_COPY")(e)),
             }
         }
@@ -131,21 +241,36 @@ impl PageInstaller {
     /// Maps the pages of `range` as zero pages with UFFDIO_ZEROPAGE, no
     /// data needed. Already-mapped pages are skipped and counted.
     pub fn install_zero(&self, range: PageRange, wake: bool) -> Result<Installed, EngineError> {
+        self.install_zero_with(range, wake, &mut yield_busy)
+    }
+
+    /// [`Self::install_zero`], calling `busy` on EAGAIN like
+    /// [`Self::install_with`].
+    pub fn install_zero_with(
+        &self,
+        range: PageRange,
+        wake: bool,
+        busy: OnBusy<'_>,
+    ) -> Result<Installed, EngineError> {
         let (addr, len) = self.span(range)?;
         let ps = self.mem.layout().page_size();
         let mut done = Installed::default();
         let mut off = 0;
         while off < len {
-            // SAFETY: as in `install`: the span is inside registered memory
-            // owned by `self.mem`; ZEROPAGE only fills unmapped pages.
+            // SAFETY: as in `install_with`: the span is inside registered
+            // memory described by `self.mem`; ZEROPAGE only fills unmapped
+            // pages.
             let r = unsafe {
                 self.uffd
                     .zeropage((addr + off) as *mut libc::c_void, len - off, wake)
             };
             match r {
-                Ok(n) if n > 0 => {
+                Ok(n) if n > 0 && n <= len - off => {
                     done.pages += (n / ps) as u64;
                     off += n;
+                }
+                Err(userfaultfd::Error::ZeropageFailed(errno)) if errno as i32 == libc::EAGAIN => {
+                    busy()?
                 }
                 Err(userfaultfd::Error::ZeropageFailed(errno)) if errno as i32 == libc::EEXIST => {
                     // The kernel stops at the first mapped page; retry page by
@@ -156,14 +281,20 @@ impl PageInstaller {
                             .zeropage((addr + off) as *mut libc::c_void, ps, wake)
                     };
                     match one {
-                        Ok(_) => done.pages += 1,
+                        Ok(_) => {
+                            done.pages += 1;
+                            off += ps;
+                        }
                         Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EEXIST => {
                             done.already_present += 1;
                             self.wake_span(addr + off, ps)?;
+                            off += ps;
+                        }
+                        Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EAGAIN => {
+                            busy()?
                         }
                         Err(e) => return Err(uffd_err("UFFDIO_ZEROPAGE")(e)),
                     }
-                    off += ps;
                 }
                 Ok(_) => {
                     return Err(EngineError::Memory(format!(
@@ -233,12 +364,12 @@ impl PageInstaller {
         ))
     }
 
-    /// Reads pending fault events (non-blocking) and returns the faulting
-    /// host addresses. Other events are ignored.
-    pub fn read_faults(
+    /// Reads pending events (non-blocking) into `out`: faults and
+    /// removals. Other events are ignored.
+    pub fn read_events(
         &self,
         buf: &mut EventBuffer,
-        out: &mut Vec<usize>,
+        out: &mut Vec<UffdEvent>,
     ) -> Result<(), EngineError> {
         out.clear();
         let events = match self.uffd.read_events(buf) {
@@ -248,7 +379,11 @@ impl PageInstaller {
         };
         for ev in events {
             match ev.map_err(uffd_err("decode event"))? {
-                Event::Pagefault { addr, .. } => out.push(addr as usize),
+                Event::Pagefault { addr, .. } => out.push(UffdEvent::Fault(addr as usize)),
+                Event::Remove { start, end } => out.push(UffdEvent::Remove {
+                    start: start as usize,
+                    end: end as usize,
+                }),
                 other => tracing::debug!(?other, "ignoring userfaultfd event"),
             }
         }

@@ -1,11 +1,13 @@
 //! How a VMM plugs into pagewire, and the pieces of the `pagewire` CLI.
 //!
+//! - [`embed`]: the embedding API a VMM uses.
 //! - [`image`]: source guest memory from a file or a synthetic generator.
 //! - [`workload`]: touch patterns that stand in for a resumed guest.
 //! - [`run`]: a destination run: migrate, run the workload, verify, report.
 
 #![deny(missing_docs)]
 
+pub mod embed;
 pub mod image;
 pub mod run;
 pub mod workload;

@@ -12,9 +12,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pagewire_engine::MigrationConfig;
 use pagewire_transport::inproc::InProcTransport;
-use pagewire_transport::rdma::{CompletionWait, Device, RdmaExport, RdmaTransport};
-use pagewire_transport::tcp::{PageServer, TcpOptions, TcpTransport};
+use pagewire_transport::rdma::{CompletionWait, Device, RdmaExport};
+use pagewire_transport::tcp::{PageServer, TcpOptions};
 use pagewire_transport::{SourceMemory, Transport};
+use pagewire_vmm_glue::embed::{connect, RdmaOptions, TransportChoice};
 use pagewire_vmm_glue::image;
 use pagewire_vmm_glue::run::{run_destination, RunOptions, RunReport};
 use pagewire_vmm_glue::workload::{Pattern, Workload};
@@ -325,44 +326,32 @@ fn cmd_source(a: SourceArgs) -> Result<ExitCode> {
 
 fn cmd_dest(a: DestArgs) -> Result<ExitCode> {
     let opts = a.engine.options()?;
-    if a.path.transport == TransportKind::Inproc {
-        bail!("--transport inproc needs the source in this process: use `pagewire demo --transport inproc`");
-    }
-    let tcp = TcpTransport::connect(a.connect.as_str(), a.engine.tcp_options()?)
+    let choice = a.path.choice()?;
+    let transport = connect(&a.connect, choice, a.engine.tcp_options()?)
         .with_context(|| format!("cannot start migration from {}", a.connect))?;
-    let transport = select_transport(&a.path, tcp)?;
     let report = run_destination(transport, &opts).context("migration failed")?;
     print_report(&report, a.engine.json)
 }
 
-/// Picks RDMA or TCP over an established control connection.
-fn select_transport(path: &TransportArgs, tcp: TcpTransport) -> Result<Arc<dyn Transport>> {
-    let rdma = |dev: Arc<Device>, tcp, how: &str| -> Arc<dyn Transport> {
-        tracing::info!(
-            device = dev.name(),
-            gid_index = dev.gid_index(),
-            "{how}: using RDMA"
-        );
-        let wait = match path.rdma_bulk_wait {
-            BulkWait::Poll => CompletionWait::Poll,
-            BulkWait::Event => CompletionWait::Event,
+impl TransportArgs {
+    /// The library's transport choice; inproc is not one.
+    fn choice(&self) -> Result<TransportChoice> {
+        let rdma = RdmaOptions {
+            device: self.rdma.rdma_device.clone(),
+            gid_index: self.rdma.gid_index,
+            bulk_wait: match self.rdma_bulk_wait {
+                BulkWait::Poll => CompletionWait::Poll,
+                BulkWait::Event => CompletionWait::Event,
+            },
         };
-        Arc::new(RdmaTransport::new(tcp, dev).with_bulk_wait(wait))
-    };
-    match path.transport {
-        TransportKind::Tcp => Ok(Arc::new(tcp)),
-        TransportKind::Rdma => {
-            let dev = path.rdma.open().context("--transport rdma")?;
-            Ok(rdma(dev, tcp, "--transport rdma"))
-        }
-        TransportKind::Auto => match path.rdma.open() {
-            Ok(dev) => Ok(rdma(dev, tcp, "auto")),
-            Err(e) => {
-                tracing::info!("auto: using TCP ({e})");
-                Ok(Arc::new(tcp))
-            }
-        },
-        TransportKind::Inproc => bail!("inproc is not a network transport"),
+        Ok(match self.transport {
+            TransportKind::Tcp => TransportChoice::Tcp,
+            TransportKind::Auto => TransportChoice::Auto(rdma),
+            TransportKind::Rdma => TransportChoice::Rdma(rdma),
+            TransportKind::Inproc => bail!(
+                "--transport inproc needs the source in this process: use `pagewire demo --transport inproc`"
+            ),
+        })
     }
 }
 
@@ -410,9 +399,9 @@ fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
                 child.0.id(),
                 a.size >> 20
             );
-            let t = TcpTransport::connect(addr.as_str(), a.engine.tcp_options()?)
+            let t = connect(&addr, a.path.choice()?, a.engine.tcp_options()?)
                 .with_context(|| format!("cannot connect to the demo source at {addr}"))?;
-            (select_transport(&a.path, t)?, Some(child))
+            (t, Some(child))
         }
         TransportKind::Inproc => {
             let mem: SourceMemory = image::synthetic(a.size, a.seed, image::DEFAULT_ZERO_PERCENT)?;
