@@ -1,6 +1,7 @@
 //! How a VMM plugs into pagewire, and the pieces of the `pagewire` CLI.
 //!
 //! - [`embed`]: the embedding API a VMM uses.
+//! - [`firecracker`]: Firecracker's UFFD page-fault-handler protocol.
 //! - [`image`]: source guest memory from a file or a synthetic generator.
 //! - [`workload`]: touch patterns that stand in for a resumed guest.
 //! - [`run`]: a destination run: migrate, run the workload, verify, report.
@@ -8,6 +9,7 @@
 #![deny(missing_docs)]
 
 pub mod embed;
+pub mod firecracker;
 pub mod image;
 pub mod run;
 pub mod workload;

@@ -3,6 +3,8 @@
 
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::net::SocketAddr;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
@@ -10,12 +12,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pagewire_engine::MigrationConfig;
 use pagewire_transport::inproc::InProcTransport;
 use pagewire_transport::rdma::{CompletionWait, Device, RdmaExport};
 use pagewire_transport::tcp::{PageServer, TcpOptions};
 use pagewire_transport::{SourceMemory, Transport};
 use pagewire_vmm_glue::embed::{connect, RdmaOptions, TransportChoice};
+use pagewire_vmm_glue::firecracker::{FcHandler, FcOutcome};
 use pagewire_vmm_glue::image;
 use pagewire_vmm_glue::run::{run_destination, RunOptions, RunReport};
 use pagewire_vmm_glue::workload::{Pattern, Workload};
@@ -43,6 +47,28 @@ enum Cmd {
     /// Run a source and a destination as two processes on loopback and
     /// print the report.
     Demo(DemoArgs),
+    /// Be Firecracker's page-fault handler (its UFFD memory backend):
+    /// accept one VM on a Unix socket and pull its snapshot memory
+    /// post-copy from a pagewire source.
+    FcHandler(FcHandlerArgs),
+}
+
+#[derive(Debug, Args)]
+struct FcHandlerArgs {
+    /// Unix socket to listen on: Firecracker's
+    /// `mem_backend.backend_path`. A stale socket there is replaced; any
+    /// other file is left alone and refused.
+    #[arg(long)]
+    socket: PathBuf,
+    /// Address of the pagewire source serving the snapshot memory file
+    /// (`pagewire source --memory SNAPSHOT_MEM`): the offsets Firecracker
+    /// sends are offsets in that file.
+    #[arg(long)]
+    source: String,
+    #[command(flatten)]
+    path: TransportArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
 }
 
 #[derive(Debug, Args)]
@@ -104,7 +130,7 @@ enum TransportKind {
 }
 
 #[derive(Debug, Args, Clone)]
-struct EngineArgs {
+struct WorkloadArgs {
     /// Touch pattern of the workload that stands in for the resumed VM.
     #[arg(long, value_enum, default_value = "hotset")]
     workload: Pattern,
@@ -120,6 +146,10 @@ struct EngineArgs {
     /// Busy time between touches in microseconds (models compute).
     #[arg(long, default_value_t = 0)]
     think_us: u64,
+}
+
+#[derive(Debug, Args, Clone)]
+struct EngineArgs {
     /// Pusher lanes, each with its own bulk connection (default: one per core).
     #[arg(long)]
     lanes: Option<usize>,
@@ -168,6 +198,8 @@ struct DestArgs {
     #[command(flatten)]
     path: TransportArgs,
     #[command(flatten)]
+    workload: WorkloadArgs,
+    #[command(flatten)]
     engine: EngineArgs,
 }
 
@@ -203,6 +235,8 @@ struct DemoArgs {
     seed: u64,
     #[command(flatten)]
     path: TransportArgs,
+    #[command(flatten)]
+    workload: WorkloadArgs,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -240,31 +274,39 @@ fn parse_rate(s: &str) -> Result<u64, String> {
 }
 
 impl EngineArgs {
-    fn options(&self) -> Result<RunOptions> {
+    fn config(&self) -> Result<MigrationConfig> {
         let lanes = match self.lanes {
             Some(0) => bail!("--lanes must be at least 1"),
             Some(n) => n,
             None => MigrationConfig::default().lanes,
         };
-        Ok(RunOptions {
-            config: MigrationConfig {
-                lanes,
-                bubble: if self.no_bubble { 0 } else { self.bubble },
-                batch_pages: self.batch,
-                push: !self.no_push,
-                pin_lanes: !self.no_pin,
-                flow_control: !self.no_flow_control,
-                push_rate: self.push_rate,
-            },
-            workload: Workload {
-                pattern: self.workload,
-                touches: self.touches,
-                seed: self.workload_seed,
-                stride: self.stride,
-                think_us: self.think_us,
-            },
-            progress: !self.json && std::io::stderr().is_terminal(),
+        Ok(MigrationConfig {
+            lanes,
+            bubble: if self.no_bubble { 0 } else { self.bubble },
+            batch_pages: self.batch,
+            push: !self.no_push,
+            pin_lanes: !self.no_pin,
+            flow_control: !self.no_flow_control,
+            push_rate: self.push_rate,
         })
+    }
+
+    fn options(&self, w: &WorkloadArgs) -> Result<RunOptions> {
+        Ok(RunOptions {
+            config: self.config()?,
+            workload: Workload {
+                pattern: w.workload,
+                touches: w.touches,
+                seed: w.workload_seed,
+                stride: w.stride,
+                think_us: w.think_us,
+            },
+            progress: self.progress(),
+        })
+    }
+
+    fn progress(&self) -> bool {
+        !self.json && std::io::stderr().is_terminal()
     }
 
     fn tcp_options(&self) -> Result<TcpOptions> {
@@ -325,7 +367,7 @@ fn cmd_source(a: SourceArgs) -> Result<ExitCode> {
 }
 
 fn cmd_dest(a: DestArgs) -> Result<ExitCode> {
-    let opts = a.engine.options()?;
+    let opts = a.engine.options(&a.workload)?;
     let choice = a.path.choice()?;
     let transport = connect(&a.connect, choice, a.engine.tcp_options()?)
         .with_context(|| format!("cannot start migration from {}", a.connect))?;
@@ -390,7 +432,7 @@ fn spawn_source(size: u64, seed: u64) -> Result<(SourceChild, String)> {
 }
 
 fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
-    let opts = a.engine.options()?;
+    let opts = a.engine.options(&a.workload)?;
     let (transport, _child): (Arc<dyn Transport>, Option<SourceChild>) = match a.path.transport {
         TransportKind::Tcp | TransportKind::Rdma | TransportKind::Auto => {
             let (child, addr) = spawn_source(a.size, a.seed)?;
@@ -412,6 +454,79 @@ fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
     print_report(&report, a.engine.json)
 }
 
+fn cmd_fc_handler(a: FcHandlerArgs) -> Result<ExitCode> {
+    if a.engine.no_push {
+        bail!("--no-push would leave untouched pages unfetched forever: fc-handler always pushes");
+    }
+    match std::fs::symlink_metadata(&a.socket) {
+        Ok(md) if md.file_type().is_socket() => std::fs::remove_file(&a.socket)
+            .with_context(|| format!("cannot replace the stale socket {}", a.socket.display()))?,
+        Ok(_) => bail!("{} exists and is not a socket", a.socket.display()),
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(&a.socket)
+        .with_context(|| format!("cannot listen on {}", a.socket.display()))?;
+    eprintln!(
+        "fc-handler: waiting for Firecracker on {}",
+        a.socket.display()
+    );
+    let handler = FcHandler {
+        source: a.source.clone(),
+        transport: a.path.choice()?,
+        config: a.engine.config()?,
+        tcp: a.engine.tcp_options()?,
+    };
+    let bar = if a.engine.progress() {
+        ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} migrating [{bar:40}] {pos}/{len} pages ({elapsed}) {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let outcome = handler.serve(&listener, |m| {
+        bar.set_length(m.pages_total);
+        bar.set_position(m.pages_present);
+        bar.set_message(format!(
+            "{} faults, p99 {:.0} us",
+            m.faults, m.fault_latency_us.p99
+        ));
+    });
+    bar.finish_and_clear();
+    let _ = std::fs::remove_file(&a.socket);
+    match outcome.context("cannot serve the VM")? {
+        FcOutcome::Complete(report) => {
+            if a.engine.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{}", pagewire_vmm_glue::firecracker::summary(&report));
+            }
+            Ok(if report.duplicate_pages == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }
+        FcOutcome::VmGone { present, total } => {
+            eprintln!("error: Firecracker closed its socket after {present} of {total} pages: the VM is gone");
+            Ok(ExitCode::from(3))
+        }
+        FcOutcome::Failed { error, vmm } => {
+            eprintln!(
+                "error: migration failed: {error}\n\
+                 guest memory stays registered, so the VM's vCPUs stay blocked instead of reading zeros;\n\
+                 stop the VM (Firecracker) to end this handler"
+            );
+            FcHandler::hold_until_vm_gone(vmm);
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.verbose {
@@ -430,6 +545,7 @@ fn main() -> ExitCode {
         Cmd::Source(a) => cmd_source(a),
         Cmd::Dest(a) => cmd_dest(a),
         Cmd::Demo(a) => cmd_demo(a),
+        Cmd::FcHandler(a) => cmd_fc_handler(a),
     };
     match result {
         Ok(code) => code,

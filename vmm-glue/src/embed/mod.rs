@@ -61,10 +61,10 @@ pub enum EmbedError {
     #[error(transparent)]
     Region(#[from] RegionError),
     /// The source could not be reached or refused us.
-    #[error("cannot reach the source: {0}")]
+    #[error("cannot reach the source")]
     Connect(#[source] TransportError),
     /// RDMA was asked for and cannot be used.
-    #[error("RDMA unavailable: {0}")]
+    #[error("RDMA unavailable")]
     Rdma(#[source] TransportError),
     /// The engine refused to start.
     #[error(transparent)]
