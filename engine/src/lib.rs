@@ -20,6 +20,7 @@ pub mod memory;
 pub mod metrics;
 pub mod migration;
 pub mod prepager;
+mod scaled;
 mod shared;
 pub mod state;
 pub mod uffd;

@@ -10,8 +10,9 @@ use vm_memory::{
 
 use crate::error::{EngineError, RegionError};
 
-/// Page sizes pagewire moves today.
-pub const SUPPORTED_PAGE_SIZES: &[usize] = &[PAGE_SIZE];
+/// Page sizes of guest memory pagewire fills: 4 KiB, and 2 MiB
+/// (hugetlbfs), each 2 MiB page a run of 512 source pages.
+pub const SUPPORTED_PAGE_SIZES: &[usize] = &[PAGE_SIZE, 2 << 20];
 
 /// One region of guest memory as a VMM has it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,31 +272,32 @@ impl DestMemory {
         Ok(Self::with_regions(Some(guest), layout.clone(), &regions))
     }
 
-    /// Checks that this memory can receive the source's: same page size,
-    /// same pages, each at the same guest address. The destination may
-    /// split a source region in several (Firecracker registers a memory
-    /// file in pieces) but never join or move one.
+    /// Checks that this memory can receive the source's: the same bytes,
+    /// each at the same guest address, in pages that are whole multiples
+    /// of the source's. The destination may split a source region in
+    /// several (Firecracker registers a memory file in pieces) but never
+    /// join or move one.
     pub fn check_source(&self, source: &MemoryLayout) -> Result<(), RegionError> {
         let mine = &self.layout;
-        if mine.page_size() != source.page_size() {
+        let sps = source.page_size();
+        if !mine.page_size().is_multiple_of(sps) {
             return Err(RegionError::LayoutMismatch(format!(
-                "page size {} here, {} at the source",
-                mine.page_size(),
-                source.page_size()
+                "page size {} here is not a multiple of the source's {sps}",
+                mine.page_size()
             )));
         }
-        if mine.total_pages() != source.total_pages() {
+        if mine.total_bytes() != source.total_bytes() {
             return Err(RegionError::LayoutMismatch(format!(
                 "{} bytes here, {} at the source",
                 mine.total_bytes(),
                 source.total_bytes()
             )));
         }
-        let ps = mine.page_size() as u64;
+        let mut at_byte = 0u64;
         for (i, r) in mine.regions().iter().enumerate() {
-            let pages = mine.region_pages(i);
-            let count = (pages.end - pages.start) as u32;
-            let range = PageRange::new(pages.start, count.max(1));
+            let count = u32::try_from(r.len / sps as u64)
+                .map_err(|_| RegionError::LayoutMismatch(format!("region {i} is too large")))?;
+            let range = PageRange::new(at_byte / sps as u64, count);
             let (region, off) = source.locate(range).map_err(|_| {
                 RegionError::LayoutMismatch(format!(
                     "region {i} ({:#x}+{:#x}) spans two of the source's regions",
@@ -303,12 +305,13 @@ impl DestMemory {
                 ))
             })?;
             let at = source.regions()[region].guest_base + off as u64;
-            if at != r.guest_base || (pages.end - pages.start) * ps != r.len {
+            if at != r.guest_base {
                 return Err(RegionError::LayoutMismatch(format!(
-                    "region {i} starts at guest address {:#x}, the source has that page at {at:#x}",
+                    "region {i} starts at guest address {:#x}, the source has those bytes at {at:#x}",
                     r.guest_base
                 )));
             }
+            at_byte += r.len;
         }
         Ok(())
     }

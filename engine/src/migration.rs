@@ -163,6 +163,17 @@ impl Migration {
     ) -> Result<MigrationHandle, EngineError> {
         let mem = installer.memory().clone();
         Self::check(&transport, &mem, &config)?;
+        // Pages larger than the source's (2 MiB hugetlbfs): the engine
+        // works in the memory's pages over a scaled view of the source.
+        let transport: Arc<dyn Transport> =
+            if mem.layout().page_size() != transport.info().layout.page_size() {
+                Arc::new(crate::scaled::Scaled::new(
+                    transport,
+                    mem.layout().page_size(),
+                )?)
+            } else {
+                transport
+            };
         let pages = mem.layout().total_pages();
         let page_size = mem.layout().page_size();
         // Requests never exceed what the transport accepts (nor what both

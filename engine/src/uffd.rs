@@ -2,10 +2,10 @@
 //! [`DestMemory`]. Every `unsafe` call of the engine lives here.
 
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
-use pagewire_transport::PageRange;
+use pagewire_transport::{PageRange, PAGE_SIZE};
 pub use userfaultfd::EventBuffer;
 use userfaultfd::{Event, FeatureFlags, Uffd, UffdBuilder};
 
@@ -60,6 +60,8 @@ pub type OnBusy<'a> = &'a mut dyn FnMut() -> Result<(), EngineError>;
 pub struct PageInstaller {
     uffd: Uffd,
     mem: Arc<DestMemory>,
+    /// One zeroed huge page, for zero pages of hugetlbfs memory.
+    zeros: OnceLock<Vec<u8>>,
 }
 
 fn builder(user_mode_only: bool) -> UffdBuilder {
@@ -110,7 +112,11 @@ impl PageInstaller {
             uffd.register(start as *mut libc::c_void, len)
                 .map_err(uffd_err("register guest region"))?;
         }
-        Ok(Self { uffd, mem })
+        Ok(Self {
+            uffd,
+            mem,
+            zeros: OnceLock::new(),
+        })
     }
 
     /// Uses a userfaultfd the VMM created and registered over every region
@@ -145,7 +151,11 @@ impl PageInstaller {
         // SAFETY: `fd` is an open userfaultfd (checked above) whose
         // ownership moves into the `Uffd`, which closes it on drop.
         let uffd = unsafe { Uffd::from_raw_fd(fd.into_raw_fd()) };
-        Ok(Self { uffd, mem })
+        Ok(Self {
+            uffd,
+            mem,
+            zeros: OnceLock::new(),
+        })
     }
 
     /// The memory pages are installed into.
@@ -245,7 +255,8 @@ impl PageInstaller {
     }
 
     /// [`Self::install_zero`], calling `busy` on EAGAIN like
-    /// [`Self::install_with`].
+    /// [`Self::install_with`]. Huge pages (hugetlbfs has no
+    /// UFFDIO_ZEROPAGE) are copied from a zeroed buffer instead.
     pub fn install_zero_with(
         &self,
         range: PageRange,
@@ -254,6 +265,16 @@ impl PageInstaller {
     ) -> Result<Installed, EngineError> {
         let (addr, len) = self.span(range)?;
         let ps = self.mem.layout().page_size();
+        if ps > PAGE_SIZE {
+            let zeros = self.zeros.get_or_init(|| vec![0u8; ps]);
+            let mut done = Installed::default();
+            for p in range.first..range.end() {
+                let d = self.install_with(PageRange::new(p, 1), zeros, wake, busy)?;
+                done.pages += d.pages;
+                done.already_present += d.already_present;
+            }
+            return Ok(done);
+        }
         let mut done = Installed::default();
         let mut off = 0;
         while off < len {

@@ -5,8 +5,9 @@ use std::io;
 /// A layout or page range that does not fit the rules.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LayoutError {
-    /// Only 4 KiB pages are moved today.
-    #[error("unsupported page size {0} (only 4096 is supported)")]
+    /// A page size that is not a power of two between 4 KiB and 1 GiB
+    /// (or, on the wire, not 4 KiB: sources serve 4 KiB pages).
+    #[error("unsupported page size {0}")]
     PageSize(usize),
     /// No regions, or too many.
     #[error("a layout needs 1 to 256 regions, got {0}")]

@@ -62,10 +62,11 @@ impl MemoryLayout {
     /// Validates and builds a layout.
     ///
     /// Regions must be non-empty, page aligned, sorted by guest address and
-    /// must not overlap; the page size must be a power of two of at least
-    /// 4 KiB (only 4 KiB is moved today; the field exists for huge pages).
+    /// must not overlap; the page size must be a power of two from 4 KiB
+    /// to 1 GiB. Sources serve 4 KiB pages; larger ones (2 MiB hugetlbfs)
+    /// describe destination memory, each page a run of 4 KiB source pages.
     pub fn new(page_size: usize, regions: Vec<RegionInfo>) -> Result<Self, LayoutError> {
-        if page_size != PAGE_SIZE {
+        if !(PAGE_SIZE..=1 << 30).contains(&page_size) || !page_size.is_power_of_two() {
             return Err(LayoutError::PageSize(page_size));
         }
         if regions.is_empty() || regions.len() > MAX_REGIONS {
@@ -278,7 +279,13 @@ mod tests {
     #[test]
     fn bad_layouts_are_rejected() {
         let r = |guest_base, len| RegionInfo { guest_base, len };
-        assert!(MemoryLayout::new(8192, vec![r(0, 8192)]).is_err());
+        assert!(MemoryLayout::new(3000, vec![r(0, 6000)]).is_err());
+        assert!(MemoryLayout::new(1 << 31, vec![r(0, 1 << 31)]).is_err());
+        assert!(MemoryLayout::new(2 << 20, vec![r(0, 4096)]).is_err());
+        assert_eq!(
+            MemoryLayout::new(2 << 20, vec![r(0, 4 << 20)]).map(|l| l.total_pages()),
+            Ok(2)
+        );
         assert!(MemoryLayout::new(PAGE_SIZE, vec![]).is_err());
         assert!(MemoryLayout::new(PAGE_SIZE, vec![r(0, 100)]).is_err());
         assert!(MemoryLayout::new(PAGE_SIZE, vec![r(0, 8192), r(4096, 4096)]).is_err());

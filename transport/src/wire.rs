@@ -12,7 +12,7 @@
 
 use std::io::{self, Read, Write};
 
-use crate::error::{RemoteCode, TransportError};
+use crate::error::{LayoutError, RemoteCode, TransportError};
 use crate::layout::{MemoryLayout, PageRange, RegionInfo, SourceInfo, ZeroMap, MAX_REGIONS};
 
 /// The four bytes that open every hello and welcome.
@@ -382,6 +382,11 @@ pub fn decode_welcome(body: &[u8]) -> Result<Welcome, TransportError> {
         0 => None,
         1 => {
             let page_size = d.u32()? as usize;
+            // Sources serve 4 KiB pages; a claim of larger ones would size
+            // every buffer by it.
+            if page_size != crate::PAGE_SIZE {
+                return Err(LayoutError::PageSize(page_size).into());
+            }
             let n = d.u32()? as usize;
             if n == 0 || n > MAX_REGIONS {
                 return Err(TransportError::Protocol(format!(
@@ -673,6 +678,26 @@ mod tests {
         assert!(decode_welcome(&b).is_err());
         // Truncated.
         assert!(decode_welcome(&f[5..f.len() - 1]).is_err());
+        // A source claiming pages other than 4 KiB (every buffer would be
+        // sized by it).
+        let big = Welcome {
+            version: VERSION,
+            info: Some(SourceInfo {
+                layout: MemoryLayout::new(
+                    2 << 20,
+                    vec![RegionInfo {
+                        guest_base: 0,
+                        len: 2 << 20,
+                    }],
+                )
+                .unwrap(),
+                zero: ZeroMap::new(1),
+            }),
+        };
+        assert!(matches!(
+            decode_welcome(&encode_welcome(&big)[5..]),
+            Err(TransportError::Layout(LayoutError::PageSize(0x20_0000)))
+        ));
     }
 
     #[test]
