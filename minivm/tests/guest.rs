@@ -1,0 +1,84 @@
+//! The guest on real KVM: it computes the reference results, and a pause
+//! then restore in a second VM (memory copied over) computes them too.
+
+use memmap2::MmapMut;
+use pagewire_minivm::boot::write_boot;
+use pagewire_minivm::guest::reference_result;
+use pagewire_minivm::{GuestConfig, MiniVm, RunControl, VcpuState};
+
+fn kvm_available() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        eprintln!("SKIPPED: /dev/kvm is not available");
+    }
+    ok
+}
+
+const CFG: GuestConfig = GuestConfig {
+    memory: 34 << 20,
+    vcpus: 2,
+    passes: 3,
+};
+
+fn reference() -> Vec<u64> {
+    let share = CFG.share_len().unwrap();
+    (0..CFG.vcpus)
+        .map(|i| reference_result(i, share, CFG.passes))
+        .collect()
+}
+
+#[test]
+fn the_guest_computes_the_reference_results() {
+    if !kvm_available() {
+        return;
+    }
+    let mut mem = MmapMut::map_anon(CFG.memory as usize).unwrap();
+    write_boot(&mut mem, &CFG).unwrap();
+    // SAFETY: `mem` outlives the VM.
+    let mut vm = unsafe { MiniVm::new(mem.as_ptr() as u64, CFG) }.unwrap();
+    vm.boot().unwrap();
+    let out = vm.run(&RunControl::new(CFG.vcpus)).unwrap();
+    assert_eq!(out.results().unwrap(), reference());
+}
+
+#[test]
+fn a_paused_guest_resumes_in_another_vm_with_its_memory_and_state() {
+    if !kvm_available() {
+        return;
+    }
+    let mut mem = MmapMut::map_anon(CFG.memory as usize).unwrap();
+    write_boot(&mut mem, &CFG).unwrap();
+    // SAFETY: `mem` outlives the VM.
+    let mut vm = unsafe { MiniVm::new(mem.as_ptr() as u64, CFG) }.unwrap();
+    vm.boot().unwrap();
+    let ctl = std::sync::Arc::new(RunControl::new(CFG.vcpus));
+    let watcher = {
+        let ctl = ctl.clone();
+        std::thread::spawn(move || {
+            while !ctl.all_passed(1) {
+                std::thread::yield_now();
+            }
+            ctl.pause.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    let out = vm.run(&ctl).unwrap();
+    watcher.join().unwrap();
+    let states = out.states().expect("paused before finishing");
+    assert!(states.iter().all(|s| s.filled && s.passes_done >= 1));
+    // The state crosses as JSON, as it would cross hosts.
+    let wire = serde_json::to_vec(&states).unwrap();
+    let states: Vec<VcpuState> = serde_json::from_slice(&wire).unwrap();
+    drop(vm);
+    let mut copy = MmapMut::map_anon(CFG.memory as usize).unwrap();
+    copy.copy_from_slice(&mem);
+    drop(mem);
+    // SAFETY: `copy` outlives the VM.
+    let mut vm2 = unsafe { MiniVm::new(copy.as_ptr() as u64, CFG) }.unwrap();
+    vm2.restore(&states).unwrap();
+    let out = vm2.run(&RunControl::new(CFG.vcpus)).unwrap();
+    assert_eq!(out.results().unwrap(), reference());
+}
