@@ -114,8 +114,10 @@ pub(crate) fn run(
     let mut lo: Option<u32> = None;
     loop {
         let exit = vcpu.run().map_err(kvm("KVM_RUN"))?;
+        let port_progress;
         match exit {
             VcpuExit::IoOut(port, data) => {
+                port_progress = port == PORT_PROGRESS;
                 let v = u32_of(data);
                 match port {
                     PORT_PROGRESS => {
@@ -148,7 +150,9 @@ pub(crate) fn run(
                 })
             }
         }
-        if ctl.pause.load(Ordering::SeqCst) && lo.is_none() {
+        let at_pass =
+            filled && ctl.pause_after_pass.is_some_and(|n| passes_done >= n) && port_progress;
+        if (ctl.pause.load(Ordering::SeqCst) || at_pass) && lo.is_none() {
             let state = save(vcpu, passes_done, filled)?;
             return Ok(VcpuOutcome::Paused(Box::new(state)));
         }

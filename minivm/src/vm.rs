@@ -23,6 +23,8 @@ pub struct RunControl {
     pub heartbeats: AtomicU64,
     /// Cores to pin vCPU `i` to (`pin[i % len]`), if any.
     pub pin: Vec<usize>,
+    /// Pause each vCPU as soon as it reports this many passes done.
+    pub pause_after_pass: Option<u32>,
 }
 
 impl RunControl {
@@ -33,6 +35,7 @@ impl RunControl {
             progress: (0..vcpus).map(|_| AtomicU32::new(0)).collect(),
             heartbeats: AtomicU64::new(0),
             pin: Vec::new(),
+            pause_after_pass: None,
         }
     }
 

@@ -4,6 +4,7 @@
 //! - [`firecracker`]: Firecracker's UFFD page-fault-handler protocol.
 //! - [`image`]: source guest memory from a file or a synthetic generator.
 //! - [`workload`]: touch patterns that stand in for a resumed guest.
+//! - [`vm_demo`]: a KVM guest migrated post-copy through the embedding API.
 //! - [`run`]: a destination run: migrate, run the workload, verify, report.
 
 #![deny(missing_docs)]
@@ -12,4 +13,5 @@ pub mod embed;
 pub mod firecracker;
 pub mod image;
 pub mod run;
+pub mod vm_demo;
 pub mod workload;
