@@ -17,8 +17,9 @@
 //!   requests come back within [`TARGET_DELAY`] of the minimum round trip
 //!   for their size and shrinks when round trips grow past it, which means
 //!   bytes are queueing somewhere;
-//! - the push quiet while a fault's request is outstanding (faults preempt
-//!   bubbles and the sweep), and under an optional bytes-per-second cap.
+//! - the sweep quiet while a fault's request is outstanding (faults
+//!   preempt the push; bubbles, what the guest touches next, only wait for
+//!   window room), and bulk under an optional bytes-per-second cap.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -229,14 +230,24 @@ impl Governor {
 
     /// Asks for room to send one bulk request. Without `wait` it answers at
     /// once; with it, it waits up to that long for room. `None`: no room.
+    /// The sweep is held while a fault's request is outstanding.
     pub fn acquire(&self, wait: Option<Duration>) -> Option<Ticket> {
+        self.acquire_for(wait, false)
+    }
+
+    /// [`Self::acquire`] for a bubble request: bubbles around a fault are
+    /// what the guest touches next, so they are not held behind faults
+    /// (a guest walking memory would otherwise fault on every page, each
+    /// fault holding back the bubble that would have spared the next);
+    /// the window still bounds them.
+    pub fn acquire_for(&self, wait: Option<Duration>, bubble: bool) -> Option<Ticket> {
         let deadline = wait.map(|w| Instant::now() + w);
         let mut st = self.lock();
         let mut held = false;
         loop {
             let pages = st.chunk;
             let cb = u64::from(pages) * self.page_size;
-            let urgent = self.enabled && self.urgent.load(Ordering::Acquire) > 0;
+            let urgent = self.enabled && !bubble && self.urgent.load(Ordering::Acquire) > 0;
             let window_ok =
                 !self.enabled || st.inflight == 0 || (st.inflight + cb) as f64 <= st.window;
             let pause = self.refill(&mut st, cb);
@@ -417,12 +428,40 @@ impl Governor {
         };
         st.last_rate = rate;
         // Whatever the probes say, a request never takes more than twice
-        // the budget at the rate the path delivers.
-        let cap = rate * 2.0 * CHUNK_TIME.as_secs_f64() / self.page_size as f64;
-        while chunk > 1 && f64::from(chunk) > cap {
+        // the budget on the wire: at the per-page wire time the minimum
+        // round trips of two sizes show (their slope), or else at the rate
+        // the path delivers (which understates the wire when requests are
+        // held small, so the slope is preferred).
+        let per_page = Self::wire_time_per_page(st, now);
+        let cap = match per_page {
+            Some(w) if w > 0.0 => 2.0 * CHUNK_TIME.as_secs_f64() / w,
+            _ => rate * 2.0 * CHUNK_TIME.as_secs_f64() / self.page_size as f64,
+        };
+        // A probe epoch is the experiment that measures a larger size: it
+        // runs uncapped (it lasts one epoch).
+        let probing = matches!(st.probe, Probe::Doubled { .. });
+        while !probing && chunk > 1 && f64::from(chunk) > cap {
             chunk /= 2;
         }
         chunk.clamp(1, self.max_chunk)
+    }
+
+    /// Wire time of one page, from the minimum round trips of the two
+    /// largest fresh size classes, when there are two.
+    fn wire_time_per_page(st: &State, now: Instant) -> Option<f64> {
+        let fresh: Vec<(f64, f64)> = st
+            .class_min
+            .iter()
+            .enumerate()
+            .filter_map(|(k, m)| {
+                m.filter(|&(_, at)| now.duration_since(at) < MIN_RTT_AGE)
+                    .map(|(d, _)| (f64::from(1u32 << k), d.as_secs_f64()))
+            })
+            .collect();
+        let [.., (p1, t1), (p2, t2)] = fresh[..] else {
+            return None;
+        };
+        Some(((t2 - t1) / (p2 - p1)).max(0.0))
     }
 
     /// What the flow control settled on.
@@ -565,5 +604,21 @@ mod tests {
             1,
             "a link must keep one-page requests"
         );
+    }
+
+    #[test]
+    fn the_wire_time_of_a_page_is_the_slope_of_minimum_round_trips() {
+        let g = Governor::new(4096, 64, true, None);
+        let now = Instant::now();
+        let mut st = g.lock();
+        assert_eq!(Governor::wire_time_per_page(&st, now), None);
+        // A 1 Gbit/s link: 33 us more per page.
+        st.class_min[0] = Some((Duration::from_micros(60), now));
+        st.class_min[1] = Some((Duration::from_micros(93), now));
+        let w = Governor::wire_time_per_page(&st, now).unwrap();
+        assert!((w - 33e-6).abs() < 1e-9, "{w}");
+        // Stale samples do not count.
+        let later = now + MIN_RTT_AGE + Duration::from_millis(1);
+        assert_eq!(Governor::wire_time_per_page(&st, later), None);
     }
 }

@@ -34,10 +34,9 @@ struct Claimed {
     origin: PageOrigin,
 }
 
-/// Claims up to `max` pages: bubble runs first, then the sweep. `None`
-/// when there is nothing to claim; `Some` with no runs when the sweep is
-/// over (every page is claimed by someone).
-fn claim(shared: &Shared, max: u64, sweep_done: &mut bool) -> Option<Claimed> {
+/// Claims up to `max` pages: bubble runs first, then (unless the ticket
+/// was for a bubble) the sweep. `None` when there is nothing to claim.
+fn claim(shared: &Shared, max: u64, sweep_done: &mut bool, bubble_only: bool) -> Option<Claimed> {
     let mut runs = Vec::new();
     let mut pages = 0;
     while pages < max && runs.len() < shared.limits.max_ranges {
@@ -55,7 +54,7 @@ fn claim(shared: &Shared, max: u64, sweep_done: &mut bool) -> Option<Claimed> {
             origin: PageOrigin::Bubble,
         });
     }
-    if *sweep_done || !shared.push_allowed() {
+    if bubble_only || *sweep_done || !shared.push_allowed() {
         return None;
     }
     if shared.next_sweep_runs(max, &mut runs) {
@@ -89,10 +88,11 @@ pub(crate) fn lane_main(
         // Fill the channel while the governor allows.
         while pending.len() < max_out {
             let wait = pending.is_empty().then_some(IDLE_WAIT);
-            let Some(ticket) = shared.governor.acquire(wait) else {
+            let bubble = shared.prepager.has_open_bubble();
+            let Some(ticket) = shared.governor.acquire_for(wait, bubble) else {
                 break;
             };
-            let Some(c) = claim(shared, u64::from(ticket.pages), &mut sweep_done) else {
+            let Some(c) = claim(shared, u64::from(ticket.pages), &mut sweep_done, bubble) else {
                 shared.governor.release(ticket);
                 break;
             };

@@ -1,9 +1,15 @@
-//! Adaptive prepaging ("bubbling", Hines et al. 2009).
+//! Adaptive prepaging ("bubbling", Hines et al. 2009), per stream.
 //!
 //! The last faulted page is the pivot. After a fault, pages around it are
 //! claimed in runs that alternate forward and backward, each run further
 //! out than the last in its direction, until the bubble's radius is spent.
 //! A new fault moves the pivot at once and starts a new bubble.
+//!
+//! Faults are grouped into streams (several vCPUs each walking their own
+//! memory): a fault near a stream's last fault belongs to it, and each
+//! stream keeps its own bubble, so one vCPU's faults do not cancel the
+//! bubble of another. A stream whose faults keep moving one way gets a
+//! bubble only that way, twice as deep.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -27,12 +33,25 @@ struct Bubble {
     forward_next: bool,
 }
 
-/// The bubble around the last fault, shared by the fault handler (which
-/// moves the pivot) and the pusher lanes (which take runs from it).
+/// Streams tracked at once.
+const MAX_STREAMS: usize = 8;
+
+/// Faults of one stream, and its bubble.
+#[derive(Debug)]
+struct Stream {
+    last: u64,
+    /// +1 forward, -1 backward, 0 unknown.
+    dir: i8,
+    bubble: Bubble,
+}
+
+/// The bubbles around recent faults, shared by the fault handler (which
+/// moves the pivots) and the pusher lanes (which take runs from them).
 #[derive(Debug)]
 pub struct Prepager {
     radius: u64,
-    bubble: Mutex<Bubble>,
+    /// Most recent first.
+    streams: Mutex<Vec<Stream>>,
     wake_tx: Sender<()>,
     wake_rx: Receiver<()>,
 }
@@ -43,16 +62,17 @@ impl Prepager {
         let (wake_tx, wake_rx) = channel::bounded(1);
         Self {
             radius,
-            bubble: Mutex::new(Bubble::default()),
+            streams: Mutex::new(Vec::with_capacity(MAX_STREAMS)),
             wake_tx,
             wake_rx,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Bubble> {
-        // The bubble is plain data; a panic elsewhere cannot leave it torn
-        // in a way that matters (worst case a run is skipped and swept later).
-        self.bubble.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Stream>> {
+        // The bubbles are plain data; a panic elsewhere cannot leave them
+        // torn in a way that matters (worst case a run is skipped and
+        // swept later).
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Moves the pivot to `page` (a fault just happened there), bounded by
@@ -65,23 +85,67 @@ impl Prepager {
             return;
         };
         let pages = layout.region_pages(region);
-        *self.lock() = Bubble {
+        let r = self.radius;
+        let mut streams = self.lock();
+        // The stream this fault continues, if any: one whose last fault is
+        // near, in the same region.
+        let near = streams
+            .iter()
+            .position(|s| s.last.abs_diff(page) <= 4 * r && pages.contains(&s.last));
+        let mut stream = match near {
+            Some(i) => streams.remove(i),
+            None => {
+                streams.truncate(MAX_STREAMS - 1);
+                Stream {
+                    last: page,
+                    dir: 0,
+                    bubble: Bubble::default(),
+                }
+            }
+        };
+        let dir = match page.cmp(&stream.last) {
+            std::cmp::Ordering::Greater => 1,
+            std::cmp::Ordering::Less => -1,
+            std::cmp::Ordering::Equal => 0,
+        };
+        // Two faults the same way in a row: the stream has a direction.
+        let (ahead, behind) = if dir != 0 && dir == stream.dir {
+            if dir > 0 {
+                (2 * r, 0)
+            } else {
+                (0, 2 * r)
+            }
+        } else {
+            (r, r)
+        };
+        stream.dir = dir;
+        stream.last = page;
+        stream.bubble = Bubble {
             fwd: page + 1,
-            fwd_end: (page + 1 + self.radius).min(pages.end),
+            fwd_end: (page + 1 + ahead).min(pages.end),
             bwd: page,
-            bwd_end: page.saturating_sub(self.radius).max(pages.start),
+            bwd_end: page.saturating_sub(behind).max(pages.start),
             forward_next: true,
         };
+        streams.insert(0, stream);
+        drop(streams);
         let _ = self.wake_tx.try_send(());
     }
 
-    /// Claims the next run of at most `max` missing pages from the bubble,
-    /// or `None` when the bubble is spent.
+    /// Claims the next run of at most `max` missing pages from the
+    /// bubbles, the most recent stream's first, or `None` when all are
+    /// spent.
     pub fn next_run(&self, states: &PageStateMap, max: u64) -> Option<PageRange> {
         if self.radius == 0 || max == 0 {
             return None;
         }
-        let mut b = self.lock();
+        let mut streams = self.lock();
+        streams
+            .iter_mut()
+            .find_map(|s| Self::bubble_run(&mut s.bubble, states, max))
+    }
+
+    fn bubble_run(b: &mut Bubble, states: &PageStateMap, max: u64) -> Option<PageRange> {
         loop {
             let fwd_open = b.fwd < b.fwd_end;
             let bwd_open = b.bwd > b.bwd_end;
@@ -113,6 +177,15 @@ impl Prepager {
                 }
             }
         }
+    }
+
+    /// Whether some bubble still has pages to consider.
+    pub fn has_open_bubble(&self) -> bool {
+        self.radius > 0
+            && self
+                .lock()
+                .iter()
+                .any(|s| s.bubble.fwd < s.bubble.fwd_end || s.bubble.bwd > s.bubble.bwd_end)
     }
 
     /// Waits up to `timeout` for a new pivot; used by idle lanes.
@@ -194,6 +267,25 @@ mod tests {
         // Forward within region 1 only (5..=7), backward nothing (4 is the
         // region's first page).
         assert_eq!(drain(&p, &s, 8), vec![(5, 3)]);
+    }
+
+    #[test]
+    fn each_stream_keeps_its_bubble_and_a_direction_deepens_it() {
+        let layout = MemoryLayout::single(10_000 * 4096).unwrap();
+        let s = PageStateMap::new(10_000);
+        let p = Prepager::new(4);
+        // Two vCPUs, far apart, faulting alternately.
+        p.on_fault(100, &layout);
+        p.on_fault(5000, &layout);
+        assert_eq!(p.next_run(&s, 8), Some(PageRange::new(5001, 4)));
+        assert_eq!(p.next_run(&s, 8), Some(PageRange::new(4996, 4)));
+        // The other stream's bubble is still there.
+        assert_eq!(p.next_run(&s, 8), Some(PageRange::new(101, 4)));
+        // The first stream moves forward twice: a forward-only bubble of
+        // twice the radius.
+        p.on_fault(106, &layout);
+        p.on_fault(108, &layout);
+        assert_eq!(drain(&p, &s, 16), vec![(109, 8)]);
     }
 
     #[test]
