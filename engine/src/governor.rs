@@ -37,7 +37,7 @@ const PROBE_GAIN: f64 = 1.4;
 /// Wait before the next size probe after one that paid...
 const PROBE_SOON: Duration = Duration::from_millis(60);
 /// ...and the longest wait after probes that did not.
-const PROBE_LATEST: Duration = Duration::from_secs(5);
+const PROBE_LATEST: Duration = Duration::from_millis(500);
 /// Request size classes: class `k` holds requests of `2^k..2^(k+1)` pages.
 const CLASSES: usize = 13;
 /// How long a size class's minimum round trip stays valid (it is the
