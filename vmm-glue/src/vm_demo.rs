@@ -102,7 +102,7 @@ impl VmDemoReport {
         let e = &self.engine;
         format!(
             "pagewire vm-demo: KVM guest ({vcpus} vCPUs, {mib} MiB) migrated post-copy over {t}\n\
-             \x20 guest results     {verdict} ({n} vCPUs, equal to the run without migration)\n\
+             \x20 guest results     {verdict}: {results} (without migration: {local_results})\n\
              \x20 without migration {local:.1} ms for the whole run\n\
              \x20 source            paused after {src:.1} ms, passes done {pp:?} of {passes}\n\
              \x20 downtime          {down:.2} ms (last source vCPU paused -> destination vCPUs running)\n\
@@ -115,7 +115,8 @@ impl VmDemoReport {
             mib = self.memory >> 20,
             t = e.transport,
             verdict = if self.results_match { "OK" } else { "DIFFER" },
-            n = self.migrated_results.len(),
+            results = hex(&self.migrated_results),
+            local_results = hex(&self.local_results),
             local = self.local_ms,
             src = self.source_ms,
             pp = self.passes_at_pause,
@@ -140,6 +141,10 @@ impl VmDemoReport {
             total = e.total_ms,
         )
     }
+}
+
+fn hex(v: &[u64]) -> String {
+    v.iter().map(|r| format!("{r:#018x}")).collect::<Vec<_>>().join(" ")
 }
 
 fn map(len: u64) -> Result<MmapMut, VmDemoError> {
