@@ -144,7 +144,10 @@ impl VmDemoReport {
 }
 
 fn hex(v: &[u64]) -> String {
-    v.iter().map(|r| format!("{r:#018x}")).collect::<Vec<_>>().join(" ")
+    v.iter()
+        .map(|r| format!("{r:#018x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn map(len: u64) -> Result<MmapMut, VmDemoError> {
