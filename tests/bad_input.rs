@@ -128,6 +128,7 @@ fn raw_conn(addr: &str) -> TcpStream {
     s.write_all(&wire::encode_hello(&Hello {
         version: wire::VERSION,
         kind: ChannelKind::Bulk(0),
+        nonce: [0; 32],
     }))
     .unwrap();
     let (ty, _) = wire::read_frame(&mut s, 1 << 20).unwrap();

@@ -60,6 +60,10 @@ pub enum RemoteCode {
     Version = 3,
     /// The request exceeded a protocol limit; the connection stays up.
     TooLarge = 4,
+    /// Authentication failed or was required; the connection closes.
+    Auth = 5,
+    /// The source serves as many connections as it allows.
+    Busy = 6,
     /// Any other failure.
     Other = 255,
 }
@@ -72,6 +76,8 @@ impl RemoteCode {
             2 => Self::OutOfRange,
             3 => Self::Version,
             4 => Self::TooLarge,
+            5 => Self::Auth,
+            6 => Self::Busy,
             _ => Self::Other,
         }
     }
@@ -149,6 +155,13 @@ pub enum TransportError {
     /// awaited with none outstanding.
     #[error("channel misuse: {0}")]
     Misuse(&'static str),
+    /// The source requires authentication and no key was given.
+    #[error("the source requires authentication: give the shared key with --auth-key-file")]
+    AuthRequired,
+    /// Authentication failed: the peer does not hold the key, or does not
+    /// authenticate at all though we require it.
+    #[error("authentication failed: {0}")]
+    AuthFailed(String),
     /// The RDMA backend failed (device, verbs call or work completion).
     #[error("rdma: {0}")]
     Rdma(String),

@@ -12,6 +12,7 @@
 
 #![deny(missing_docs)]
 
+pub mod auth;
 pub mod error;
 pub mod inproc;
 pub mod layout;
@@ -21,6 +22,7 @@ pub mod source;
 pub mod tcp;
 pub mod wire;
 
+pub use auth::AuthKey;
 pub use error::{LayoutError, RemoteCode, TransportError};
 pub use layout::{MemoryLayout, PageRange, RegionInfo, SourceInfo, ZeroMap, PAGE_SIZE};
 pub use source::{page_checksum, SourceMemory};

@@ -18,7 +18,7 @@ use crate::layout::{MemoryLayout, PageRange, RegionInfo, SourceInfo, ZeroMap, MA
 /// The four bytes that open every hello and welcome.
 pub const MAGIC: [u8; 4] = *b"PGWR";
 /// Protocol version spoken by this build.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Largest frame body accepted (type byte + payload).
 pub const MAX_FRAME: u32 = 80 << 20;
 /// Most page ranges in one fetch request.
@@ -38,6 +38,8 @@ pub const T_CHECKSUMS: u8 = 0x03;
 pub const T_STATS: u8 = 0x04;
 /// Client to source: set up an RDMA queue pair.
 pub const T_RDMA_CONNECT: u8 = 0x05;
+/// Destination's proof of the key (authenticated sources only).
+pub const T_AUTH: u8 = 0x06;
 /// Source to client: welcome.
 pub const T_WELCOME: u8 = 0x81;
 /// Source to client: page data.
@@ -50,6 +52,9 @@ pub const T_STATS_REPLY: u8 = 0x84;
 pub const T_ERROR: u8 = 0x85;
 /// Source to client: RDMA queue pair and memory regions.
 pub const T_RDMA_ACCEPT: u8 = 0x86;
+/// Source's nonce and proof of the key, instead of a welcome, when it
+/// requires authentication.
+pub const T_CHALLENGE: u8 = 0x87;
 
 /// Size of a `Pages` reply's fixed part: type, request id, page count.
 pub const PAGES_HEADER: usize = 1 + 8 + 4;
@@ -91,6 +96,8 @@ pub struct Hello {
     pub version: u16,
     /// What the connection is for.
     pub kind: ChannelKind,
+    /// A fresh nonce for authentication (see [`crate::auth`]).
+    pub nonce: [u8; 32],
 }
 
 /// The source's answer to a hello.
@@ -320,6 +327,7 @@ pub fn encode_hello(h: &Hello) -> Vec<u8> {
     v.extend_from_slice(&h.version.to_le_bytes());
     v.push(kind);
     v.extend_from_slice(&lane.to_le_bytes());
+    v.extend_from_slice(&h.nonce);
     seal(v, 0)
 }
 
@@ -332,12 +340,65 @@ pub fn decode_hello(body: &[u8]) -> Result<Hello, TransportError> {
         return Err(TransportError::NotPagewire(magic));
     }
     let version = d.u16()?;
+    if version != VERSION {
+        // Report the version, whatever else a hello of another version
+        // holds.
+        return Ok(Hello {
+            version,
+            kind: ChannelKind::Control,
+            nonce: [0; 32],
+        });
+    }
     let kind = d.u8()?;
     let lane = d.u16()?;
+    let nonce = d.array::<32>()?;
     d.finish()?;
     let kind = ChannelKind::from_wire(kind, lane)
         .ok_or_else(|| TransportError::Protocol(format!("unknown channel kind {kind}")))?;
-    Ok(Hello { version, kind })
+    Ok(Hello {
+        version,
+        kind,
+        nonce,
+    })
+}
+
+impl ChannelKind {
+    /// The kind's byte, as authentication proofs bind it.
+    pub fn auth_byte(self) -> u8 {
+        self.to_wire().0
+    }
+}
+
+/// Encodes a challenge: the source's nonce and its proof.
+pub fn encode_challenge(nonce: &[u8; 32], proof: &[u8; 32]) -> Vec<u8> {
+    let mut v = frame(T_CHALLENGE);
+    v.extend_from_slice(nonce);
+    v.extend_from_slice(proof);
+    seal(v, 0)
+}
+
+/// Decodes a challenge body: (nonce, proof).
+pub fn decode_challenge(body: &[u8]) -> Result<([u8; 32], [u8; 32]), TransportError> {
+    let mut d = Decoder::new(body);
+    let nonce = d.array::<32>()?;
+    let proof = d.array::<32>()?;
+    d.finish()?;
+    Ok((nonce, proof))
+}
+
+/// Encodes the destination's proof.
+pub fn encode_auth(proof: &[u8; 32]) -> Vec<u8> {
+    let mut v = frame(T_AUTH);
+    v.extend_from_slice(proof);
+    seal(v, 0)
+}
+
+/// Decodes the destination's proof.
+pub fn decode_auth(body: &[u8]) -> Result<[u8; 32], TransportError> {
+    let mut d = Decoder::new(body);
+    let proof = d.array::<32>()?;
+    d.finish()?;
+    Ok(proof)
 }
 
 /// Encodes a welcome.
@@ -640,6 +701,7 @@ mod tests {
         let h = Hello {
             version: VERSION,
             kind: ChannelKind::Bulk(3),
+            nonce: [7; 32],
         };
         let f = encode_hello(&h);
         let (ty, b) = body(&f);
@@ -652,6 +714,26 @@ mod tests {
             Err(TransportError::NotPagewire(_))
         ));
         assert!(decode_hello(&b[..5]).is_err());
+        // Without its nonce, a hello of this version is refused.
+        assert!(decode_hello(&b[..b.len() - 1]).is_err());
+        // A hello of another version reports the version, whatever follows.
+        let mut other = b[..6].to_vec();
+        other[4] = 9;
+        assert_eq!(decode_hello(&other).unwrap().version, 9);
+    }
+
+    #[test]
+    fn challenge_and_auth_round_trip() {
+        let f = encode_challenge(&[1; 32], &[2; 32]);
+        let (ty, b) = body(&f);
+        assert_eq!(ty, T_CHALLENGE);
+        assert_eq!(decode_challenge(b).unwrap(), ([1; 32], [2; 32]));
+        assert!(decode_challenge(&b[1..]).is_err());
+        let f = encode_auth(&[3; 32]);
+        let (ty, b) = body(&f);
+        assert_eq!(ty, T_AUTH);
+        assert_eq!(decode_auth(b).unwrap(), [3; 32]);
+        assert!(decode_auth(&[0; 33]).is_err());
     }
 
     #[test]

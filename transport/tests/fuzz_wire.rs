@@ -30,7 +30,9 @@ fn runner(share: f64) -> TestRunner {
     })
 }
 
-const TYPES: [u8; 11] = [
+const TYPES: [u8; 13] = [
+    T_AUTH,
+    T_CHALLENGE,
     T_HELLO,
     T_FETCH,
     T_CHECKSUMS,
@@ -53,6 +55,8 @@ fn decode_all(ty: u8, body: &[u8]) {
     let _ = decode_rdma_accept(body);
     let _ = decode_checksums(body);
     let _ = decode_stats(body);
+    let _ = decode_challenge(body);
+    let _ = decode_auth(body);
 }
 
 /// Reads frames from a byte stream until it ends or a frame is refused,
@@ -110,6 +114,8 @@ fn valid_messages() -> impl Strategy<Value = Vec<u8>> {
                 info: Some(SourceInfo { layout, zero }),
             })
         }),
+        (any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(|(n, p)| encode_challenge(&n, &p)),
+        any::<[u8; 32]>().prop_map(|p| encode_auth(&p)),
         (any::<u16>(), 0u16..4).prop_map(|(lane, k)| {
             let kind = match k {
                 0 => ChannelKind::Control,
@@ -119,6 +125,7 @@ fn valid_messages() -> impl Strategy<Value = Vec<u8>> {
             encode_hello(&Hello {
                 version: VERSION,
                 kind,
+                nonce: [lane as u8; 32],
             })
         }),
     ]

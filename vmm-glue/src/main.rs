@@ -18,7 +18,7 @@ use pagewire_minivm::GuestConfig;
 use pagewire_transport::inproc::InProcTransport;
 use pagewire_transport::rdma::{CompletionWait, Device, RdmaExport};
 use pagewire_transport::tcp::{PageServer, TcpOptions};
-use pagewire_transport::{SourceMemory, Transport};
+use pagewire_transport::{AuthKey, SourceMemory, Transport};
 use pagewire_vmm_glue::embed::{connect, RdmaOptions, TransportChoice};
 use pagewire_vmm_glue::firecracker::{FcHandler, FcOutcome};
 use pagewire_vmm_glue::image;
@@ -131,6 +131,16 @@ struct SourceArgs {
     /// Serve TCP only, even where an RDMA device exists.
     #[arg(long)]
     no_rdma: bool,
+    /// Shared secret (at least 16 bytes): every destination must prove it
+    /// holds it, and the source proves it too, before anything about guest
+    /// memory is sent. Without it, anyone who reaches the port reads guest
+    /// memory.
+    #[arg(long)]
+    auth_key_file: Option<PathBuf>,
+    /// Most connections served at once (a migration uses one per lane
+    /// plus two); more are refused as busy.
+    #[arg(long, default_value_t = pagewire_transport::tcp::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -220,6 +230,11 @@ struct EngineArgs {
     /// Print the report as JSON on stdout (no progress bar).
     #[arg(long)]
     json: bool,
+    /// Shared secret the source was given (--auth-key-file there): the
+    /// source must prove it holds it, and so do we. A source that does not
+    /// authenticate is then refused.
+    #[arg(long)]
+    auth_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -347,6 +362,11 @@ impl EngineArgs {
         }
         Ok(TcpOptions {
             io_timeout: Duration::from_secs_f64(self.io_timeout),
+            auth_key: self
+                .auth_key_file
+                .as_deref()
+                .map(AuthKey::from_file)
+                .transpose()?,
             ..TcpOptions::default()
         })
     }
@@ -375,7 +395,17 @@ fn cmd_source(a: SourceArgs) -> Result<ExitCode> {
     let (pages, zeros) = (info.layout.total_pages(), info.zero.count());
     let mem = Arc::new(mem);
     let mut server = PageServer::bind(a.listen, mem.clone())
-        .with_context(|| format!("cannot listen on {}", a.listen))?;
+        .with_context(|| format!("cannot listen on {}", a.listen))?
+        .with_max_connections(a.max_connections);
+    match &a.auth_key_file {
+        Some(path) => server = server.with_auth(AuthKey::from_file(path)?),
+        None if !a.listen.ip().is_loopback() => eprintln!(
+            "WARNING: serving guest memory on {} WITHOUT authentication: anyone who reaches this \
+             port can read the guest's memory. Give --auth-key-file (the same file at the destination).",
+            a.listen
+        ),
+        None => {}
+    }
     if !a.no_rdma {
         match a.rdma.open().and_then(|d| RdmaExport::new(d, mem.clone())) {
             Ok(export) => {
@@ -439,14 +469,21 @@ impl Drop for SourceChild {
     }
 }
 
-fn spawn_source(size: u64, seed: u64) -> Result<(SourceChild, String)> {
+fn spawn_source(
+    size: u64,
+    seed: u64,
+    key: Option<&std::path::Path>,
+) -> Result<(SourceChild, String)> {
     let exe = std::env::current_exe().context("cannot find the pagewire binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["source", "--listen", "127.0.0.1:0", "--synthetic"])
+        .arg(size.to_string())
+        .args(["--seed", &seed.to_string()]);
+    if let Some(k) = key {
+        cmd.arg("--auth-key-file").arg(k);
+    }
     let mut child = SourceChild(
-        Command::new(exe)
-            .args(["source", "--listen", "127.0.0.1:0", "--synthetic"])
-            .arg(size.to_string())
-            .args(["--seed", &seed.to_string()])
-            .stdout(Stdio::piped())
+        cmd.stdout(Stdio::piped())
             .spawn()
             .context("cannot start the source process")?,
     );
@@ -467,7 +504,7 @@ fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
     let opts = a.engine.options(&a.workload)?;
     let (transport, _child): (Arc<dyn Transport>, Option<SourceChild>) = match a.path.transport {
         TransportKind::Tcp | TransportKind::Rdma | TransportKind::Auto => {
-            let (child, addr) = spawn_source(a.size, a.seed)?;
+            let (child, addr) = spawn_source(a.size, a.seed, a.engine.auth_key_file.as_deref())?;
             eprintln!(
                 "demo: source process {} serving {} MiB on {addr}",
                 child.0.id(),

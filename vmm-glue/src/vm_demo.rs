@@ -228,8 +228,11 @@ pub fn run_vm_demo(opts: &VmDemoOptions) -> Result<VmDemoReport, VmDemoError> {
     let layout = MemoryLayout::single(cfg.memory).map_err(setup("layout"))?;
     let region: RegionBytes = Arc::new(src);
     let source = Arc::new(SourceMemory::new(layout, vec![region]).map_err(setup("source memory"))?);
-    let server = PageServer::bind("127.0.0.1:0".parse().map_err(setup("address"))?, source)
+    let mut server = PageServer::bind("127.0.0.1:0".parse().map_err(setup("address"))?, source)
         .map_err(setup("source listen"))?;
+    if let Some(key) = &opts.tcp.auth_key {
+        server = server.with_auth(key.clone());
+    }
     let addr = server
         .local_addr()
         .map_err(setup("source address"))?
@@ -251,7 +254,7 @@ pub fn run_vm_demo(opts: &VmDemoOptions) -> Result<VmDemoReport, VmDemoError> {
     let migration = Destination::new(addr)
         .transport(opts.transport.clone())
         .config(opts.config.clone())
-        .tcp_options(opts.tcp)
+        .tcp_options(opts.tcp.clone())
         .start(memory, UffdSetup::Create)?;
     // SAFETY: `dst` outlives the VM (dropped after it).
     let mut vm = unsafe { MiniVm::new(dst.as_mut_ptr() as u64, cfg) }?;

@@ -13,9 +13,10 @@ use crate::wire::{self, ChannelKind, Hello, QpEndpoint, RdmaAccept, Request, Sou
 use crate::{ChannelClass, FetchLimits, PageChannel, Transport};
 
 use super::sockopt;
+use crate::auth::{self, AuthKey, Side};
 
-/// Timeouts of the TCP client.
-#[derive(Debug, Clone, Copy)]
+/// Timeouts and credentials of the TCP client.
+#[derive(Debug, Clone)]
 pub struct TcpOptions {
     /// How long to wait for a connection to be accepted.
     pub connect_timeout: Duration,
@@ -23,6 +24,9 @@ pub struct TcpOptions {
     /// answering is reported after this long instead of hanging a vCPU
     /// forever.
     pub io_timeout: Duration,
+    /// Shared key: with it, every connection authenticates the source and
+    /// itself before anything else (and refuses a source that does not).
+    pub auth_key: Option<AuthKey>,
 }
 
 impl Default for TcpOptions {
@@ -30,6 +34,7 @@ impl Default for TcpOptions {
         Self {
             connect_timeout: Duration::from_secs(5),
             io_timeout: Duration::from_secs(10),
+            auth_key: None,
         }
     }
 }
@@ -81,6 +86,7 @@ impl Conn {
         let hello = Hello {
             version: wire::VERSION,
             kind,
+            nonce: auth::nonce(),
         };
         conn.stream
             .write_all(&wire::encode_hello(&hello))
@@ -94,6 +100,30 @@ impl Conn {
                     _ => conn.err("wait for the source's welcome", e),
                 }
             })?;
+        let (ty, body) = match (ty, &opts.auth_key) {
+            (wire::T_CHALLENGE, None) => return Err(TransportError::AuthRequired),
+            (wire::T_CHALLENGE, Some(key)) => {
+                let (ns, proof) = wire::decode_challenge(&body)?;
+                let k = kind.auth_byte();
+                if !key.verify(Side::Source, k, &hello.nonce, &ns, &proof) {
+                    return Err(TransportError::AuthFailed(format!(
+                        "{addr} does not hold the shared key"
+                    )));
+                }
+                let mine = key.proof(Side::Destination, k, &hello.nonce, &ns);
+                conn.stream
+                    .write_all(&wire::encode_auth(&mine))
+                    .map_err(|e| conn.err("send authentication", e))?;
+                wire::read_frame(&mut conn.stream, wire::MAX_FRAME as usize)
+                    .map_err(|e| conn.err("wait for the source's welcome", e))?
+            }
+            (wire::T_WELCOME, Some(_)) => {
+                return Err(TransportError::AuthFailed(format!(
+                    "{addr} does not authenticate (no key configured there?): refusing its memory"
+                )))
+            }
+            _ => (ty, body),
+        };
         match ty {
             wire::T_WELCOME => {
                 let w = wire::decode_welcome(&body)?;
@@ -104,7 +134,13 @@ impl Conn {
                 }
                 Ok((conn, w.info))
             }
-            wire::T_ERROR => Err(wire::decode_error(&body)),
+            wire::T_ERROR => Err(match wire::decode_error(&body) {
+                TransportError::Remote {
+                    code: crate::RemoteCode::Auth,
+                    message,
+                } => TransportError::AuthFailed(format!("the source refused our key: {message}")),
+                e => e,
+            }),
             t => Err(TransportError::Protocol(format!(
                 "{addr} is not a pagewire source: answered with message type {t:#04x}"
             ))),

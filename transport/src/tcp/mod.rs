@@ -5,4 +5,4 @@ mod server;
 pub mod sockopt;
 
 pub use client::{TcpOptions, TcpTransport};
-pub use server::{PageServer, RdmaAcceptor, ServerHandle};
+pub use server::{PageServer, RdmaAcceptor, ServerHandle, DEFAULT_MAX_CONNECTIONS};

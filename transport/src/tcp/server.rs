@@ -2,13 +2,14 @@
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use tracing::{debug, warn};
 
+use crate::auth::{self, AuthKey, Side};
 use crate::error::{LayoutError, RemoteCode, TransportError};
 use crate::source::SourceMemory;
 use crate::wire::{self, ChannelKind, QpEndpoint, RdmaAccept, Request, Welcome};
@@ -18,12 +19,28 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request body accepted (a fetch with the most ranges fits).
 const MAX_REQUEST: usize = 8 + 2 + 12 * wire::MAX_RANGES;
 
-/// Serves a [`SourceMemory`] to any number of destinations.
+/// Connections served at once unless told otherwise (a migration uses one
+/// per lane plus two).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+
+/// Serves a [`SourceMemory`] to destinations.
 #[derive(Debug)]
 pub struct PageServer {
     listener: TcpListener,
     source: Arc<SourceMemory>,
     rdma: Option<Arc<dyn RdmaAcceptor>>,
+    key: Option<AuthKey>,
+    max_connections: usize,
+    live: Arc<AtomicUsize>,
+}
+
+/// Counts a connection while its thread runs.
+struct Live(Arc<AtomicUsize>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Sets up RDMA queue pairs for destinations that ask (the source side of
@@ -68,14 +85,32 @@ impl ServerHandle {
 }
 
 impl PageServer {
-    /// Binds the listening socket. Bind to a loopback or private address:
-    /// the protocol has no authentication.
+    /// Binds the listening socket. Without a key (see
+    /// [`PageServer::with_auth`]) anyone who reaches it reads guest
+    /// memory: bind to a loopback or private address.
     pub fn bind(addr: SocketAddr, source: Arc<SourceMemory>) -> io::Result<Self> {
         Ok(Self {
             listener: TcpListener::bind(addr)?,
             source,
             rdma: None,
+            key: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            live: Arc::new(AtomicUsize::new(0)),
         })
+    }
+
+    /// Requires every connection to prove it holds `key` (and proves it
+    /// too) before anything about guest memory is sent.
+    pub fn with_auth(mut self, key: AuthKey) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    /// Serves at most `n` connections at once; more are refused with a
+    /// "busy" error.
+    pub fn with_max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n.max(1);
+        self
     }
 
     /// Also serves RDMA queue pair set-up through `acceptor`.
@@ -125,17 +160,37 @@ impl PageServer {
                     continue;
                 }
             };
+            let peer = stream.peer_addr().ok();
+            if self.live.fetch_add(1, Ordering::SeqCst) >= self.max_connections {
+                self.live.fetch_sub(1, Ordering::SeqCst);
+                warn!(
+                    ?peer,
+                    max = self.max_connections,
+                    "refusing a connection: too many open"
+                );
+                let mut stream = stream;
+                let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+                reply_error(
+                    &mut stream,
+                    0,
+                    RemoteCode::Busy,
+                    "the source serves as many connections as it allows",
+                );
+                continue;
+            }
+            let live = Live(self.live.clone());
             let source = self.source.clone();
             let rdma = self.rdma.clone();
-            let peer = stream.peer_addr().ok();
+            let key = self.key.clone();
             let spawned = thread::Builder::new()
                 .name("pagewire-conn".into())
-                .spawn(
-                    move || match serve_connection(stream, &source, rdma.as_deref()) {
+                .spawn(move || {
+                    let _live = live;
+                    match serve_connection(stream, &source, rdma.as_deref(), key.as_ref()) {
                         Ok(()) => debug!(?peer, "connection closed"),
                         Err(e) => warn!(?peer, "connection ended: {e}"),
-                    },
-                );
+                    }
+                });
             if let Err(e) = spawned {
                 warn!("cannot start a connection thread: {e}");
             }
@@ -154,11 +209,42 @@ fn io_err(context: &str) -> impl FnOnce(io::Error) -> TransportError + '_ {
     move |e| TransportError::io(context, e, None)
 }
 
+/// Proves the key to the peer and checks its proof, before anything about
+/// guest memory is sent (still under the hello timeout).
+fn authenticate(
+    stream: &mut TcpStream,
+    key: &AuthKey,
+    hello: &wire::Hello,
+) -> Result<(), TransportError> {
+    let ns = auth::nonce();
+    let k = hello.kind.auth_byte();
+    let mine = key.proof(Side::Source, k, &hello.nonce, &ns);
+    stream
+        .write_all(&wire::encode_challenge(&ns, &mine))
+        .map_err(io_err("send challenge"))?;
+    let (ty, body) = wire::read_frame(stream, 64).map_err(io_err("read authentication"))?;
+    let theirs = if ty == wire::T_AUTH {
+        wire::decode_auth(&body).ok()
+    } else {
+        None
+    };
+    match theirs {
+        Some(p) if key.verify(Side::Destination, k, &hello.nonce, &ns, &p) => Ok(()),
+        _ => {
+            reply_error(stream, 0, RemoteCode::Auth, "authentication failed");
+            Err(TransportError::AuthFailed(
+                "the peer does not hold the shared key".into(),
+            ))
+        }
+    }
+}
+
 /// Serves one connection until the peer leaves or breaks the protocol.
 fn serve_connection(
     mut stream: TcpStream,
     source: &SourceMemory,
     rdma: Option<&dyn RdmaAcceptor>,
+    key: Option<&AuthKey>,
 ) -> Result<(), TransportError> {
     // RDMA queue pairs set up on this connection live as long as it does.
     let mut queue_pairs: Vec<Box<dyn Send>> = Vec::new();
@@ -193,6 +279,9 @@ fn serve_connection(
             ours: wire::VERSION,
             theirs: hello.version,
         });
+    }
+    if let Some(key) = key {
+        authenticate(&mut stream, key, &hello)?;
     }
     super::sockopt::tune(&stream, hello.kind);
     let info = (hello.kind == ChannelKind::Control).then(|| source.info().clone());

@@ -83,7 +83,7 @@ impl FcHandler {
             "Firecracker handshake received"
         );
         let memory = DestMemory::remote(&hs.regions, hs.pid).map_err(EmbedError::from)?;
-        let transport = connect(&self.source, self.transport.clone(), self.tcp)?;
+        let transport = connect(&self.source, self.transport.clone(), self.tcp.clone())?;
         let handle = Destination::start_over(
             transport,
             memory,
