@@ -70,6 +70,7 @@ fn a_port_speaking_another_protocol_is_not_a_source() {
     // Framed but with the wrong magic.
     let mut f = wire::encode_welcome(&Welcome {
         version: wire::VERSION,
+        session: 1,
         info: None,
     });
     f[5..9].copy_from_slice(b"XXXX");
@@ -91,6 +92,7 @@ fn a_source_with_another_version_is_refused() {
     let layout = MemoryLayout::single(4096).unwrap();
     let f = wire::encode_welcome(&Welcome {
         version: 99,
+        session: 1,
         info: Some(SourceInfo {
             zero: ZeroMap::new(1),
             layout,
@@ -98,7 +100,7 @@ fn a_source_with_another_version_is_refused() {
     });
     assert_clean_failure(
         &dest(&fake_peer(f)),
-        "version mismatch: we speak 1, the peer 99",
+        &format!("version mismatch: we speak {}, the peer 99", wire::VERSION),
     );
 }
 
@@ -109,6 +111,7 @@ fn a_garbage_welcome_is_a_protocol_error() {
     f.push(wire::T_WELCOME);
     f.extend_from_slice(&wire::MAGIC);
     f.extend_from_slice(&wire::VERSION.to_le_bytes());
+    f.extend_from_slice(&7u64.to_le_bytes()); // session
     f.push(1);
     f.extend_from_slice(&4096u32.to_le_bytes());
     f.extend_from_slice(&1u32.to_le_bytes());

@@ -1,6 +1,10 @@
 //! How a migration runs.
 
 use std::thread;
+use std::time::Duration;
+
+/// How long a lost link may take to come back unless told otherwise.
+pub const DEFAULT_RECOVER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How a migration runs.
 #[derive(Debug, Clone)]
@@ -27,6 +31,12 @@ pub struct MigrationConfig {
     /// Cap on bulk (push and bubble) bytes per second; `None` is unlimited,
     /// `Some(0)` is refused.
     pub push_rate: Option<u64>,
+    /// How long a lost link may take to come back. Channels whose link
+    /// breaks reconnect with backoff until then and send again what was
+    /// outstanding; faulting threads stay blocked meanwhile. A source that
+    /// refuses connections (gone) fails at once. Zero: fail at the first
+    /// loss.
+    pub recover_timeout: Duration,
 }
 
 impl Default for MigrationConfig {
@@ -39,6 +49,7 @@ impl Default for MigrationConfig {
             pin_lanes: true,
             flow_control: true,
             push_rate: None,
+            recover_timeout: DEFAULT_RECOVER_TIMEOUT,
         }
     }
 }

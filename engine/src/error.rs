@@ -34,6 +34,28 @@ pub enum EngineError {
         /// Why.
         error: std::io::Error,
     },
+    /// The link to the source was lost and did not come back in time.
+    #[error(
+        "link to the source lost ({lost}) and not back within {secs:.0} s (last attempt: {last})"
+    )]
+    RecoveryTimedOut {
+        /// The loss.
+        lost: TransportError,
+        /// The recovery timeout.
+        secs: f64,
+        /// Why the last reconnect failed.
+        last: TransportError,
+    },
+    /// The link was lost and the source refuses connections: it is gone.
+    #[error(
+        "link to the source lost ({lost}) and reconnecting failed ({refused}): the source is gone"
+    )]
+    SourceGone {
+        /// The loss.
+        lost: TransportError,
+        /// The refusal.
+        refused: TransportError,
+    },
     /// Guest memory handed in by a VMM is unusable.
     #[error(transparent)]
     Region(#[from] RegionError),

@@ -5,10 +5,11 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use pagewire_transport::{PageChannel, PageRange};
+use pagewire_transport::{ChannelClass, PageChannel, PageRange, TransportError};
 use userfaultfd::EventBuffer;
 
 use crate::error::EngineError;
+use crate::link::reconnect;
 use crate::metrics::Metrics;
 use crate::shared::Shared;
 use crate::state::{Claim, PageOrigin};
@@ -56,8 +57,9 @@ impl Events {
 
 pub(crate) fn fault_main(
     shared: &Shared,
-    channel: &mut dyn PageChannel,
+    mut channel: Box<dyn PageChannel>,
 ) -> Result<(), EngineError> {
+    let channel = &mut channel;
     let mut ev = Events {
         buf: EventBuffer::new(64),
         read: Vec::with_capacity(64),
@@ -91,11 +93,12 @@ pub(crate) fn fault_main(
                     receive_one(shared, channel, &mut pending, &mut buf, &mut ev)?;
                 }
                 shared.governor.urgent_begin();
-                if let Err(e) = channel.send(&[PageRange::new(page, 1)]) {
-                    shared.governor.urgent_end();
-                    return Err(e.into());
-                }
                 pending.push_back(Pending { page, t0 });
+                if let Err(e) = channel.send(&[PageRange::new(page, 1)]) {
+                    // The request stays outstanding: sent again once the
+                    // link is back.
+                    recover(shared, channel, &pending, e)?;
+                }
                 let n = pending.len() as u64;
                 shared
                     .metrics
@@ -105,7 +108,16 @@ pub(crate) fn fault_main(
         }
         // The poll above may already have said a reply is there; ask the
         // channel only when it has not.
-        while !pending.is_empty() && (reply || channel.reply_ready()?) {
+        while !pending.is_empty()
+            && (reply
+                || match channel.reply_ready() {
+                    Ok(r) => r,
+                    Err(e) => {
+                        recover(shared, channel, &pending, e)?;
+                        false
+                    }
+                })
+        {
             receive_one(shared, channel, &mut pending, &mut buf, &mut ev)?;
             reply = false;
         }
@@ -160,21 +172,50 @@ fn serve_fault(
     }
 }
 
+/// The urgent link broke: reopen it and ask again for every page whose
+/// reply had not arrived (the faulting threads stay blocked meanwhile).
+fn recover(
+    shared: &Shared,
+    channel: &mut Box<dyn PageChannel>,
+    pending: &VecDeque<Pending>,
+    lost: TransportError,
+) -> Result<(), EngineError> {
+    let mut lost = lost;
+    loop {
+        *channel = reconnect(shared, ChannelClass::Urgent, lost)?;
+        match pending
+            .iter()
+            .try_for_each(|p| channel.send(&[PageRange::new(p.page, 1)]))
+        {
+            Ok(()) => {
+                Metrics::add(&shared.metrics.resent_pages, pending.len() as u64);
+                return Ok(());
+            }
+            Err(e) => lost = e,
+        }
+    }
+}
+
 /// Receives the oldest urgent reply, installs the page and wakes the
-/// faulting thread.
+/// faulting thread. A broken link is recovered instead: the request stays
+/// outstanding and is sent again.
 fn receive_one(
     shared: &Shared,
-    channel: &mut dyn PageChannel,
+    channel: &mut Box<dyn PageChannel>,
     pending: &mut VecDeque<Pending>,
     buf: &mut [u8],
     ev: &mut Events,
 ) -> Result<(), EngineError> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    if let Err(e) = channel.recv(buf) {
+        return recover(shared, channel, pending, e);
+    }
     let Some(p) = pending.pop_front() else {
         return Ok(());
     };
-    let got = channel.recv(buf);
     shared.governor.urgent_end();
-    got?;
     let range = PageRange::new(p.page, 1);
     shared.install_fetched(&[range], buf, PageOrigin::Fault, &mut || ev.drain(shared))?;
     let d = p.t0.elapsed();

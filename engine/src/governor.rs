@@ -314,6 +314,14 @@ impl Governor {
         }
     }
 
+    /// Forgets a request whose reply was lost with its link: its bytes leave
+    /// the window, and it teaches nothing about round trips.
+    pub fn abandon(&self, sent: Sent) {
+        let mut st = self.lock();
+        st.inflight -= sent.bytes.min(st.inflight);
+        self.cv.notify_all();
+    }
+
     /// Reports that the reply to `sent` has fully arrived, and adapts the
     /// request size and the window.
     pub fn complete(&self, sent: Sent) {

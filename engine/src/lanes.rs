@@ -6,11 +6,12 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use pagewire_transport::{PageChannel, PageRange};
+use pagewire_transport::{ChannelClass, PageChannel, PageRange, TransportError};
 use tracing::debug;
 
 use crate::error::EngineError;
 use crate::governor::Sent;
+use crate::link::reconnect;
 use crate::metrics::Metrics;
 use crate::shared::Shared;
 use crate::state::PageOrigin;
@@ -71,8 +72,9 @@ fn claim(shared: &Shared, max: u64, sweep_done: &mut bool, bubble_only: bool) ->
 pub(crate) fn lane_main(
     shared: &Shared,
     lane: usize,
-    channel: &mut dyn PageChannel,
+    mut channel: Box<dyn PageChannel>,
 ) -> Result<(), EngineError> {
+    let channel = &mut channel;
     let max_out = channel.max_outstanding().max(1);
     let max_ranges = shared.limits.max_ranges.max(1);
     let max_pages = shared.limits.max_pages.max(1);
@@ -130,16 +132,19 @@ pub(crate) fn lane_main(
                     )));
                 }
                 while pending.len() >= max_out {
-                    receive_one(shared, channel, &mut pending, &mut pool)?;
+                    receive_one(shared, lane, channel, &mut pending, &mut pool)?;
                 }
                 let pieces = fetch[start..end].to_vec();
-                channel.send(&pieces)?;
+                let sent_now = channel.send(&pieces);
                 pending.push_back(Pending {
                     len: n as usize * ps,
                     pieces,
                     origin: c.origin,
                     sent: (end == fetch.len()).then_some(sent),
                 });
+                if let Err(e) = sent_now {
+                    recover(shared, lane, channel, &mut pending, e)?;
+                }
                 start = end;
             }
         }
@@ -153,22 +158,62 @@ pub(crate) fn lane_main(
             }
             continue;
         }
-        receive_one(shared, channel, &mut pending, &mut pool)?;
+        receive_one(shared, lane, channel, &mut pending, &mut pool)?;
     }
 }
 
+/// The lane's link broke: reopen the channel and send again every request
+/// whose reply had not arrived (their pages stay claimed by this lane).
+fn recover(
+    shared: &Shared,
+    lane: usize,
+    channel: &mut Box<dyn PageChannel>,
+    pending: &mut VecDeque<Pending>,
+    lost: TransportError,
+) -> Result<(), EngineError> {
+    let mut lost = lost;
+    loop {
+        *channel = reconnect(shared, ChannelClass::Bulk(lane as u16), lost)?;
+        // Lost requests say nothing about the path's round trip.
+        for p in pending.iter_mut() {
+            if let Some(s) = p.sent.take() {
+                shared.governor.abandon(s);
+            }
+        }
+        let resend = pending.iter().try_for_each(|p| {
+            channel.send(&p.pieces)?;
+            let pages: u64 = p.pieces.iter().map(|r| u64::from(r.count)).sum();
+            Metrics::add(&shared.metrics.resent_pages, pages);
+            Ok::<(), TransportError>(())
+        });
+        match resend {
+            Ok(()) => return Ok(()),
+            Err(e) => lost = e,
+        }
+    }
+}
+
+/// Receives the oldest outstanding reply and installs it; a broken link is
+/// recovered (the request stays outstanding and is sent again).
 fn receive_one(
     shared: &Shared,
-    channel: &mut dyn PageChannel,
+    lane: usize,
+    channel: &mut Box<dyn PageChannel>,
     pending: &mut VecDeque<Pending>,
     pool: &mut Vec<Vec<u8>>,
 ) -> Result<(), EngineError> {
-    let Some(p) = pending.pop_front() else {
+    let Some(len) = pending.front().map(|p| p.len) else {
         return Ok(());
     };
     let mut buf = pool.pop().unwrap_or_default();
-    buf.resize(p.len, 0);
-    channel.recv(&mut buf)?;
+    buf.resize(len, 0);
+    if let Err(e) = channel.recv(&mut buf) {
+        pool.push(buf);
+        return recover(shared, lane, channel, pending, e);
+    }
+    let Some(p) = pending.pop_front() else {
+        return Ok(());
+    };
     if let Some(sent) = p.sent {
         shared.governor.complete(sent);
     }

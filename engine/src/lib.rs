@@ -16,6 +16,7 @@ pub mod error;
 mod fault;
 pub mod governor;
 mod lanes;
+mod link;
 pub mod memory;
 pub mod metrics;
 pub mod migration;

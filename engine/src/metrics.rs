@@ -115,6 +115,14 @@ pub struct Metrics {
     pub max_concurrent_faults: AtomicU64,
     /// Pages the memory's owner removed (balloon) before they arrived.
     pub removed_pages: AtomicU64,
+    /// Times a channel's link was lost.
+    pub link_losses: AtomicU64,
+    /// Times a lost channel was reopened.
+    pub reconnects: AtomicU64,
+    /// Pages asked for again because their reply was lost with a link.
+    pub resent_pages: AtomicU64,
+    /// Time from a link loss to the channel reopened.
+    pub recovery: LatencyHist,
     /// Every fault, from reading its event to waking its thread.
     pub all: LatencyHist,
     /// Faults fetched over the network.
@@ -160,6 +168,10 @@ impl Metrics {
             install_conflicts: counter(),
             max_concurrent_faults: counter(),
             removed_pages: counter(),
+            link_losses: counter(),
+            reconnects: counter(),
+            resent_pages: counter(),
+            recovery: LatencyHist::default(),
             all: LatencyHist::default(),
             network: LatencyHist::default(),
             inflight: LatencyHist::default(),

@@ -49,6 +49,15 @@ pub struct EngineReport {
     pub removed_pages: u64,
     /// Page bytes received.
     pub bytes_received: u64,
+    /// Times a channel's link was lost.
+    pub link_losses: u64,
+    /// Times a lost channel was reopened.
+    pub reconnects: u64,
+    /// Pages asked for again because their reply was lost with a link
+    /// (not duplicates: each was installed once).
+    pub resent_pages: u64,
+    /// Time from a link loss to the channel reopened.
+    pub recovery_us: LatencyUs,
     /// Pages received more than once (must be 0).
     pub duplicate_pages: u64,
     /// Installs that found the page already mapped.
@@ -217,17 +226,16 @@ impl Migration {
         };
         let mut threads = Vec::new();
         let s = shared.clone();
-        let mut urgent = urgent;
         threads.push(spawn(
             "pw-fault".into(),
             Box::new(move || {
-                if let Err(e) = fault_main(&s, urgent.as_mut()) {
+                if let Err(e) = fault_main(&s, urgent) {
                     s.fail(e);
                 }
             }),
         ));
         let cores = core_affinity::get_core_ids().unwrap_or_default();
-        for (i, mut ch) in lanes.into_iter().enumerate() {
+        for (i, ch) in lanes.into_iter().enumerate() {
             let s = shared.clone();
             let core = (s.config.pin_lanes && !cores.is_empty()).then(|| cores[i % cores.len()]);
             threads.push(spawn(
@@ -236,7 +244,7 @@ impl Migration {
                     if let Some(c) = core {
                         core_affinity::set_for_current(c);
                     }
-                    if let Err(e) = lane_main(&s, i, ch.as_mut()) {
+                    if let Err(e) = lane_main(&s, i, ch) {
                         s.fail(e);
                     }
                 }),
@@ -411,6 +419,10 @@ impl MigrationHandle {
             zero_pages: Metrics::get(&m.zero_pages),
             removed_pages: Metrics::get(&m.removed_pages),
             bytes_received: Metrics::get(&m.bytes_received),
+            link_losses: Metrics::get(&m.link_losses),
+            reconnects: Metrics::get(&m.reconnects),
+            resent_pages: Metrics::get(&m.resent_pages),
+            recovery_us: m.recovery.summary(),
             duplicate_pages: Metrics::get(&m.duplicate_pages),
             install_conflicts: Metrics::get(&m.install_conflicts),
             fault_latency_us: all,

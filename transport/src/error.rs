@@ -168,6 +168,19 @@ pub enum TransportError {
 }
 
 impl TransportError {
+    /// Whether this is the link failing (a reset, a timeout, a closed
+    /// connection, a busy source) rather than the source refusing us or
+    /// breaking the protocol: a lost link may come back. A refused
+    /// connection means nothing listens any more: the source is gone.
+    pub fn is_link_loss(&self) -> bool {
+        match self {
+            Self::Timeout { .. } | Self::Closed { .. } => true,
+            Self::Io { error, .. } => error.kind() != io::ErrorKind::ConnectionRefused,
+            Self::Remote { code, .. } => *code == RemoteCode::Busy,
+            _ => false,
+        }
+    }
+
     /// Maps an I/O error, telling timeouts and closed peers apart.
     pub fn io(context: impl Into<String>, error: io::Error, timeout: Option<f64>) -> Self {
         let context = context.into();

@@ -105,6 +105,9 @@ pub struct Hello {
 pub struct Welcome {
     /// Protocol version the source speaks.
     pub version: u16,
+    /// Random per source process: a destination that reconnects checks it
+    /// reached the same source (the same memory), not a restarted one.
+    pub session: u64,
     /// Layout and zero map; sent on control connections only.
     pub info: Option<SourceInfo>,
 }
@@ -406,6 +409,7 @@ pub fn encode_welcome(w: &Welcome) -> Vec<u8> {
     let mut v = frame(T_WELCOME);
     v.extend_from_slice(&MAGIC);
     v.extend_from_slice(&w.version.to_le_bytes());
+    v.extend_from_slice(&w.session.to_le_bytes());
     match &w.info {
         None => v.push(0),
         Some(info) => {
@@ -439,6 +443,7 @@ pub fn decode_welcome(body: &[u8]) -> Result<Welcome, TransportError> {
             theirs: version,
         });
     }
+    let session = d.u64()?;
     let info = match d.u8()? {
         0 => None,
         1 => {
@@ -472,7 +477,11 @@ pub fn decode_welcome(body: &[u8]) -> Result<Welcome, TransportError> {
         f => return Err(TransportError::Protocol(format!("bad welcome flag {f}"))),
     };
     d.finish()?;
-    Ok(Welcome { version, info })
+    Ok(Welcome {
+        version,
+        session,
+        info,
+    })
 }
 
 /// Encodes a request.
@@ -743,6 +752,7 @@ mod tests {
         zero.set(3);
         let w = Welcome {
             version: VERSION,
+            session: 0x1234,
             info: Some(SourceInfo { layout, zero }),
         };
         let f = encode_welcome(&w);
@@ -756,7 +766,7 @@ mod tests {
         ));
         // Region length that is not page aligned.
         let mut b = f[5..].to_vec();
-        b[4 + 2 + 1 + 4 + 4 + 8] = 1;
+        b[4 + 2 + 8 + 1 + 4 + 4 + 8] = 1;
         assert!(decode_welcome(&b).is_err());
         // Truncated.
         assert!(decode_welcome(&f[5..f.len() - 1]).is_err());
@@ -764,6 +774,7 @@ mod tests {
         // sized by it).
         let big = Welcome {
             version: VERSION,
+            session: 1,
             info: Some(SourceInfo {
                 layout: MemoryLayout::new(
                     2 << 20,

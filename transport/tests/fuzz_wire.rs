@@ -111,6 +111,7 @@ fn valid_messages() -> impl Strategy<Value = Vec<u8>> {
             }
             encode_welcome(&Welcome {
                 version: VERSION,
+                session: pages,
                 info: Some(SourceInfo { layout, zero }),
             })
         }),

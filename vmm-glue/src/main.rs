@@ -230,6 +230,13 @@ struct EngineArgs {
     /// Print the report as JSON on stdout (no progress bar).
     #[arg(long)]
     json: bool,
+    /// Seconds a lost link may take to come back: broken connections are
+    /// reopened with backoff and what was outstanding is asked for again,
+    /// while faulting threads stay blocked. A source that refuses
+    /// connections (gone) fails the migration at once. 0: fail at the
+    /// first loss.
+    #[arg(long, default_value_t = 120.0)]
+    recover_timeout: f64,
     /// Shared secret the source was given (--auth-key-file there): the
     /// source must prove it holds it, and so do we. A source that does not
     /// authenticate is then refused.
@@ -335,6 +342,7 @@ impl EngineArgs {
             pin_lanes: !self.no_pin,
             flow_control: !self.no_flow_control,
             push_rate: self.push_rate,
+            recover_timeout: self.recover_timeout()?,
         })
     }
 
@@ -356,6 +364,13 @@ impl EngineArgs {
         !self.json && std::io::stderr().is_terminal()
     }
 
+    fn recover_timeout(&self) -> Result<Duration> {
+        if !(self.recover_timeout >= 0.0 && self.recover_timeout < 86_400.0) {
+            bail!("--recover-timeout must be between 0 and 86400 seconds");
+        }
+        Ok(Duration::from_secs_f64(self.recover_timeout))
+    }
+
     fn tcp_options(&self) -> Result<TcpOptions> {
         if !(self.io_timeout > 0.0 && self.io_timeout < 86_400.0) {
             bail!("--io-timeout must be between 0 and 86400 seconds");
@@ -367,6 +382,7 @@ impl EngineArgs {
                 .as_deref()
                 .map(AuthKey::from_file)
                 .transpose()?,
+            recover_timeout: self.recover_timeout()?,
             ..TcpOptions::default()
         })
     }

@@ -79,6 +79,7 @@ impl RunReport {
              \x20   waited on lane  p50 {ip50:.1} us, p99 {ip99:.1} us ({icount})\n\
              \x20   most at once    {conc} faults waiting on the network\n\
              \x20 flow control      {flow}\n\
+             \x20 link              {losses} losses, {reconnects} reconnects (recovery p50 {rec50:.1} ms, max {recmax:.1} ms), {resent} pages asked again\n\
              \x20 prepaged (bubble) {pre} pages, {hits} later touched\n\
              \x20 pushed (sweep)    {pushed} pages, {phits} later touched\n\
              \x20 source data path  {sreq} requests, {spages} pages\n\
@@ -119,6 +120,11 @@ impl RunReport {
             } else {
                 "off".to_string()
             },
+            losses = e.link_losses,
+            reconnects = e.reconnects,
+            rec50 = e.recovery_us.p50 / 1000.0,
+            recmax = e.recovery_us.max / 1000.0,
+            resent = e.resent_pages,
             pre = e.prepaged_pages,
             hits = self.prepaged_hits,
             pushed = e.pushed_pages,

@@ -27,6 +27,10 @@ pub struct TcpOptions {
     /// Shared key: with it, every connection authenticates the source and
     /// itself before anything else (and refuses a source that does not).
     pub auth_key: Option<AuthKey>,
+    /// How long a lost link may take to come back: control requests (and
+    /// the engine's channels) reconnect with backoff until then. Zero: a
+    /// lost link fails at once.
+    pub recover_timeout: Duration,
 }
 
 impl Default for TcpOptions {
@@ -35,6 +39,7 @@ impl Default for TcpOptions {
             connect_timeout: Duration::from_secs(5),
             io_timeout: Duration::from_secs(10),
             auth_key: None,
+            recover_timeout: Duration::ZERO,
         }
     }
 }
@@ -66,7 +71,7 @@ impl Conn {
         addr: SocketAddr,
         kind: ChannelKind,
         opts: &TcpOptions,
-    ) -> Result<(Self, Option<SourceInfo>), TransportError> {
+    ) -> Result<(Self, Option<SourceInfo>, u64), TransportError> {
         let timeout = opts.io_timeout.as_secs_f64();
         let ctx = format!("connect to {addr}");
         let stream = TcpStream::connect_timeout(&addr, opts.connect_timeout).map_err(|e| {
@@ -132,7 +137,7 @@ impl Conn {
                         "welcome on the control connection carries no layout".into(),
                     ));
                 }
-                Ok((conn, w.info))
+                Ok((conn, w.info, w.session))
             }
             wire::T_ERROR => Err(match wire::decode_error(&body) {
                 TransportError::Remote {
@@ -275,6 +280,8 @@ pub struct TcpTransport {
     addr: SocketAddr,
     opts: TcpOptions,
     info: SourceInfo,
+    /// The source's session: every later connection must reach the same.
+    session: u64,
     control: Mutex<Conn>,
 }
 
@@ -294,14 +301,69 @@ impl TcpTransport {
             .map_err(|e| TransportError::io("resolve source address", e, None))?
             .next()
             .ok_or_else(|| TransportError::Protocol("source address resolves to nothing".into()))?;
-        let (control, info) = Conn::open(addr, ChannelKind::Control, &opts)?;
+        let (control, info, session) = Conn::open(addr, ChannelKind::Control, &opts)?;
         let info = info.ok_or_else(|| TransportError::Protocol("no layout".into()))?;
         Ok(Self {
             addr,
             opts,
             info,
+            session,
             control: Mutex::new(control),
         })
+    }
+
+    /// Opens a connection of `kind` and checks it reached the same source.
+    fn open_conn(&self, kind: ChannelKind) -> Result<(Conn, Option<SourceInfo>), TransportError> {
+        let (conn, info, session) = Conn::open(self.addr, kind, &self.opts)?;
+        if session != self.session {
+            return Err(TransportError::Protocol(format!(
+                "{} answers as another source (session {session:#x}, was {:#x}): a restarted \
+                 source's memory is not this migration's",
+                self.addr, self.session
+            )));
+        }
+        Ok((conn, info))
+    }
+
+    /// Runs a request on the control connection; if the link is lost, the
+    /// connection is reopened (with backoff, up to the recovery timeout)
+    /// and the request run again.
+    fn on_control<T>(
+        &self,
+        f: impl Fn(&mut Conn) -> Result<T, TransportError>,
+    ) -> Result<T, TransportError> {
+        let mut c = self.control();
+        let first = match f(&mut c) {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_link_loss() && !self.opts.recover_timeout.is_zero() => e,
+            Err(e) => return Err(e),
+        };
+        tracing::warn!("control connection lost ({first}): reconnecting");
+        let deadline = std::time::Instant::now() + self.opts.recover_timeout;
+        let mut backoff = Duration::from_millis(10);
+        let mut last = first;
+        while std::time::Instant::now() < deadline {
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+            match self.open_conn(ChannelKind::Control) {
+                Ok((conn, info)) => {
+                    if info.as_ref() != Some(&self.info) {
+                        return Err(TransportError::Protocol(
+                            "the source's layout changed across a reconnect".into(),
+                        ));
+                    }
+                    *c = conn;
+                    match f(&mut c) {
+                        Ok(v) => return Ok(v),
+                        Err(e) if e.is_link_loss() => last = e,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e) if e.is_link_loss() => last = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
     }
 
     /// The source's address.
@@ -392,7 +454,7 @@ impl Transport for TcpTransport {
             ChannelClass::Urgent => ChannelKind::Urgent,
             ChannelClass::Bulk(l) => ChannelKind::Bulk(l),
         };
-        let (conn, _) = Conn::open(self.addr, kind, &self.opts)?;
+        let (conn, _) = self.open_conn(kind)?;
         Ok(Box::new(TcpChannel {
             conn,
             page_size: self.info.layout.page_size(),
@@ -400,9 +462,10 @@ impl Transport for TcpTransport {
     }
 
     fn checksums(&self, range: PageRange) -> Result<Vec<u64>, TransportError> {
-        let mut c = self.control();
-        let id = c.send(|id| Request::Checksums { id, range })?;
-        let body = c.reply(id, wire::T_CHECKSUM_LIST)?;
+        let body = self.on_control(|c| {
+            let id = c.send(|id| Request::Checksums { id, range })?;
+            c.reply(id, wire::T_CHECKSUM_LIST)
+        })?;
         let (_, sums) = wire::decode_checksums(&body)?;
         if sums.len() != range.count as usize {
             return Err(TransportError::Protocol(format!(
@@ -415,9 +478,10 @@ impl Transport for TcpTransport {
     }
 
     fn source_stats(&self) -> Result<SourceStats, TransportError> {
-        let mut c = self.control();
-        let id = c.send(|id| Request::Stats { id })?;
-        let body = c.reply(id, wire::T_STATS_REPLY)?;
+        let body = self.on_control(|c| {
+            let id = c.send(|id| Request::Stats { id })?;
+            c.reply(id, wire::T_STATS_REPLY)
+        })?;
         Ok(wire::decode_stats(&body)?.1)
     }
 }
@@ -450,6 +514,7 @@ mod tests {
                     });
                     let welcome = Welcome {
                         version: wire::VERSION,
+                        session: 7,
                         info,
                     };
                     s.write_all(&wire::encode_welcome(&welcome)).unwrap();

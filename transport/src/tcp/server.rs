@@ -32,6 +32,9 @@ pub struct PageServer {
     key: Option<AuthKey>,
     max_connections: usize,
     live: Arc<AtomicUsize>,
+    /// Random per server: reconnecting destinations check they reached
+    /// the same source.
+    session: u64,
 }
 
 /// Counts a connection while its thread runs.
@@ -96,6 +99,10 @@ impl PageServer {
             key: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             live: Arc::new(AtomicUsize::new(0)),
+            session: {
+                let n = auth::nonce();
+                u64::from_le_bytes([n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7]])
+            },
         })
     }
 
@@ -182,11 +189,13 @@ impl PageServer {
             let source = self.source.clone();
             let rdma = self.rdma.clone();
             let key = self.key.clone();
+            let session = self.session;
             let spawned = thread::Builder::new()
                 .name("pagewire-conn".into())
                 .spawn(move || {
                     let _live = live;
-                    match serve_connection(stream, &source, rdma.as_deref(), key.as_ref()) {
+                    match serve_connection(stream, &source, rdma.as_deref(), key.as_ref(), session)
+                    {
                         Ok(()) => debug!(?peer, "connection closed"),
                         Err(e) => warn!(?peer, "connection ended: {e}"),
                     }
@@ -245,6 +254,7 @@ fn serve_connection(
     source: &SourceMemory,
     rdma: Option<&dyn RdmaAcceptor>,
     key: Option<&AuthKey>,
+    session: u64,
 ) -> Result<(), TransportError> {
     // RDMA queue pairs set up on this connection live as long as it does.
     let mut queue_pairs: Vec<Box<dyn Send>> = Vec::new();
@@ -288,6 +298,7 @@ fn serve_connection(
     stream
         .write_all(&wire::encode_welcome(&Welcome {
             version: wire::VERSION,
+            session,
             info,
         }))
         .map_err(io_err("send welcome"))?;
