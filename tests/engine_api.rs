@@ -241,3 +241,96 @@ fn bad_configurations_are_refused_before_anything_is_touched() {
         assert!(e.to_string().contains("are needed"), "{bad:?}: {e}");
     }
 }
+
+/// A transport plugin with a bug: its first bulk channel panics after a
+/// few replies.
+struct Panicky {
+    inner: Arc<dyn Transport>,
+}
+
+struct PanicAfter {
+    inner: Box<dyn pagewire_transport::PageChannel>,
+    left: usize,
+}
+
+impl pagewire_transport::PageChannel for PanicAfter {
+    fn send(&mut self, r: &[PageRange]) -> Result<(), pagewire_transport::TransportError> {
+        self.inner.send(r)
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> Result<(), pagewire_transport::TransportError> {
+        assert!(self.left > 0, "a transport bug");
+        self.left -= 1;
+        self.inner.recv(buf)
+    }
+    fn reply_ready(&mut self) -> Result<bool, pagewire_transport::TransportError> {
+        self.inner.reply_ready()
+    }
+    fn ready_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.inner.ready_fd()
+    }
+    fn outstanding(&self) -> usize {
+        self.inner.outstanding()
+    }
+    fn max_outstanding(&self) -> usize {
+        self.inner.max_outstanding()
+    }
+}
+
+impl Transport for Panicky {
+    fn name(&self) -> &'static str {
+        "panicky"
+    }
+    fn info(&self) -> &pagewire_transport::SourceInfo {
+        self.inner.info()
+    }
+    fn open(
+        &self,
+        class: pagewire_transport::ChannelClass,
+    ) -> Result<Box<dyn pagewire_transport::PageChannel>, pagewire_transport::TransportError> {
+        let ch = self.inner.open(class)?;
+        Ok(match class {
+            pagewire_transport::ChannelClass::Bulk(0) => Box::new(PanicAfter {
+                inner: ch,
+                left: 20,
+            }),
+            _ => ch,
+        })
+    }
+    fn limits(&self) -> pagewire_transport::FetchLimits {
+        self.inner.limits()
+    }
+    fn checksums(&self, r: PageRange) -> Result<Vec<u64>, pagewire_transport::TransportError> {
+        self.inner.checksums(r)
+    }
+    fn source_stats(
+        &self,
+    ) -> Result<pagewire_transport::SourceStats, pagewire_transport::TransportError> {
+        self.inner.source_stats()
+    }
+}
+
+/// A thread that panics inside the engine fails the migration: `wait()`
+/// reports it, it never waits for the pages the dead thread had claimed.
+#[test]
+fn a_panicking_engine_thread_is_reported_not_a_hang() {
+    let src = start_source("16MiB", 3);
+    let t: Arc<dyn Transport> = Arc::new(Panicky {
+        inner: connect(&src.addr, Duration::from_secs(5)),
+    });
+    let handle = Migration::start(
+        t,
+        MigrationConfig {
+            lanes: 2,
+            ..MigrationConfig::default()
+        },
+    )
+    .expect("start");
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(handle.wait().map(|_| ()));
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(Err(pagewire_engine::EngineError::Panicked { thread })) => assert_eq!(thread, "pw-lane"),
+        other => panic!("expected the panic to be reported, got {other:?}"),
+    }
+}

@@ -59,6 +59,12 @@ pub enum EngineError {
     /// Guest memory handed in by a VMM is unusable.
     #[error(transparent)]
     Region(#[from] RegionError),
+    /// An engine thread panicked (a bug, or a transport that panicked).
+    #[error("engine thread {thread} panicked")]
+    Panicked {
+        /// Which thread.
+        thread: &'static str,
+    },
     /// Another part of the migration failed first; see the first error.
     #[error("migration aborted")]
     Aborted,

@@ -229,6 +229,7 @@ impl Migration {
         threads.push(spawn(
             "pw-fault".into(),
             Box::new(move || {
+                let _guard = FailOnPanic(&s, "pw-fault");
                 if let Err(e) = fault_main(&s, urgent) {
                     s.fail(e);
                 }
@@ -241,6 +242,7 @@ impl Migration {
             threads.push(spawn(
                 format!("pw-lane-{i}"),
                 Box::new(move || {
+                    let _guard = FailOnPanic(&s, "pw-lane");
                     if let Some(c) = core {
                         core_affinity::set_for_current(c);
                     }
@@ -261,6 +263,19 @@ impl Migration {
             }
         }
         Ok(handle)
+    }
+}
+
+/// Fails the migration if the thread holding it unwinds from a panic, so
+/// the other threads stop and `wait()` reports it instead of waiting for
+/// pages the dead thread had claimed.
+struct FailOnPanic<'a>(&'a Shared, &'static str);
+
+impl Drop for FailOnPanic<'_> {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            self.0.fail(EngineError::Panicked { thread: self.1 });
+        }
     }
 }
 
