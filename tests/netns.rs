@@ -123,3 +123,126 @@ fn migrations_cross_a_shaped_link_between_two_namespaces() {
     }
     drop(src);
 }
+
+/// Runs `nft` in namespace `ns`.
+fn nft(ns: &str, args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", ns, "nft"])
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The link drops every packet, both ways, for a while (an nftables drop
+/// policy in the destination's namespace), at seeded random moments, many
+/// times in one migration: the migration recovers each time and ends with
+/// every page verified.
+#[test]
+fn a_migration_survives_a_link_that_drops_every_packet_for_a_while() {
+    if let Some(why) = unsupported() {
+        println!("SKIPPED: network namespaces unavailable ({why})");
+        return;
+    }
+    let has_nft = Command::new("sh")
+        .args(["-c", "command -v nft"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_nft {
+        println!("SKIPPED: nft (nftables) is missing");
+        return;
+    }
+    let name = format!("pwd{}", std::process::id() % 10_000);
+    let link = Link::up(&name, "1gbit");
+    let src = spawn_source(
+        Command::new("ip")
+            .args(["netns", "exec", &link.ns("src")])
+            .arg(env!("CARGO_BIN_EXE_pagewire"))
+            .args([
+                "source",
+                "--listen",
+                "192.0.2.1:0",
+                "--synthetic",
+                "16MiB",
+                "--seed",
+                "9",
+            ]),
+    );
+    let dst = link.ns("dst");
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let chaos = {
+        let (done, dst) = (done.clone(), dst.clone());
+        std::thread::spawn(move || {
+            let mut x: u64 = 0xd20b_5eed_0000_0077;
+            let mut next = move |n: u64| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x % n
+            };
+            let mut drops = Vec::new();
+            std::thread::sleep(Duration::from_millis(300));
+            // Twenty drops, then the link stays up so the migration ends.
+            while !done.load(std::sync::atomic::Ordering::SeqCst) && drops.len() < 20 {
+                let ms = 100 + next(1400);
+                assert!(nft(&dst, &["add", "table", "inet", "pwdrop"]));
+                assert!(nft(&dst, &["add chain inet pwdrop in { type filter hook input priority 0 ; policy drop ; }"]));
+                assert!(nft(&dst, &["add chain inet pwdrop out { type filter hook output priority 0 ; policy drop ; }"]));
+                std::thread::sleep(Duration::from_millis(ms));
+                assert!(nft(&dst, &["delete", "table", "inet", "pwdrop"]));
+                drops.push(ms);
+                std::thread::sleep(Duration::from_millis(200 + next(400)));
+            }
+            drops
+        })
+    };
+    let (out, _) = run_bounded(
+        Command::new("ip")
+            .args(["netns", "exec", &dst])
+            .arg(env!("CARGO_BIN_EXE_pagewire"))
+            .args([
+                "dest",
+                "--connect",
+                &src.addr,
+                "--json",
+                "--transport",
+                "tcp",
+                "--io-timeout",
+                "1",
+                "--recover-timeout",
+                "60",
+                "--push-rate",
+                "500KB",
+                "--workload",
+                "hotset",
+                "--think-us",
+                "300",
+            ]),
+        Duration::from_secs(240),
+    );
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let drops = chaos.join().expect("chaos thread");
+    let _ = nft(&dst, &["delete", "table", "inet", "pwdrop"]);
+    assert!(
+        out.status.success(),
+        "dest failed after drops {drops:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    println!(
+        "{} drops ({:?} ms): link losses {}, reconnects {}, resent {}",
+        drops.len(),
+        drops,
+        r["link_losses"],
+        r["reconnects"],
+        r["resent_pages"]
+    );
+    assert_eq!(drops.len(), 20, "the migration ended after {} drops: {drops:?}", drops.len());
+    assert_eq!(u(&r, "checksum_mismatches"), 0, "{r}");
+    assert_eq!(u(&r, "duplicate_pages"), 0, "{r}");
+    assert_eq!(u(&r, "pages_verified"), u(&r, "pages_total"), "{r}");
+    assert!(
+        u(&r, "link_losses") >= 1,
+        "no drop was long enough to lose the link: {r}"
+    );
+    drop(src);
+}
