@@ -110,3 +110,33 @@ fn demo_runs_both_transports() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("0 mismatches, 0 duplicates -> OK"), "{text}");
 }
+
+/// A source started with `--once` exits, successfully, once its
+/// destination has every page and has verified it.
+#[test]
+fn a_source_is_told_when_its_destination_is_done() {
+    let mut cmd = pagewire();
+    cmd.args([
+        "source",
+        "--listen",
+        "127.0.0.1:0",
+        "--synthetic",
+        "8MiB",
+        "--once",
+    ]);
+    let mut src = spawn_source(&mut cmd);
+    let r = dest_json(&src.addr, &["--workload", "seq"]);
+    assert_clean(&r);
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = src.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "the source did not exit after its destination was done"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+}

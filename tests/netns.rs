@@ -236,7 +236,12 @@ fn a_migration_survives_a_link_that_drops_every_packet_for_a_while() {
         r["reconnects"],
         r["resent_pages"]
     );
-    assert_eq!(drops.len(), 20, "the migration ended after {} drops: {drops:?}", drops.len());
+    assert_eq!(
+        drops.len(),
+        20,
+        "the migration ended after {} drops: {drops:?}",
+        drops.len()
+    );
     assert_eq!(u(&r, "checksum_mismatches"), 0, "{r}");
     assert_eq!(u(&r, "duplicate_pages"), 0, "{r}");
     assert_eq!(u(&r, "pages_verified"), u(&r, "pages_total"), "{r}");

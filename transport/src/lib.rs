@@ -59,6 +59,12 @@ pub trait Transport: Send + Sync {
 
     /// How much work the source's data path has done so far.
     fn source_stats(&self) -> Result<SourceStats, TransportError>;
+
+    /// Tells the source this destination has every page (and has
+    /// verified them, if it does): the source may release the memory.
+    fn done(&self) -> Result<(), TransportError> {
+        Ok(())
+    }
 }
 
 /// The most one fetch request may ask for. The engine splits its batches

@@ -40,6 +40,8 @@ pub const T_STATS: u8 = 0x04;
 pub const T_RDMA_CONNECT: u8 = 0x05;
 /// Destination's proof of the key (authenticated sources only).
 pub const T_AUTH: u8 = 0x06;
+/// The destination has every page (no reply).
+pub const T_DONE: u8 = 0x07;
 /// Source to client: welcome.
 pub const T_WELCOME: u8 = 0x81;
 /// Source to client: page data.
@@ -132,6 +134,11 @@ pub enum Request {
     /// Send the source's data-path counters.
     Stats {
         /// Echoed in the reply.
+        id: u64,
+    },
+    /// The destination has every page and needs nothing more (no reply).
+    Done {
+        /// Request id.
         id: u64,
     },
     /// Connect an RDMA queue pair to this endpoint and say where guest
@@ -512,6 +519,11 @@ pub fn encode_request(r: &Request) -> Vec<u8> {
             v.extend_from_slice(&id.to_le_bytes());
             seal(v, 0)
         }
+        Request::Done { id } => {
+            let mut v = frame(T_DONE);
+            v.extend_from_slice(&id.to_le_bytes());
+            seal(v, 0)
+        }
         Request::RdmaConnect { id, ep } => {
             let mut v = frame(T_RDMA_CONNECT);
             v.extend_from_slice(&id.to_le_bytes());
@@ -545,6 +557,7 @@ pub fn decode_request(ty: u8, body: &[u8]) -> Result<Request, TransportError> {
             range: PageRange::new(d.u64()?, d.u32()?),
         },
         T_STATS => Request::Stats { id: d.u64()? },
+        T_DONE => Request::Done { id: d.u64()? },
         T_RDMA_CONNECT => Request::RdmaConnect {
             id: d.u64()?,
             ep: get_ep(&mut d)?,

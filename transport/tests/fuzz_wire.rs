@@ -30,7 +30,8 @@ fn runner(share: f64) -> TestRunner {
     })
 }
 
-const TYPES: [u8; 13] = [
+const TYPES: [u8; 14] = [
+    T_DONE,
     T_AUTH,
     T_CHALLENGE,
     T_HELLO,
@@ -78,6 +79,7 @@ fn valid_messages() -> impl Strategy<Value = Vec<u8>> {
         (any::<u64>(), range)
             .prop_map(|(id, range)| encode_request(&Request::Checksums { id, range })),
         any::<u64>().prop_map(|id| encode_request(&Request::Stats { id })),
+        any::<u64>().prop_map(|id| encode_request(&Request::Done { id })),
         (any::<u64>(), ep.clone())
             .prop_map(|(id, ep)| encode_request(&Request::RdmaConnect { id, ep })),
         (

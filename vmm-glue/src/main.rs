@@ -137,6 +137,10 @@ struct SourceArgs {
     /// memory.
     #[arg(long)]
     auth_key_file: Option<PathBuf>,
+    /// Exit (status 0) once a destination says it has every page: the
+    /// memory is no longer needed.
+    #[arg(long)]
+    once: bool,
     /// Most connections served at once (a migration uses one per lane
     /// plus two); more are refused as busy.
     #[arg(long, default_value_t = pagewire_transport::tcp::DEFAULT_MAX_CONNECTIONS)]
@@ -413,6 +417,12 @@ fn cmd_source(a: SourceArgs) -> Result<ExitCode> {
     let mut server = PageServer::bind(a.listen, mem.clone())
         .with_context(|| format!("cannot listen on {}", a.listen))?
         .with_max_connections(a.max_connections);
+    if a.once {
+        server = server.on_done(Arc::new(|| {
+            eprintln!("source: the destination has every page; exiting (--once)");
+            std::process::exit(0);
+        }));
+    }
     match &a.auth_key_file {
         Some(path) => server = server.with_auth(AuthKey::from_file(path)?),
         None if !a.listen.ip().is_loopback() => eprintln!(

@@ -239,6 +239,10 @@ pub fn run_destination(
         requests_served,
         pages_served,
     } = transport.source_stats()?;
+    // Every page is here and verified: the source may let go.
+    if let Err(e) = transport.done() {
+        tracing::warn!("could not tell the source we are done: {e}");
+    }
     bar.finish_and_clear();
     Ok(RunReport {
         prepaged_hits: hits(PageOrigin::Bubble),

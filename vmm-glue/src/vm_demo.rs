@@ -271,7 +271,9 @@ pub fn run_vm_demo(opts: &VmDemoOptions) -> Result<VmDemoReport, VmDemoError> {
         .ok_or_else(|| VmDemoError::Setup("the migrated guest did not finish".into()))?;
     // With --no-push the sweep waited for the guest; let it finish now.
     migration.release_push();
+    let transport = migration.transport().clone();
     let engine = migration.wait()?;
+    let _ = transport.done();
     drop(vm);
     drop(dst);
 

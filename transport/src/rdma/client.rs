@@ -234,4 +234,8 @@ impl Transport for RdmaTransport {
     fn source_stats(&self) -> Result<SourceStats, TransportError> {
         self.control.source_stats()
     }
+
+    fn done(&self) -> Result<(), TransportError> {
+        self.control.done()
+    }
 }

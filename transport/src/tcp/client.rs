@@ -477,6 +477,10 @@ impl Transport for TcpTransport {
         Ok(sums)
     }
 
+    fn done(&self) -> Result<(), TransportError> {
+        self.on_control(|c| c.send(|id| Request::Done { id }).map(|_| ()))
+    }
+
     fn source_stats(&self) -> Result<SourceStats, TransportError> {
         let body = self.on_control(|c| {
             let id = c.send(|id| Request::Stats { id })?;

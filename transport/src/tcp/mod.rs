@@ -5,4 +5,4 @@ mod server;
 pub mod sockopt;
 
 pub use client::{TcpOptions, TcpTransport};
-pub use server::{PageServer, RdmaAcceptor, ServerHandle, DEFAULT_MAX_CONNECTIONS};
+pub use server::{DoneHook, PageServer, RdmaAcceptor, ServerHandle, DEFAULT_MAX_CONNECTIONS};

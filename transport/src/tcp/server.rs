@@ -24,7 +24,6 @@ const MAX_REQUEST: usize = 8 + 2 + 12 * wire::MAX_RANGES;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 
 /// Serves a [`SourceMemory`] to destinations.
-#[derive(Debug)]
 pub struct PageServer {
     listener: TcpListener,
     source: Arc<SourceMemory>,
@@ -35,6 +34,20 @@ pub struct PageServer {
     /// Random per server: reconnecting destinations check they reached
     /// the same source.
     session: u64,
+    on_done: Option<DoneHook>,
+}
+
+/// Called when a destination says it has every page.
+pub type DoneHook = Arc<dyn Fn() + Send + Sync>;
+
+impl std::fmt::Debug for PageServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageServer")
+            .field("listener", &self.listener)
+            .field("authenticated", &self.key.is_some())
+            .field("max_connections", &self.max_connections)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Counts a connection while its thread runs.
@@ -103,6 +116,7 @@ impl PageServer {
                 let n = auth::nonce();
                 u64::from_le_bytes([n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7]])
             },
+            on_done: None,
         })
     }
 
@@ -110,6 +124,13 @@ impl PageServer {
     /// too) before anything about guest memory is sent.
     pub fn with_auth(mut self, key: AuthKey) -> Self {
         self.key = Some(key);
+        self
+    }
+
+    /// Calls `hook` whenever a destination says it has every page (it no
+    /// longer needs this memory).
+    pub fn on_done(mut self, hook: DoneHook) -> Self {
+        self.on_done = Some(hook);
         self
     }
 
@@ -186,16 +207,18 @@ impl PageServer {
                 continue;
             }
             let live = Live(self.live.clone());
-            let source = self.source.clone();
-            let rdma = self.rdma.clone();
-            let key = self.key.clone();
-            let session = self.session;
+            let ctx = Ctx {
+                source: self.source.clone(),
+                rdma: self.rdma.clone(),
+                key: self.key.clone(),
+                session: self.session,
+                on_done: self.on_done.clone(),
+            };
             let spawned = thread::Builder::new()
                 .name("pagewire-conn".into())
                 .spawn(move || {
                     let _live = live;
-                    match serve_connection(stream, &source, rdma.as_deref(), key.as_ref(), session)
-                    {
+                    match serve_connection(stream, &ctx) {
                         Ok(()) => debug!(?peer, "connection closed"),
                         Err(e) => warn!(?peer, "connection ended: {e}"),
                     }
@@ -249,13 +272,22 @@ fn authenticate(
 }
 
 /// Serves one connection until the peer leaves or breaks the protocol.
-fn serve_connection(
-    mut stream: TcpStream,
-    source: &SourceMemory,
-    rdma: Option<&dyn RdmaAcceptor>,
-    key: Option<&AuthKey>,
+/// What a connection's thread needs.
+struct Ctx {
+    source: Arc<SourceMemory>,
+    rdma: Option<Arc<dyn RdmaAcceptor>>,
+    key: Option<AuthKey>,
     session: u64,
-) -> Result<(), TransportError> {
+    on_done: Option<DoneHook>,
+}
+
+fn serve_connection(mut stream: TcpStream, ctx: &Ctx) -> Result<(), TransportError> {
+    let (source, rdma, key, session) = (
+        &*ctx.source,
+        ctx.rdma.as_deref(),
+        ctx.key.as_ref(),
+        ctx.session,
+    );
     // RDMA queue pairs set up on this connection live as long as it does.
     let mut queue_pairs: Vec<Box<dyn Send>> = Vec::new();
     stream
@@ -344,6 +376,13 @@ fn serve_connection(
             }
             continue;
         }
+        if let Request::Done { .. } = req {
+            tracing::info!(stats = ?source.stats(), "the destination has every page");
+            if let Some(hook) = &ctx.on_done {
+                hook();
+            }
+            continue;
+        }
         serve_request(&mut stream, source, req)?;
     }
 }
@@ -405,6 +444,7 @@ fn serve_request(
         Request::Stats { id } => stream
             .write_all(&wire::encode_stats(id, &source.stats()))
             .map_err(io_err("send stats"))?,
+        Request::Done { .. } => {}
         Request::RdmaConnect { id, .. } => reply_error(
             stream,
             id,

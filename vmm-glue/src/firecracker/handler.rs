@@ -113,8 +113,14 @@ impl FcHandler {
             let _ = handle.abort();
             return Ok(FcOutcome::VmGone { present, total });
         }
+        let transport = handle.transport().clone();
         match handle.wait() {
-            Ok(report) => Ok(FcOutcome::Complete(Box::new(report))),
+            Ok(report) => {
+                if let Err(e) = transport.done() {
+                    tracing::warn!("could not tell the source we are done: {e}");
+                }
+                Ok(FcOutcome::Complete(Box::new(report)))
+            }
             Err(error) => Ok(FcOutcome::Failed { error, vmm }),
         }
     }
