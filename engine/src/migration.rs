@@ -81,6 +81,9 @@ pub struct EngineReport {
     pub flow: FlowStats,
     /// Time from start (the VM resumed) to the last page installed.
     pub total_ms: f64,
+    /// Time the engine took to start: page state map, metrics, opening
+    /// every channel (the guest can fault from then on).
+    pub setup_ms: f64,
     /// Pusher lanes.
     pub lanes: usize,
     /// Bubble radius (0 = off).
@@ -170,6 +173,7 @@ impl Migration {
         installer: PageInstaller,
         config: MigrationConfig,
     ) -> Result<MigrationHandle, EngineError> {
+        let begun = Instant::now();
         let mem = installer.memory().clone();
         Self::check(&transport, &mem, &config)?;
         // Pages larger than the source's (2 MiB hugetlbfs): the engine
@@ -252,6 +256,7 @@ impl Migration {
                 }),
             ));
         }
+        let _ = shared.setup.set(begun.elapsed());
         let mut handle = MigrationHandle {
             shared,
             threads: Vec::new(),
@@ -452,6 +457,7 @@ impl MigrationHandle {
             },
             flow: s.governor.stats(),
             total_ms: finished.duration_since(s.started).as_secs_f64() * 1000.0,
+            setup_ms: s.setup.get().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
             lanes: s.config.lanes,
             bubble: s.config.bubble,
             push: s.config.push,

@@ -31,6 +31,8 @@ pub(crate) struct Shared {
     pub abort: AtomicBool,
     pub error: Mutex<Option<EngineError>>,
     pub started: Instant,
+    /// How long starting took.
+    pub setup: OnceLock<std::time::Duration>,
     pub finished: OnceLock<Instant>,
     /// Faults waiting for a page a lane is fetching: (page, when read).
     waiters: Mutex<Vec<(u64, Instant)>>,
@@ -63,6 +65,7 @@ impl Shared {
             abort: AtomicBool::new(false),
             error: Mutex::new(None),
             started: Instant::now(),
+            setup: OnceLock::new(),
             finished: OnceLock::new(),
             waiters: Mutex::new(Vec::new()),
             waiting: AtomicUsize::new(0),
