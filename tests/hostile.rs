@@ -215,3 +215,38 @@ fn garbage_and_silent_clients_do_not_stop_a_good_migration() {
     assert_eq!(r["pages_verified"], r["pages_total"]);
     assert!(streams > 10, "only {streams} hostile streams were sent");
 }
+
+/// A destination killed mid-migration: the source notices (its
+/// connection threads end) and serves the next destination whole.
+#[test]
+fn a_killed_destination_leaves_the_source_serving_others() {
+    // Room for exactly one migration of two lanes (control, urgent and
+    // two bulk connections).
+    let src = source_with(&["--max-connections", "4"]);
+    let mut victim = pagewire()
+        .args([
+            "dest",
+            "--connect",
+            &src.addr,
+            "--lanes",
+            "2",
+            "--push-rate",
+            "1MB",
+            "--no-bubble",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // Only if the victim's four connections were freed does this fit.
+    let o = dest(&src.addr, &["--lanes", "2"]);
+    {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(r["checksum_mismatches"], 0);
+    }
+}
