@@ -56,8 +56,6 @@ pub struct EngineReport {
     /// Pages asked for again because their reply was lost with a link
     /// (not duplicates: each was installed once).
     pub resent_pages: u64,
-    /// Time from a link loss to the channel reopened.
-    pub recovery_us: LatencyUs,
     /// Pages received more than once (must be 0).
     pub duplicate_pages: u64,
     /// Installs that found the page already mapped.
@@ -92,6 +90,9 @@ pub struct EngineReport {
     pub push: bool,
     /// Bulk bytes-per-second cap, if any.
     pub push_rate: Option<u64>,
+    /// Time from a link loss to the channel reopened (last in the
+    /// report: scripts reading the first `p50` get the faults').
+    pub recovery_us: LatencyUs,
 }
 
 /// A snapshot of a running migration, cheap enough to take at any time.

@@ -162,9 +162,62 @@ pub enum TransportError {
     /// authenticate at all though we require it.
     #[error("authentication failed: {0}")]
     AuthFailed(String),
-    /// The RDMA backend failed (device, verbs call or work completion).
+    /// The RDMA backend failed.
     #[error("rdma: {0}")]
-    Rdma(String),
+    Rdma(#[from] RdmaError),
+}
+
+/// What went wrong in the RDMA backend, by what a caller can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum RdmaError {
+    /// No usable device (none, not the one named, no active port or GID).
+    #[error("{0}")]
+    NoDevice(String),
+    /// A verbs call failed.
+    #[error("{call}: {error}")]
+    Verbs {
+        /// The call.
+        call: String,
+        /// The errno.
+        error: io::Error,
+    },
+    /// No completion arrived in time: the source died or the link is down.
+    #[error("no RDMA READ completion within {secs:.1} s (the source died or the link is down)")]
+    CompletionTimeout {
+        /// The timeout.
+        secs: f64,
+    },
+    /// The peer's retries ran out or the queue pair went to the error state
+    /// (the link or the peer is gone).
+    #[error("RDMA READ failed: {status} (the source died, its queue pair went to error or the link dropped)")]
+    QpError {
+        /// The completion status.
+        status: String,
+    },
+    /// The source refused the READ: address or key not valid for it.
+    #[error("RDMA READ refused by the source: {status} (a region or rkey does not match)")]
+    RemoteAccess {
+        /// The completion status.
+        status: String,
+    },
+    /// Any other error completion.
+    #[error("RDMA READ failed: {status}")]
+    Completion {
+        /// The completion status.
+        status: String,
+    },
+    /// A completion for a work request other than the next one posted.
+    #[error("completion for work request {got}, expected {want}")]
+    UnexpectedWrId {
+        /// What completed.
+        got: u64,
+        /// What was due.
+        want: u64,
+    },
+    /// The device stopped answering (removed, or its completion queue
+    /// broke).
+    #[error("RDMA device removed or its completion queue failed")]
+    DeviceRemoved,
 }
 
 impl TransportError {
@@ -177,6 +230,7 @@ impl TransportError {
             Self::Timeout { .. } | Self::Closed { .. } => true,
             Self::Io { error, .. } => error.kind() != io::ErrorKind::ConnectionRefused,
             Self::Remote { code, .. } => *code == RemoteCode::Busy,
+            Self::Rdma(RdmaError::CompletionTimeout { .. } | RdmaError::QpError { .. }) => true,
             _ => false,
         }
     }

@@ -23,7 +23,7 @@ pub mod tcp;
 pub mod wire;
 
 pub use auth::AuthKey;
-pub use error::{LayoutError, RemoteCode, TransportError};
+pub use error::{LayoutError, RdmaError, RemoteCode, TransportError};
 pub use layout::{MemoryLayout, PageRange, RegionInfo, SourceInfo, ZeroMap, PAGE_SIZE};
 pub use source::{page_checksum, SourceMemory};
 pub use wire::SourceStats;

@@ -162,6 +162,12 @@ pub struct QpEndpoint {
     pub gid: [u8; 16],
     /// Port LID (0 on RoCE).
     pub lid: u16,
+    /// Active path MTU of the sender's port (`ibv_mtu`: 1 = 256 bytes ..
+    /// 5 = 4096); both ends use the smaller.
+    pub mtu: u8,
+    /// RDMA READs the sender accepts in flight as a responder (its
+    /// `max_qp_rd_atom`); the requester issues no more than that.
+    pub rd_atomic: u8,
 }
 
 /// Where one guest region is registered at the source.
@@ -189,15 +195,26 @@ fn put_ep(v: &mut Vec<u8>, ep: &QpEndpoint) {
     v.extend_from_slice(&ep.psn.to_le_bytes());
     v.extend_from_slice(&ep.gid);
     v.extend_from_slice(&ep.lid.to_le_bytes());
+    v.push(ep.mtu);
+    v.push(ep.rd_atomic);
 }
 
 fn get_ep(d: &mut Decoder<'_>) -> Result<QpEndpoint, TransportError> {
-    Ok(QpEndpoint {
+    let ep = QpEndpoint {
         qpn: d.u32()?,
         psn: d.u32()?,
         gid: d.array()?,
         lid: d.u16()?,
-    })
+        mtu: d.u8()?,
+        rd_atomic: d.u8()?,
+    };
+    if !(1..=5).contains(&ep.mtu) || ep.rd_atomic == 0 {
+        return Err(TransportError::Protocol(format!(
+            "queue pair endpoint with MTU code {} and {} reads in flight",
+            ep.mtu, ep.rd_atomic
+        )));
+    }
+    Ok(ep)
 }
 
 /// Encodes an RDMA accept.
@@ -825,6 +842,8 @@ mod tests {
                     psn: 0xabcdef,
                     gid: [7; 16],
                     lid: 3,
+                    mtu: 3,
+                    rd_atomic: 16,
                 },
             },
         ] {
@@ -877,6 +896,8 @@ mod tests {
                 psn: 2,
                 gid: [0xff; 16],
                 lid: 0,
+                mtu: 5,
+                rd_atomic: 1,
             },
             regions: vec![RemoteRegion {
                 addr: 0x7f00_0000_0000,

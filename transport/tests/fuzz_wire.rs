@@ -71,8 +71,22 @@ fn decode_stream(bytes: &[u8]) {
 
 fn valid_messages() -> impl Strategy<Value = Vec<u8>> {
     let range = (0u64..1 << 40, 1u32..5000).prop_map(|(f, c)| PageRange::new(f, c));
-    let ep = (any::<u32>(), any::<u32>(), any::<[u8; 16]>(), any::<u16>())
-        .prop_map(|(qpn, psn, gid, lid)| QpEndpoint { qpn, psn, gid, lid });
+    let ep = (
+        any::<u32>(),
+        any::<u32>(),
+        any::<[u8; 16]>(),
+        any::<u16>(),
+        1u8..=5,
+        1u8..=16,
+    )
+        .prop_map(|(qpn, psn, gid, lid, mtu, rd_atomic)| QpEndpoint {
+            qpn,
+            psn,
+            gid,
+            lid,
+            mtu,
+            rd_atomic,
+        });
     prop_oneof![
         (any::<u64>(), prop::collection::vec(range.clone(), 0..40))
             .prop_map(|(id, ranges)| encode_request(&Request::Fetch { id, ranges })),

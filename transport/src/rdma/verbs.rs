@@ -9,11 +9,19 @@ use std::time::{Duration, Instant};
 
 use rdma_sys::*;
 
-use crate::error::TransportError;
+use crate::error::{RdmaError, TransportError};
 pub use crate::wire::QpEndpoint;
 
 fn err(what: &str) -> TransportError {
-    TransportError::Rdma(format!("{what}: {}", std::io::Error::last_os_error()))
+    RdmaError::Verbs {
+        call: what.to_string(),
+        error: std::io::Error::last_os_error(),
+    }
+    .into()
+}
+
+fn no_device(why: String) -> TransportError {
+    RdmaError::NoDevice(why).into()
 }
 
 /// How a queue pair waits for its completions.
@@ -71,7 +79,7 @@ impl Device {
         // SAFETY: `n` is a valid out-pointer; the returned list is freed below.
         let list = unsafe { ibv_get_device_list(&mut n) };
         if list.is_null() {
-            return Err(TransportError::Rdma(format!(
+            return Err(no_device(format!(
                 "no RDMA device ({})",
                 std::io::Error::last_os_error()
             )));
@@ -100,7 +108,7 @@ impl Device {
         unsafe { ibv_free_device_list(list) };
         match chosen {
             Some(r) => r.map(Arc::new),
-            None => Err(TransportError::Rdma(match name {
+            None => Err(no_device(match name {
                 Some(want) => format!("no RDMA device named {want}"),
                 None => "no RDMA device".into(),
             })),
@@ -136,9 +144,7 @@ impl Device {
             return Err(err("ibv_query_port"));
         }
         if port.state != ibv_port_state::IBV_PORT_ACTIVE {
-            return Err(TransportError::Rdma(format!(
-                "device {name} port 1 is not ACTIVE"
-            )));
+            return Err(no_device(format!("device {name} port 1 is not ACTIVE")));
         }
         d.lid = port.lid;
         d.mtu = port.active_mtu;
@@ -170,7 +176,7 @@ impl Device {
                     .find(|(_, g)| is_ipv4_mapped(g))
                     .or(table.first())
                     .copied()
-                    .ok_or_else(|| TransportError::Rdma(format!("device {name} has no GID")))?
+                    .ok_or_else(|| no_device(format!("device {name} has no GID")))?
             }
         };
         d.gid_index = idx;
@@ -294,6 +300,8 @@ impl Device {
             qp,
             cq,
             channel,
+            next_post: 0,
+            next_complete: 0,
             dev: self.clone(),
         };
         if q.qp.is_null() {
@@ -376,6 +384,9 @@ pub struct Qp {
     /// Null when busy-polling.
     channel: *mut ibv_comp_channel,
     dev: Arc<Device>,
+    /// `wr_id` of the next READ posted, and of the next completion due.
+    next_post: u64,
+    next_complete: u64,
 }
 
 // SAFETY: a QP is used by one thread at a time (`&mut self` for posting and
@@ -391,6 +402,8 @@ impl Qp {
             psn: psn & 0xff_ffff,
             gid: self.dev.gid,
             lid: self.dev.lid,
+            mtu: self.dev.mtu as u8,
+            rd_atomic: self.dev.max_rd_atomic,
         }
     }
 
@@ -403,10 +416,11 @@ impl Qp {
         // SAFETY: `qp` is live and `attr` is a valid attribute struct.
         let rc = unsafe { ibv_modify_qp(self.qp, attr, mask.0 as i32) };
         if rc != 0 {
-            return Err(TransportError::Rdma(format!(
-                "ibv_modify_qp to {what}: {}",
-                std::io::Error::from_raw_os_error(rc)
-            )));
+            return Err(RdmaError::Verbs {
+                call: format!("ibv_modify_qp to {what}"),
+                error: std::io::Error::from_raw_os_error(rc),
+            }
+            .into());
         }
         Ok(())
     }
@@ -439,7 +453,8 @@ impl Qp {
         // SAFETY: as above.
         let mut a: ibv_qp_attr = unsafe { std::mem::zeroed() };
         a.qp_state = ibv_qp_state::IBV_QPS_RTR;
-        a.path_mtu = self.dev.mtu;
+        // Negotiated: the smaller MTU of the two ports.
+        a.path_mtu = self.dev.mtu.min(u32::from(remote.mtu));
         a.dest_qp_num = remote.qpn;
         a.rq_psn = remote.psn;
         a.max_dest_rd_atomic = self.dev.max_rd_atomic;
@@ -469,7 +484,8 @@ impl Qp {
         a.timeout = 14; // 4.096 us * 2^14 = 67 ms per try
         a.retry_cnt = 7;
         a.rnr_retry = 7;
-        a.max_rd_atomic = self.dev.max_rd_atomic;
+        // Never more READs in flight than the peer accepts as responder.
+        a.max_rd_atomic = self.dev.max_rd_atomic.min(remote.rd_atomic);
         self.modify(
             &mut a,
             m::IBV_QP_STATE
@@ -507,7 +523,7 @@ impl Qp {
         let n = wrs.len();
         let base = wrs.as_mut_ptr();
         for (i, (wr, r)) in wrs.iter_mut().zip(reads).enumerate() {
-            wr.wr_id = i as u64;
+            wr.wr_id = self.next_post + i as u64;
             wr.sg_list = &mut sges[i];
             wr.num_sge = 1;
             wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_READ;
@@ -525,11 +541,15 @@ impl Qp {
         // SAFETY: the chain and its SGEs live until this call returns (the
         // provider copies them); the caller guarantees the memory.
         let rc = unsafe { ibv_post_send(self.qp, base, &mut bad) };
+        if rc == 0 {
+            self.next_post += n as u64;
+        }
         if rc != 0 {
-            return Err(TransportError::Rdma(format!(
-                "ibv_post_send: {}",
-                std::io::Error::from_raw_os_error(rc)
-            )));
+            return Err(RdmaError::Verbs {
+                call: "ibv_post_send".into(),
+                error: std::io::Error::from_raw_os_error(rc),
+            }
+            .into());
         }
         Ok(())
     }
@@ -539,19 +559,34 @@ impl Qp {
         // SAFETY: `cq` is live; `wcs` has room for 16 entries.
         let n = unsafe { ibv_poll_cq(self.cq, 16, wcs.as_mut_ptr()) };
         if n < 0 {
-            return Err(TransportError::Rdma(
-                "ibv_poll_cq failed (device removed?)".into(),
-            ));
+            return Err(RdmaError::DeviceRemoved.into());
         }
         for wc in &wcs[..n as usize] {
             if wc.status != ibv_wc_status::IBV_WC_SUCCESS {
                 // SAFETY: returns a static C string for any status.
                 let why = unsafe { CStr::from_ptr(ibv_wc_status_str(wc.status)) };
-                return Err(TransportError::Rdma(format!(
-                    "RDMA READ failed: {} (the source died or its QP went to error)",
-                    why.to_string_lossy()
-                )));
+                let status = why.to_string_lossy().into_owned();
+                use ibv_wc_status as st;
+                return Err(match wc.status {
+                    st::IBV_WC_RETRY_EXC_ERR
+                    | st::IBV_WC_RNR_RETRY_EXC_ERR
+                    | st::IBV_WC_WR_FLUSH_ERR => RdmaError::QpError { status },
+                    st::IBV_WC_REM_ACCESS_ERR | st::IBV_WC_REM_INV_REQ_ERR => {
+                        RdmaError::RemoteAccess { status }
+                    }
+                    _ => RdmaError::Completion { status },
+                }
+                .into());
             }
+            // An RC queue pair completes its work requests in order.
+            if wc.wr_id != self.next_complete {
+                return Err(RdmaError::UnexpectedWrId {
+                    got: wc.wr_id,
+                    want: self.next_complete,
+                }
+                .into());
+            }
+            self.next_complete += 1;
         }
         Ok(n as usize)
     }
@@ -603,11 +638,11 @@ impl Qp {
         timeout: Duration,
     ) -> Result<(), TransportError> {
         let deadline = Instant::now() + timeout;
-        let timed_out = || {
-            TransportError::Rdma(format!(
-                "no RDMA READ completion within {:.1} s (the source died or the link is down)",
-                timeout.as_secs_f64()
-            ))
+        let timed_out = || -> TransportError {
+            RdmaError::CompletionTimeout {
+                secs: timeout.as_secs_f64(),
+            }
+            .into()
         };
         // SAFETY: zeroed work completions are valid out-values.
         let mut wcs: [ibv_wc; 16] = unsafe { std::mem::zeroed() };
@@ -669,7 +704,9 @@ mod tests {
     #[test]
     fn a_missing_device_is_an_error_not_a_crash() {
         match Device::open(Some("pagewire-no-such-device"), None) {
-            Err(TransportError::Rdma(m)) => assert!(m.contains("no RDMA device"), "{m}"),
+            Err(TransportError::Rdma(RdmaError::NoDevice(m))) => {
+                assert!(m.contains("no RDMA device"), "{m}")
+            }
             Err(e) => panic!("unexpected error {e}"),
             Ok(d) => panic!("opened {d:?}"),
         }

@@ -379,9 +379,10 @@ impl TcpTransport {
     /// Asks the source, over the control connection, to connect a queue
     /// pair to `ep` and to say where guest memory is registered.
     pub fn rdma_connect(&self, ep: QpEndpoint) -> Result<RdmaAccept, TransportError> {
-        let mut c = self.control();
-        let id = c.send(|id| Request::RdmaConnect { id, ep })?;
-        let body = c.reply(id, wire::T_RDMA_ACCEPT)?;
+        let body = self.on_control(|c| {
+            let id = c.send(|id| Request::RdmaConnect { id, ep })?;
+            c.reply(id, wire::T_RDMA_ACCEPT)
+        })?;
         let (_, accept) = wire::decode_rdma_accept(&body)?;
         if accept.regions.len() != self.info.layout.regions().len() {
             return Err(TransportError::Protocol(format!(
