@@ -334,3 +334,115 @@ fn a_panicking_engine_thread_is_reported_not_a_hang() {
         other => panic!("expected the panic to be reported, got {other:?}"),
     }
 }
+
+/// A relay that can be cut for good: every connection closed and the port
+/// no longer listening (a link that does not come back in time).
+struct CutRelay {
+    addr: String,
+    dead: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CutRelay {
+    fn start(target: String) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let dead = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d = dead.clone();
+        thread::spawn(move || {
+            let mut pairs: Vec<(TcpStream, TcpStream)> = Vec::new();
+            while !d.load(Ordering::SeqCst) {
+                match l.accept() {
+                    Ok((c, _)) => {
+                        c.set_nonblocking(false).unwrap();
+                        let Ok(s) = TcpStream::connect(&target) else {
+                            continue;
+                        };
+                        pairs.push((c.try_clone().unwrap(), s.try_clone().unwrap()));
+                        for (mut from, mut to) in
+                            [(c.try_clone().unwrap(), s.try_clone().unwrap()), (s, c)]
+                        {
+                            thread::spawn(move || {
+                                let _ = std::io::copy(&mut from, &mut to);
+                                let _ = to.shutdown(std::net::Shutdown::Both);
+                            });
+                        }
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            for (c, s) in pairs {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            // The listener drops here: the port refuses from now on.
+        });
+        Self { addr, dead }
+    }
+
+    fn cut(&self) {
+        self.dead.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The link goes away for longer than the recovery timeout: the migration
+/// stops and is parked (a blocked thread stays blocked); resumed later
+/// over a new connection to the same source it finishes, every page equal
+/// to the source's. A different source is refused.
+#[test]
+fn a_parked_migration_resumes_over_a_new_connection() {
+    let src = start_source("16MiB", 4);
+    let relay = CutRelay::start(src.addr.clone());
+    let handle = Migration::start(
+        connect(&relay.addr, Duration::from_secs(2)),
+        MigrationConfig {
+            lanes: 1,
+            push_rate: Some(2_000_000),
+            recover_timeout: Duration::from_millis(500),
+            ..MigrationConfig::default()
+        },
+    )
+    .expect("start");
+    let mem = handle.memory().clone();
+    let t = handle.transport().clone();
+    let last = nonzero_pages(&t, 4000, 1)[0];
+    thread::sleep(Duration::from_millis(300));
+    relay.cut();
+    let (e, parked) = handle.wait_resumable().expect_err("the link is gone");
+    assert!(
+        matches!(
+            e,
+            pagewire_engine::EngineError::SourceGone { .. }
+                | pagewire_engine::EngineError::RecoveryTimedOut { .. }
+        ),
+        "{e}"
+    );
+    let (present, total) = parked.progress();
+    assert!(present < total, "finished before the cut");
+    // A vCPU touches a page that has not arrived: it blocks.
+    let vcpu = {
+        let mem = mem.clone();
+        thread::spawn(move || page_checksum(mem.page(last).unwrap()))
+    };
+    thread::sleep(Duration::from_millis(200));
+    assert!(
+        !vcpu.is_finished(),
+        "a thread read a page that never arrived"
+    );
+    // Another source's memory is refused; the migration stays parked.
+    let other = start_source("16MiB", 99);
+    let (e, parked) = parked
+        .resume(connect(&other.addr, Duration::from_secs(5)))
+        .expect_err("another source");
+    assert!(e.to_string().contains("other memory"), "{e}");
+    // The same source, directly: the migration finishes.
+    let direct = connect(&src.addr, Duration::from_secs(5));
+    let handle = parked.resume(direct.clone()).expect("resume");
+    let report = handle.wait().expect("resumed migration");
+    assert_eq!(report.duplicate_pages, 0);
+    let want = direct.checksums(PageRange::new(0, total as u32)).unwrap();
+    assert_eq!(vcpu.join().unwrap(), want[last as usize]);
+    for (p, w) in want.iter().enumerate() {
+        assert_eq!(page_checksum(mem.page(p as u64).unwrap()), *w, "page {p}");
+    }
+}

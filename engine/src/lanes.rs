@@ -38,8 +38,34 @@ struct Claimed {
 /// Claims up to `max` pages: bubble runs first, then (unless the ticket
 /// was for a bubble) the sweep. `None` when there is nothing to claim.
 fn claim(shared: &Shared, max: u64, sweep_done: &mut bool, bubble_only: bool) -> Option<Claimed> {
-    let mut runs = Vec::new();
+    let mut runs: Vec<PageRange> = Vec::new();
     let mut pages = 0;
+    // Pages a stopped migration was fetching come first (threads may be
+    // blocked on them).
+    {
+        let mut retry = shared.retry.lock().unwrap_or_else(|p| p.into_inner());
+        while pages < max && runs.len() < shared.limits.max_ranges {
+            let Some(p) = retry.pop() else { break };
+            if shared.states.try_claim(p) != crate::state::Claim::Won {
+                continue;
+            }
+            pages += 1;
+            // Runs of consecutive pages, never across a region boundary.
+            let layout = shared.installer.memory().layout();
+            match runs.last_mut() {
+                Some(r) if r.end() == p && layout.region_of(r.first) == layout.region_of(p) => {
+                    r.count += 1
+                }
+                _ => runs.push(PageRange::new(p, 1)),
+            }
+        }
+    }
+    if !runs.is_empty() {
+        return Some(Claimed {
+            runs,
+            origin: PageOrigin::Fault,
+        });
+    }
     while pages < max && runs.len() < shared.limits.max_ranges {
         match shared.prepager.next_run(&shared.states, max - pages) {
             Some(r) => {

@@ -37,6 +37,9 @@ pub(crate) struct Shared {
     /// Faults waiting for a page a lane is fetching: (page, when read).
     waiters: Mutex<Vec<(u64, Instant)>>,
     waiting: AtomicUsize,
+    /// Pages to fetch before anything else: those that were being fetched
+    /// when a migration stopped, before it was resumed.
+    pub retry: Mutex<Vec<u64>>,
 }
 
 impl Shared {
@@ -69,6 +72,43 @@ impl Shared {
             finished: OnceLock::new(),
             waiters: Mutex::new(Vec::new()),
             waiting: AtomicUsize::new(0),
+            retry: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// This stopped migration, to run again over `transport`: claims that
+    /// died with its threads are released and fetched first, the sweep
+    /// starts over (skipping what is here) and is let run.
+    pub fn resumed(self, transport: Arc<dyn Transport>, limits: FetchLimits) -> Self {
+        let mut retry = self.states.release_claimed();
+        // Taken from the end: lowest pages first.
+        retry.reverse();
+        let batch = u64::from(self.config.batch_pages).min(limits.max_pages) as u32;
+        let governor = Governor::new(
+            self.installer.memory().layout().page_size(),
+            batch,
+            self.config.flow_control,
+            self.config.push_rate,
+        );
+        Self {
+            states: self.states,
+            installer: self.installer,
+            transport,
+            prepager: self.prepager,
+            metrics: self.metrics,
+            config: self.config,
+            governor,
+            limits,
+            sweep_cursor: AtomicU64::new(0),
+            push_released: AtomicBool::new(true),
+            abort: AtomicBool::new(false),
+            error: Mutex::new(None),
+            started: self.started,
+            setup: self.setup,
+            finished: self.finished,
+            waiters: self.waiters,
+            waiting: self.waiting,
+            retry: Mutex::new(retry),
         }
     }
 

@@ -189,6 +189,26 @@ impl PageStateMap {
             .is_some_and(|o| o.load(Ordering::Acquire) == PageOrigin::Removed as u8)
     }
 
+    /// Releases every claim (their fetchers are gone): claimed pages go
+    /// back to missing, or are settled if their owner removed them
+    /// meanwhile. Returns the pages released to missing.
+    pub fn release_claimed(&self) -> Vec<u64> {
+        let mut released = Vec::new();
+        for (p, s) in self.states.iter().enumerate() {
+            if s.load(Ordering::Acquire) != CLAIMED {
+                continue;
+            }
+            if self.origins[p].load(Ordering::Acquire) == PageOrigin::Removed as u8 {
+                s.store(PRESENT, Ordering::Release);
+                self.present.fetch_add(1, Ordering::AcqRel);
+            } else {
+                s.store(MISSING, Ordering::Release);
+                released.push(p as u64);
+            }
+        }
+        released
+    }
+
     /// Who installed `page`.
     pub fn origin(&self, page: u64) -> PageOrigin {
         self.origins

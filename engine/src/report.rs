@@ -1,0 +1,155 @@
+//! What a migration reports: live counters while it runs, and the full
+//! report when it ends.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::governor::FlowStats;
+use crate::metrics::{LatencyUs, Metrics};
+use crate::shared::Shared;
+
+/// What a migration did, in the paper's terms.
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineReport {
+    /// Transport that moved the pages.
+    pub transport: String,
+    /// Pages in guest memory.
+    pub pages_total: u64,
+    /// Fault events handled.
+    pub faults: u64,
+    /// Faults that fetched their page over the network.
+    pub network_faults: u64,
+    /// Faults that waited for a page a lane was already fetching.
+    pub inflight_faults: u64,
+    /// Faults on zero pages, served locally.
+    pub zero_faults: u64,
+    /// Most faults waiting for the network at once.
+    pub max_concurrent_faults: u64,
+    /// Pages fetched by bubbles around faults.
+    pub prepaged_pages: u64,
+    /// Pages fetched by the background sweep.
+    pub pushed_pages: u64,
+    /// Pages installed as zero pages without crossing the wire.
+    pub zero_pages: u64,
+    /// Pages the memory's owner removed (a balloon) before they arrived:
+    /// never fetched, read as zeros.
+    pub removed_pages: u64,
+    /// Page bytes received.
+    pub bytes_received: u64,
+    /// Times a channel's link was lost.
+    pub link_losses: u64,
+    /// Times a lost channel was reopened.
+    pub reconnects: u64,
+    /// Pages asked for again because their reply was lost with a link
+    /// (not duplicates: each was installed once).
+    pub resent_pages: u64,
+    /// Pages received more than once (must be 0).
+    pub duplicate_pages: u64,
+    /// Installs that found the page already mapped.
+    pub install_conflicts: u64,
+    /// Service time of every fault, from reading the fault event to waking
+    /// the vCPU (as QEMU's postcopy blocktime measures it).
+    pub fault_latency_us: LatencyUs,
+    /// Faults fetched over the network.
+    pub network_fault_us: LatencyUs,
+    /// Faults that waited for a page a lane was fetching.
+    pub inflight_wait_us: LatencyUs,
+    /// Faults on zero pages.
+    pub zero_fault_us: LatencyUs,
+    /// Every fault's latency as a power-of-two distribution: element `n`
+    /// counts faults of `[2^n, 2^(n+1))` µs, like QEMU's
+    /// `postcopy-latency-dist`.
+    pub fault_latency_dist: Vec<u64>,
+    /// Fault latency (every fault) at 1 %, 2 %, ... 100 %, in µs.
+    pub fault_latency_cdf_us: Vec<f64>,
+    /// Bulk flow control.
+    pub flow: FlowStats,
+    /// Time from start (the VM resumed) to the last page installed.
+    pub total_ms: f64,
+    /// Time the engine took to start: page state map, metrics, opening
+    /// every channel (the guest can fault from then on).
+    pub setup_ms: f64,
+    /// Pusher lanes.
+    pub lanes: usize,
+    /// Bubble radius (0 = off).
+    pub bubble: u64,
+    /// Whether the sweep ran from the start.
+    pub push: bool,
+    /// Bulk bytes-per-second cap, if any.
+    pub push_rate: Option<u64>,
+    /// Time from a link loss to the channel reopened (last in the
+    /// report: scripts reading the first `p50` get the faults').
+    pub recovery_us: LatencyUs,
+}
+
+/// A snapshot of a running migration, cheap enough to take at any time.
+#[derive(Debug, Clone, Serialize)]
+pub struct LiveMetrics {
+    /// Pages installed (or settled as removed) so far.
+    pub pages_present: u64,
+    /// Pages in guest memory.
+    pub pages_total: u64,
+    /// Fault events handled.
+    pub faults: u64,
+    /// Faults fetched over the network.
+    pub network_faults: u64,
+    /// Pages removed by the memory's owner before they arrived.
+    pub removed_pages: u64,
+    /// Page bytes received.
+    pub bytes_received: u64,
+    /// Latency of every fault so far.
+    pub fault_latency_us: LatencyUs,
+    /// Every fault's latency as a power-of-two distribution (element `n`:
+    /// `[2^n, 2^(n+1))` µs).
+    pub fault_latency_dist: Vec<u64>,
+    /// Time since the migration started.
+    pub elapsed_ms: f64,
+    /// Whether the migration failed or was aborted.
+    pub failed: bool,
+}
+
+/// Builds the final report of a migration.
+pub(crate) fn build(s: &Shared) -> EngineReport {
+    let m = &s.metrics;
+    let finished = s.finished.get().copied().unwrap_or_else(Instant::now);
+    let cdf: Vec<f64> = (1..=100).map(|i| f64::from(i) / 100.0).collect();
+    let all = m.all.summary();
+    EngineReport {
+        transport: s.transport.name().to_string(),
+        pages_total: s.states.len(),
+        faults: Metrics::get(&m.faults),
+        network_faults: Metrics::get(&m.network_faults),
+        inflight_faults: Metrics::get(&m.inflight_faults),
+        zero_faults: Metrics::get(&m.zero_faults),
+        max_concurrent_faults: Metrics::get(&m.max_concurrent_faults),
+        prepaged_pages: Metrics::get(&m.prepaged_pages),
+        pushed_pages: Metrics::get(&m.pushed_pages),
+        zero_pages: Metrics::get(&m.zero_pages),
+        removed_pages: Metrics::get(&m.removed_pages),
+        bytes_received: Metrics::get(&m.bytes_received),
+        link_losses: Metrics::get(&m.link_losses),
+        reconnects: Metrics::get(&m.reconnects),
+        resent_pages: Metrics::get(&m.resent_pages),
+        recovery_us: m.recovery.summary(),
+        duplicate_pages: Metrics::get(&m.duplicate_pages),
+        install_conflicts: Metrics::get(&m.install_conflicts),
+        fault_latency_us: all,
+        network_fault_us: m.network.summary(),
+        inflight_wait_us: m.inflight.summary(),
+        zero_fault_us: m.zero.summary(),
+        fault_latency_dist: m.all.distribution(),
+        fault_latency_cdf_us: if all.count > 0 {
+            m.all.quantiles(&cdf)
+        } else {
+            Vec::new()
+        },
+        flow: s.governor.stats(),
+        total_ms: finished.duration_since(s.started).as_secs_f64() * 1000.0,
+        setup_ms: s.setup.get().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+        lanes: s.config.lanes,
+        bubble: s.config.bubble,
+        push: s.config.push,
+        push_rate: s.config.push_rate,
+    }
+}
