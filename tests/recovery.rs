@@ -212,3 +212,58 @@ fn a_link_that_never_comes_back_fails_at_the_recovery_deadline() {
     assert!(e.contains("not back within 3 s"), "{e}");
     assert!(took < Duration::from_secs(30), "took {took:?}");
 }
+
+/// A source that completes every handshake but never answers a fetch (an
+/// MTU black hole, a hung disk): the channels reconnect, yet the recovery
+/// deadline runs from the first loss with no reply since, so the
+/// migration fails in bounded time instead of reconnecting forever.
+#[test]
+fn a_source_that_accepts_but_never_answers_fails_at_the_deadline() {
+    use pagewire_transport::wire::{self, ChannelKind, Welcome};
+    use pagewire_transport::{MemoryLayout, SourceInfo, ZeroMap};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let Ok((_, body)) = wire::read_frame(&mut s, 1 << 10) else {
+                    return;
+                };
+                let Ok(hello) = wire::decode_hello(&body) else {
+                    return;
+                };
+                let layout = MemoryLayout::single(64 * 4096).unwrap();
+                let info = (hello.kind == ChannelKind::Control).then(|| SourceInfo {
+                    zero: ZeroMap::new(layout.total_pages()),
+                    layout,
+                });
+                let w = Welcome {
+                    version: wire::VERSION,
+                    session: 42,
+                    info,
+                };
+                let _ = s.write_all(&wire::encode_welcome(&w));
+                // Read requests forever, answer none.
+                let mut sink = [0u8; 4096];
+                while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+            });
+        }
+    });
+    let (out, took) = run_bounded(
+        pagewire().args([
+            "dest",
+            "--connect",
+            &addr,
+            "--io-timeout",
+            "1",
+            "--recover-timeout",
+            "3",
+        ]),
+        Duration::from_secs(60),
+    );
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    assert!(e.contains("not back within 3 s"), "{e}");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+}

@@ -57,17 +57,35 @@ impl Events {
 
 pub(crate) fn fault_main(
     shared: &Shared,
-    mut channel: Box<dyn PageChannel>,
+    channel: Box<dyn PageChannel>,
 ) -> Result<(), EngineError> {
-    let channel = &mut channel;
     let mut ev = Events {
         buf: EventBuffer::new(64),
         read: Vec::with_capacity(64),
         faults: VecDeque::new(),
     };
+    let r = fault_loop(shared, channel, &mut ev);
+    // Faults read but not served (the loop stopped): a resumed migration
+    // fetches their pages first, as their threads are blocked on them.
+    if !ev.faults.is_empty() {
+        let mem = shared.installer.memory();
+        let mut retry = shared.retry.lock().unwrap_or_else(|p| p.into_inner());
+        retry.extend(ev.faults.iter().filter_map(|&(addr, _)| mem.page_of(addr)));
+    }
+    r
+}
+
+fn fault_loop(
+    shared: &Shared,
+    mut channel: Box<dyn PageChannel>,
+    ev: &mut Events,
+) -> Result<(), EngineError> {
+    let channel = &mut channel;
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut buf = vec![0u8; shared.page_size()];
     let max = channel.max_outstanding().max(1);
+    // Since when the urgent link has been lost with no reply since.
+    let mut outage: Option<Instant> = None;
     loop {
         if shared.aborted() || (pending.is_empty() && shared.states.all_present()) {
             return Ok(());
@@ -90,14 +108,14 @@ pub(crate) fn fault_main(
             let page = serve_fault(shared, addr, t0, &mut || ev.drain(shared))?;
             if let Some(page) = page {
                 while pending.len() >= max {
-                    receive_one(shared, channel, &mut pending, &mut buf, &mut ev)?;
+                    receive_one(shared, channel, &mut pending, &mut buf, ev, &mut outage)?;
                 }
                 shared.governor.urgent_begin();
                 pending.push_back(Pending { page, t0 });
                 if let Err(e) = channel.send(&[PageRange::new(page, 1)]) {
                     // The request stays outstanding: sent again once the
                     // link is back.
-                    recover(shared, channel, &pending, e)?;
+                    recover(shared, channel, &pending, e, &mut outage)?;
                 }
                 let n = pending.len() as u64;
                 shared
@@ -113,19 +131,19 @@ pub(crate) fn fault_main(
                 || match channel.reply_ready() {
                     Ok(r) => r,
                     Err(e) => {
-                        recover(shared, channel, &pending, e)?;
+                        recover(shared, channel, &pending, e, &mut outage)?;
                         false
                     }
                 })
         {
-            receive_one(shared, channel, &mut pending, &mut buf, &mut ev)?;
+            receive_one(shared, channel, &mut pending, &mut buf, ev, &mut outage)?;
             reply = false;
         }
         // A reply this late means a stalled or dead source: wait for it in
         // the channel's own receive, which gives up after the I/O timeout
         // (polling for readiness never would).
         if pending.front().is_some_and(|p| p.t0.elapsed() >= STALLED) {
-            receive_one(shared, channel, &mut pending, &mut buf, &mut ev)?;
+            receive_one(shared, channel, &mut pending, &mut buf, ev, &mut outage)?;
         }
     }
 }
@@ -179,10 +197,11 @@ fn recover(
     channel: &mut Box<dyn PageChannel>,
     pending: &VecDeque<Pending>,
     lost: TransportError,
+    outage: &mut Option<Instant>,
 ) -> Result<(), EngineError> {
     let mut lost = lost;
     loop {
-        *channel = reconnect(shared, ChannelClass::Urgent, lost)?;
+        *channel = reconnect(shared, ChannelClass::Urgent, lost, outage)?;
         match pending
             .iter()
             .try_for_each(|p| channel.send(&[PageRange::new(p.page, 1)]))
@@ -205,13 +224,15 @@ fn receive_one(
     pending: &mut VecDeque<Pending>,
     buf: &mut [u8],
     ev: &mut Events,
+    outage: &mut Option<Instant>,
 ) -> Result<(), EngineError> {
     if pending.is_empty() {
         return Ok(());
     }
     if let Err(e) = channel.recv(buf) {
-        return recover(shared, channel, pending, e);
+        return recover(shared, channel, pending, e, outage);
     }
+    *outage = None;
     let Some(p) = pending.pop_front() else {
         return Ok(());
     };

@@ -4,7 +4,7 @@
 //! allows.
 
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pagewire_transport::{ChannelClass, PageChannel, PageRange, TransportError};
 use tracing::debug;
@@ -101,6 +101,8 @@ pub(crate) fn lane_main(
     mut channel: Box<dyn PageChannel>,
 ) -> Result<(), EngineError> {
     let channel = &mut channel;
+    // Since when this lane's link has been lost with no reply since.
+    let mut outage: Option<Instant> = None;
     let max_out = channel.max_outstanding().max(1);
     let max_ranges = shared.limits.max_ranges.max(1);
     let max_pages = shared.limits.max_pages.max(1);
@@ -158,7 +160,7 @@ pub(crate) fn lane_main(
                     )));
                 }
                 while pending.len() >= max_out {
-                    receive_one(shared, lane, channel, &mut pending, &mut pool)?;
+                    receive_one(shared, lane, channel, &mut pending, &mut pool, &mut outage)?;
                 }
                 let pieces = fetch[start..end].to_vec();
                 let sent_now = channel.send(&pieces);
@@ -169,7 +171,7 @@ pub(crate) fn lane_main(
                     sent: (end == fetch.len()).then_some(sent),
                 });
                 if let Err(e) = sent_now {
-                    recover(shared, lane, channel, &mut pending, e)?;
+                    recover(shared, lane, channel, &mut pending, e, &mut outage)?;
                 }
                 start = end;
             }
@@ -184,7 +186,7 @@ pub(crate) fn lane_main(
             }
             continue;
         }
-        receive_one(shared, lane, channel, &mut pending, &mut pool)?;
+        receive_one(shared, lane, channel, &mut pending, &mut pool, &mut outage)?;
     }
 }
 
@@ -196,10 +198,11 @@ fn recover(
     channel: &mut Box<dyn PageChannel>,
     pending: &mut VecDeque<Pending>,
     lost: TransportError,
+    outage: &mut Option<Instant>,
 ) -> Result<(), EngineError> {
     let mut lost = lost;
     loop {
-        *channel = reconnect(shared, ChannelClass::Bulk(lane as u16), lost)?;
+        *channel = reconnect(shared, ChannelClass::Bulk(lane as u16), lost, outage)?;
         // Lost requests say nothing about the path's round trip.
         for p in pending.iter_mut() {
             if let Some(s) = p.sent.take() {
@@ -227,6 +230,7 @@ fn receive_one(
     channel: &mut Box<dyn PageChannel>,
     pending: &mut VecDeque<Pending>,
     pool: &mut Vec<Vec<u8>>,
+    outage: &mut Option<Instant>,
 ) -> Result<(), EngineError> {
     let Some(len) = pending.front().map(|p| p.len) else {
         return Ok(());
@@ -235,8 +239,9 @@ fn receive_one(
     buf.resize(len, 0);
     if let Err(e) = channel.recv(&mut buf) {
         pool.push(buf);
-        return recover(shared, lane, channel, pending, e);
+        return recover(shared, lane, channel, pending, e, outage);
     }
+    *outage = None;
     let Some(p) = pending.pop_front() else {
         return Ok(());
     };

@@ -21,10 +21,16 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// error that ends the migration: `lost` itself when it is not a link
 /// loss or recovery is off, [`EngineError::SourceGone`] when the source
 /// refuses connections, [`EngineError::RecoveryTimedOut`] at the deadline.
+///
+/// `outage` is when this channel last lost its link without a reply
+/// arriving since (the caller clears it on every reply): the deadline
+/// runs from there, so a source that takes connections but never answers
+/// cannot keep the channel reconnecting forever.
 pub(crate) fn reconnect(
     shared: &Shared,
     class: ChannelClass,
     lost: TransportError,
+    outage: &mut Option<Instant>,
 ) -> Result<Box<dyn PageChannel>, EngineError> {
     let timeout = shared.config.recover_timeout;
     if !lost.is_link_loss() || timeout.is_zero() {
@@ -36,7 +42,17 @@ pub(crate) fn reconnect(
         "link lost ({lost}): reconnecting for up to {timeout:?}"
     );
     let t0 = Instant::now();
-    let deadline = t0 + timeout;
+    let deadline = *outage.get_or_insert(t0) + timeout;
+    if t0 >= deadline {
+        return Err(EngineError::RecoveryTimedOut {
+            secs: timeout.as_secs_f64(),
+            last: TransportError::Protocol(
+                "the source takes connections but has not answered since the link was first lost"
+                    .into(),
+            ),
+            lost,
+        });
+    }
     let mut backoff = Duration::from_millis(5);
     loop {
         if shared.aborted() {

@@ -364,6 +364,12 @@ impl MigrationHandle {
             drop(self);
             return Err((e, ParkedMigration::new(s)));
         }
+        // An event queued before the unregister (a balloon's REMOVE between
+        // the last install and now) would hold the owner's madvise until
+        // read: read what is left. The pages are ordinary memory now.
+        let mut buf = crate::uffd::EventBuffer::new(16);
+        let mut left = Vec::new();
+        while s.installer.read_events(&mut buf, &mut left).is_ok() && !left.is_empty() {}
         let report = crate::report::build(&s);
         info!(total_ms = report.total_ms, "post-copy migration complete");
         Ok(report)

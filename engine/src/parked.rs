@@ -70,7 +70,11 @@ impl ParkedMigration {
             Ok(t) => t,
             Err(e) => return Err(back(e, arc)),
         };
-        if transport.info() != arc.transport.info() {
+        let other_session = matches!(
+            (transport.session(), arc.transport.session()),
+            (Some(a), Some(b)) if a != b
+        );
+        if other_session || transport.info() != arc.transport.info() {
             let e = RegionError::LayoutMismatch(
                 "the source offers other memory than the migration started from".into(),
             );

@@ -108,6 +108,14 @@ impl Transport for Scaled {
     fn source_stats(&self) -> Result<SourceStats, TransportError> {
         self.inner.source_stats()
     }
+
+    fn session(&self) -> Option<u64> {
+        self.inner.session()
+    }
+
+    fn done(&self) -> Result<(), TransportError> {
+        self.inner.done()
+    }
 }
 
 /// A channel in large pages over one in small pages.

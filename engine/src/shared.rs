@@ -80,8 +80,19 @@ impl Shared {
     /// died with its threads are released and fetched first, the sweep
     /// starts over (skipping what is here) and is let run.
     pub fn resumed(self, transport: Arc<dyn Transport>, limits: FetchLimits) -> Self {
-        let mut retry = self.states.release_claimed();
+        let (released, settled) = self.states.release_claimed();
+        // Removed while being fetched: zeros, and their threads woken.
+        for p in settled {
+            if let Err(e) = self.installer.install_zero(PageRange::new(p, 1), true) {
+                tracing::warn!(page = p, "cannot map a removed page: {e}");
+            }
+        }
+        // Pages the stopped fault service had read faults for come first.
+        let mut retry = std::mem::take(&mut *self.retry.lock().unwrap_or_else(|p| p.into_inner()));
+        retry.extend(released);
         // Taken from the end: lowest pages first.
+        retry.sort_unstable();
+        retry.dedup();
         retry.reverse();
         let batch = u64::from(self.config.batch_pages).min(limits.max_pages) as u32;
         let governor = Governor::new(
@@ -247,9 +258,26 @@ impl Shared {
                 } else {
                     let from = (start - piece.first) as usize * ps;
                     let data = &data[from..from + sub.count as usize * ps];
-                    let done = self.installer.install_with(sub, data, true, busy)?;
-                    Metrics::add(&self.metrics.install_conflicts, done.already_present);
-                    self.mark_present(sub, origin);
+                    // The owner may remove pages while the install waits
+                    // for its events to be read: then stop, and split
+                    // again, so removed pages get zeros, never this data.
+                    let mut removed_meanwhile = false;
+                    let r = self.installer.install_with(sub, data, true, &mut || {
+                        busy()?;
+                        if (sub.first..sub.end()).any(|p| self.states.removed_while_claimed(p)) {
+                            removed_meanwhile = true;
+                            return Err(EngineError::Aborted);
+                        }
+                        Ok(())
+                    });
+                    match r {
+                        Ok(done) => {
+                            Metrics::add(&self.metrics.install_conflicts, done.already_present);
+                            self.mark_present(sub, origin);
+                        }
+                        Err(EngineError::Aborted) if removed_meanwhile => continue,
+                        Err(e) => return Err(e),
+                    }
                 }
                 start = end;
             }

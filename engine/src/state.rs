@@ -191,9 +191,11 @@ impl PageStateMap {
 
     /// Releases every claim (their fetchers are gone): claimed pages go
     /// back to missing, or are settled if their owner removed them
-    /// meanwhile. Returns the pages released to missing.
-    pub fn release_claimed(&self) -> Vec<u64> {
+    /// meanwhile. Returns (pages released to missing, pages settled as
+    /// removed, which must be mapped with zeros to wake their threads).
+    pub fn release_claimed(&self) -> (Vec<u64>, Vec<u64>) {
         let mut released = Vec::new();
+        let mut settled = Vec::new();
         for (p, s) in self.states.iter().enumerate() {
             if s.load(Ordering::Acquire) != CLAIMED {
                 continue;
@@ -201,12 +203,13 @@ impl PageStateMap {
             if self.origins[p].load(Ordering::Acquire) == PageOrigin::Removed as u8 {
                 s.store(PRESENT, Ordering::Release);
                 self.present.fetch_add(1, Ordering::AcqRel);
+                settled.push(p as u64);
             } else {
                 s.store(MISSING, Ordering::Release);
                 released.push(p as u64);
             }
         }
-        released
+        (released, settled)
     }
 
     /// Who installed `page`.

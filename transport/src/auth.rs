@@ -139,20 +139,25 @@ impl AuthKey {
     }
 }
 
-/// A fresh random nonce from the kernel.
-pub fn nonce() -> [u8; PROOF_LEN] {
+/// A fresh random nonce from the kernel. Fails rather than hand out a
+/// predictable one.
+pub fn nonce() -> std::io::Result<[u8; PROOF_LEN]> {
     let mut n = [0u8; PROOF_LEN];
-    // getrandom(2) on 32 bytes does not fail short once the pool is
-    // initialised; fall back to /dev/urandom if it does.
-    // SAFETY: `n` is a writable buffer of exactly PROOF_LEN bytes.
-    let got = unsafe { libc::getrandom(n.as_mut_ptr().cast(), PROOF_LEN, 0) };
-    if got != PROOF_LEN as isize {
-        use std::io::Read;
-        if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-            let _ = f.read_exact(&mut n);
+    let mut got = 0;
+    while got < PROOF_LEN {
+        // SAFETY: `n[got..]` is a writable buffer of `PROOF_LEN - got`
+        // bytes.
+        let r = unsafe { libc::getrandom(n[got..].as_mut_ptr().cast(), PROOF_LEN - got, 0) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
         }
+        got += r as usize;
     }
-    n
+    Ok(n)
 }
 
 #[cfg(test)]
@@ -163,7 +168,7 @@ mod tests {
     fn proofs_verify_only_with_the_same_key_side_kind_and_nonces() {
         let k = AuthKey::new(b"0123456789abcdef".to_vec()).unwrap();
         let other = AuthKey::new(b"0123456789abcdeX".to_vec()).unwrap();
-        let (nd, ns) = (nonce(), nonce());
+        let (nd, ns) = (nonce().unwrap(), nonce().unwrap());
         assert_ne!(nd, ns);
         let p = k.proof(Side::Source, 0, &nd, &ns);
         assert!(k.verify(Side::Source, 0, &nd, &ns, &p));

@@ -60,6 +60,12 @@ pub trait Transport: Send + Sync {
     /// How much work the source's data path has done so far.
     fn source_stats(&self) -> Result<SourceStats, TransportError>;
 
+    /// The source's session id, when the transport has one: the same
+    /// source process (the same memory) answers with the same id.
+    fn session(&self) -> Option<u64> {
+        None
+    }
+
     /// Tells the source this destination has every page (and has
     /// verified them, if it does): the source may release the memory.
     fn done(&self) -> Result<(), TransportError> {

@@ -238,4 +238,8 @@ impl Transport for RdmaTransport {
     fn done(&self) -> Result<(), TransportError> {
         self.control.done()
     }
+
+    fn session(&self) -> Option<u64> {
+        self.control.session()
+    }
 }

@@ -28,8 +28,8 @@ pub struct TcpOptions {
     /// itself before anything else (and refuses a source that does not).
     pub auth_key: Option<AuthKey>,
     /// How long a lost link may take to come back: control requests (and
-    /// the engine's channels) reconnect with backoff until then. Zero: a
-    /// lost link fails at once.
+    /// the engine's channels) reconnect with backoff until then (default
+    /// 120 s, as the engine's). Zero: a lost link fails at once.
     pub recover_timeout: Duration,
 }
 
@@ -39,7 +39,7 @@ impl Default for TcpOptions {
             connect_timeout: Duration::from_secs(5),
             io_timeout: Duration::from_secs(10),
             auth_key: None,
-            recover_timeout: Duration::ZERO,
+            recover_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -91,7 +91,7 @@ impl Conn {
         let hello = Hello {
             version: wire::VERSION,
             kind,
-            nonce: auth::nonce(),
+            nonce: auth::nonce().map_err(|e| TransportError::io("draw a nonce", e, None))?,
         };
         conn.stream
             .write_all(&wire::encode_hello(&hello))
@@ -476,6 +476,10 @@ impl Transport for TcpTransport {
             )));
         }
         Ok(sums)
+    }
+
+    fn session(&self) -> Option<u64> {
+        Some(self.session)
     }
 
     fn done(&self) -> Result<(), TransportError> {

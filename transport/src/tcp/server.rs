@@ -14,8 +14,33 @@ use crate::error::{LayoutError, RemoteCode, TransportError};
 use crate::source::SourceMemory;
 use crate::wire::{self, ChannelKind, QpEndpoint, RdmaAccept, Request, Welcome};
 
-/// How long a new connection has to say hello.
+/// How long a new connection has for its whole handshake (hello, and
+/// authentication when required), however it trickles its bytes.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one reply may take to write: a destination that stops reading
+/// for this long loses the connection (and reconnects if it is alive).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Reads from a stream until a fixed deadline, across reads.
+struct Deadline<'a> {
+    stream: &'a TcpStream,
+    at: std::time::Instant,
+}
+
+impl io::Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.at.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake deadline passed",
+            ));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        let mut s = self.stream;
+        s.read(buf)
+    }
+}
 /// Largest request body accepted (a fetch with the most ranges fits).
 const MAX_REQUEST: usize = 8 + 2 + 12 * wire::MAX_RANGES;
 
@@ -113,7 +138,7 @@ impl PageServer {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             live: Arc::new(AtomicUsize::new(0)),
             session: {
-                let n = auth::nonce();
+                let n = auth::nonce()?;
                 u64::from_le_bytes([n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7]])
             },
             on_done: None,
@@ -247,14 +272,22 @@ fn authenticate(
     stream: &mut TcpStream,
     key: &AuthKey,
     hello: &wire::Hello,
+    until: std::time::Instant,
 ) -> Result<(), TransportError> {
-    let ns = auth::nonce();
+    let ns = auth::nonce().map_err(io_err("draw a nonce"))?;
     let k = hello.kind.auth_byte();
     let mine = key.proof(Side::Source, k, &hello.nonce, &ns);
     stream
         .write_all(&wire::encode_challenge(&ns, &mine))
         .map_err(io_err("send challenge"))?;
-    let (ty, body) = wire::read_frame(stream, 64).map_err(io_err("read authentication"))?;
+    let (ty, body) = wire::read_frame(
+        &mut Deadline {
+            stream: &*stream,
+            at: until,
+        },
+        64,
+    )
+    .map_err(io_err("read authentication"))?;
     let theirs = if ty == wire::T_AUTH {
         wire::decode_auth(&body).ok()
     } else {
@@ -293,10 +326,15 @@ fn serve_connection(mut stream: TcpStream, ctx: &Ctx) -> Result<(), TransportErr
     stream
         .set_nodelay(true)
         .map_err(io_err("set TCP_NODELAY"))?;
-    stream
-        .set_read_timeout(Some(HELLO_TIMEOUT))
-        .map_err(io_err("set read timeout"))?;
-    let (ty, body) = wire::read_frame(&mut stream, 64).map_err(io_err("read hello"))?;
+    let handshake_until = std::time::Instant::now() + HELLO_TIMEOUT;
+    let (ty, body) = wire::read_frame(
+        &mut Deadline {
+            stream: &stream,
+            at: handshake_until,
+        },
+        64,
+    )
+    .map_err(io_err("read hello"))?;
     if ty != wire::T_HELLO {
         reply_error(&mut stream, 0, RemoteCode::Malformed, "expected hello");
         return Err(TransportError::Protocol(format!(
@@ -323,7 +361,7 @@ fn serve_connection(mut stream: TcpStream, ctx: &Ctx) -> Result<(), TransportErr
         });
     }
     if let Some(key) = key {
-        authenticate(&mut stream, key, &hello)?;
+        authenticate(&mut stream, key, &hello, handshake_until)?;
     }
     super::sockopt::tune(&stream, hello.kind);
     let info = (hello.kind == ChannelKind::Control).then(|| source.info().clone());
@@ -339,6 +377,10 @@ fn serve_connection(mut stream: TcpStream, ctx: &Ctx) -> Result<(), TransportErr
     stream
         .set_read_timeout(None)
         .map_err(io_err("clear read timeout"))?;
+    stream
+        .set_write_timeout(Some(WRITE_TIMEOUT))
+        .map_err(io_err("set write timeout"))?;
+    super::sockopt::keepalive(&stream);
     debug!(kind = ?hello.kind, "connection up");
 
     loop {
