@@ -161,7 +161,9 @@ pub fn receive(stream: &UnixStream) -> Result<Handshake, HandshakeError> {
         1 => owned.remove(0),
         k => return Err(HandshakeError::TooManyFds(k)),
     };
-    // The JSON normally arrives whole; a stream socket may split it.
+    // The JSON normally arrives whole; a stream socket may split it. The
+    // whole handshake has one deadline, however the bytes trickle.
+    let until = std::time::Instant::now() + HANDSHAKE_TIMEOUT;
     let regions = loop {
         match parse_mappings(&buf) {
             Ok(r) => break r,
@@ -169,6 +171,11 @@ pub fn receive(stream: &UnixStream) -> Result<Handshake, HandshakeError> {
                 if buf.len() >= MAX_MESSAGE {
                     return Err(HandshakeError::TooLarge);
                 }
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(HandshakeError::Timeout(buf.len()));
+                }
+                stream.set_read_timeout(Some(left))?;
                 let mut more = [0u8; 4096];
                 let k = match (&*stream).read(&mut more) {
                     Ok(k) => k,
