@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, IoSlice, Read};
+use std::io::{BufRead, BufReader, IoSlice};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -247,37 +247,8 @@ fn start_handler(socket: &Path, source: &str, extra: &[&str]) -> Child {
         .expect("start fc-handler")
 }
 
-/// Waits for a child, failing the test after `limit` (a hang is a bug).
-fn wait_bounded(mut child: Child, limit: Duration) -> Output {
-    let mut so = child.stdout.take().expect("stdout");
-    let mut se = child.stderr.take().expect("stderr");
-    let o = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = so.read_to_end(&mut v);
-        v
-    });
-    let e = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = se.read_to_end(&mut v);
-        v
-    });
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if t0.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("fc-handler did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: o.join().expect("stdout"),
-        stderr: e.join().expect("stderr"),
-    }
+fn wait_bounded(child: Child, limit: Duration) -> Output {
+    common::wait_bounded(child, limit, "fc-handler")
 }
 
 /// Touches every page from four threads in four orders and compares

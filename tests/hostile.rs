@@ -51,13 +51,7 @@ fn only_peers_holding_the_key_migrate() {
     let k = key.to_str().unwrap();
     let src = source_with(&["--auth-key-file", k]);
     // Same key: a clean migration.
-    let ok = dest(&src.addr, &["--auth-key-file", k]);
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    let r = json_report(&dest(&src.addr, &["--auth-key-file", k]));
     assert_eq!(r["checksum_mismatches"], 0);
     // No key, or the wrong one: refused.
     failed_with(&dest(&src.addr, &[]), "requires authentication");
@@ -205,12 +199,7 @@ fn garbage_and_silent_clients_do_not_stop_a_good_migration() {
     let ok = dest(&addr, &["--workload", "random"]);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let streams: u64 = hostile.into_iter().map(|h| h.join().unwrap()).sum();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    let r = json_report(&ok);
     assert_eq!(r["checksum_mismatches"], 0);
     assert_eq!(r["pages_verified"], r["pages_total"]);
     assert!(streams > 10, "only {streams} hostile streams were sent");

@@ -31,16 +31,23 @@ fn reference() -> Vec<u64> {
         .collect()
 }
 
+/// Guest memory holding the boot image, and a VM booted over it. The VM
+/// must be dropped before the memory.
+fn booted() -> (MmapMut, MiniVm) {
+    let mut mem = MmapMut::map_anon(CFG.memory as usize).unwrap();
+    write_boot(&mut mem, &CFG).unwrap();
+    // SAFETY: callers drop the VM before the memory.
+    let mut vm = unsafe { MiniVm::new(mem.as_ptr() as u64, CFG) }.unwrap();
+    vm.boot().unwrap();
+    (mem, vm)
+}
+
 #[test]
 fn the_guest_computes_the_reference_results() {
     if !kvm_available() {
         return;
     }
-    let mut mem = MmapMut::map_anon(CFG.memory as usize).unwrap();
-    write_boot(&mut mem, &CFG).unwrap();
-    // SAFETY: `mem` outlives the VM.
-    let mut vm = unsafe { MiniVm::new(mem.as_ptr() as u64, CFG) }.unwrap();
-    vm.boot().unwrap();
+    let (_mem, mut vm) = booted();
     let out = vm.run(&RunControl::new(CFG.vcpus)).unwrap();
     assert_eq!(out.results().unwrap(), reference());
 }
@@ -50,11 +57,7 @@ fn a_paused_guest_resumes_in_another_vm_with_its_memory_and_state() {
     if !kvm_available() {
         return;
     }
-    let mut mem = MmapMut::map_anon(CFG.memory as usize).unwrap();
-    write_boot(&mut mem, &CFG).unwrap();
-    // SAFETY: `mem` outlives the VM.
-    let mut vm = unsafe { MiniVm::new(mem.as_ptr() as u64, CFG) }.unwrap();
-    vm.boot().unwrap();
+    let (mem, mut vm) = booted();
     let ctl = RunControl {
         pause_after_pass: Some(1),
         ..RunControl::new(CFG.vcpus)

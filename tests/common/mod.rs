@@ -57,14 +57,22 @@ pub fn spawn_source(cmd: &mut Command) -> Source {
 /// `limit` (a hang is a bug).
 pub fn run_bounded(cmd: &mut Command, limit: Duration) -> (Output, Duration) {
     let t0 = Instant::now();
-    let mut child = cmd
+    let child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
+    let out = wait_bounded(child, limit, &format!("{cmd:?}"));
+    (out, t0.elapsed())
+}
+
+/// Waits for a child started with piped stdout and stderr, failing the
+/// test after `limit` (a hang is a bug); `what` names it in that failure.
+pub fn wait_bounded(mut child: Child, limit: Duration, what: &str) -> Output {
+    let t0 = Instant::now();
     // Drain pipes on threads so a chatty child cannot block.
-    let mut so = child.stdout.take().unwrap();
-    let mut se = child.stderr.take().unwrap();
+    let mut so = child.stdout.take().expect("piped stdout");
+    let mut se = child.stderr.take().expect("piped stderr");
     let out_t = std::thread::spawn(move || {
         let mut v = Vec::new();
         std::io::Read::read_to_end(&mut so, &mut v).ok();
@@ -82,16 +90,26 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> (Output, Duration) {
         if t0.elapsed() > limit {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("command did not finish within {limit:?}: {cmd:?}");
+            panic!("command did not finish within {limit:?}: {what}");
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    let out = Output {
+    Output {
         status,
         stdout: out_t.join().unwrap(),
         stderr: err_t.join().unwrap(),
-    };
-    (out, t0.elapsed())
+    }
+}
+
+/// Asserts a `--json` run exited 0 and returns its report.
+pub fn json_report(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("a JSON report")
 }
 
 /// Runs `pagewire dest --json` against `addr` with extra args and returns
