@@ -18,6 +18,10 @@ pub struct MigrationConfig {
     /// transport accepts in one request; with flow control on, requests
     /// are usually smaller (sized to the link's rate).
     pub batch_pages: u32,
+    /// On every fault, move the background sweep to the faulted page (as
+    /// QEMU's post-copy restarts its background transfer at each page
+    /// request), for comparison with bubbling.
+    pub sweep_from_fault: bool,
     /// Run the background sweep from the start. When false the sweep waits
     /// for [`crate::MigrationHandle::release_push`] (pure demand paging
     /// plus bubbles until then).
@@ -44,6 +48,7 @@ impl Default for MigrationConfig {
         Self {
             lanes: thread::available_parallelism().map_or(2, |n| n.get()),
             bubble: 64,
+            sweep_from_fault: false,
             batch_pages: 64,
             push: true,
             pin_lanes: true,

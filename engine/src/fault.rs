@@ -161,6 +161,11 @@ fn serve_fault(
     let range = PageRange::new(page, 1);
     Metrics::add(&shared.metrics.faults, 1);
     shared.prepager.on_fault(page, mem.layout());
+    if shared.config.sweep_from_fault {
+        shared
+            .sweep_cursor
+            .store(page + 1, std::sync::atomic::Ordering::Relaxed);
+    }
     match shared.states.try_claim(page) {
         Claim::Won => {
             if shared.transport.info().zero.is_zero(page) {

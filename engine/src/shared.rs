@@ -319,16 +319,25 @@ impl Shared {
     }
 
     /// Claims missing pages of the next sweep window, up to `max` pages, as
-    /// runs. Returns false when the sweep has passed the last page.
+    /// runs. Returns false when the sweep has passed the last page (when
+    /// faults move the sweep, it wraps around until a whole pass finds
+    /// nothing missing).
     pub fn next_sweep_runs(&self, max: u64, runs: &mut Vec<PageRange>) -> bool {
         let layout = self.installer.memory().layout();
         let total = layout.total_pages();
         let window = max.max(1);
+        let mut scanned = 0u64;
         loop {
             let start = self.sweep_cursor.fetch_add(window, Ordering::Relaxed);
             if start >= total {
+                if self.config.sweep_from_fault && scanned < total {
+                    self.sweep_cursor.store(0, Ordering::Relaxed);
+                    scanned += window;
+                    continue;
+                }
                 return false;
             }
+            scanned += window;
             let end = (start + window).min(total);
             let mut p = start;
             while p < end {

@@ -205,6 +205,11 @@ struct EngineArgs {
     /// Turn bubbling (adaptive prepaging) off.
     #[arg(long)]
     no_bubble: bool,
+    /// Move the background sweep to each faulted page, as QEMU's post-copy
+    /// restarts its background transfer at every page request (for
+    /// comparison; combine with --no-bubble for QEMU's scheme).
+    #[arg(long)]
+    sweep_from_fault: bool,
     /// Hold the background sweep until the workload ends (demand paging
     /// plus bubbles only while the workload runs).
     #[arg(long)]
@@ -341,6 +346,7 @@ impl EngineArgs {
         Ok(MigrationConfig {
             lanes,
             bubble: if self.no_bubble { 0 } else { self.bubble },
+            sweep_from_fault: self.sweep_from_fault,
             batch_pages: self.batch,
             push: !self.no_push,
             pin_lanes: !self.no_pin,
