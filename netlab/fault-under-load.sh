@@ -46,7 +46,7 @@ ip netns exec "$name-src" "$bin" source --listen 192.0.2.1:7070 --synthetic "$si
 src_pid=$!
 sleep 1
 
-modes=("demand-only|--no-push --no-bubble" "bubbles, no push|--no-push" "push + bubbles|" "push, sweep restarts at each fault (QEMU)|--no-bubble --sweep-from-fault" "push + bubbles, no flow control|--no-flow-control")
+modes=("demand-only|--no-push --no-bubble" "bubbles, no push|--no-push" "push only (sweep, no bubbles)|--no-bubble" "push + bubbles|" "push, sweep restarts at each fault (QEMU)|--no-bubble --sweep-from-fault" "push + bubbles, no flow control|--no-flow-control")
 for w in $workloads; do
     for m in "${modes[@]}"; do
         label=${m%%|*}

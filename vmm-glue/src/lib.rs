@@ -5,6 +5,7 @@
 //! - [`image`]: source guest memory from a file or a synthetic generator.
 //! - [`workload`]: touch patterns that stand in for a resumed guest.
 //! - [`vm_demo`]: a KVM guest migrated post-copy through the embedding API.
+//! - [`results`]: experiment reports rendered as tables and plots.
 //! - [`run`]: a destination run: migrate, run the workload, verify, report.
 
 #![deny(missing_docs)]
@@ -12,6 +13,7 @@
 pub mod embed;
 pub mod firecracker;
 pub mod image;
+pub mod results;
 pub mod run;
 pub mod vm_demo;
 pub mod workload;

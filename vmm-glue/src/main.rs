@@ -58,6 +58,19 @@ enum Cmd {
     /// second VM whose memory pagewire fills; its results are checked
     /// against a run without migration.
     VmDemo(VmDemoArgs),
+    /// Render experiment reports (the JSON lines `netlab/fault-under-load.sh`
+    /// writes) as results.md with tables and SVG plots.
+    Results(ResultsArgs),
+}
+
+#[derive(Debug, Args)]
+struct ResultsArgs {
+    /// Directory for results.md and plots/ (created if missing).
+    #[arg(long, default_value = "docs")]
+    out: PathBuf,
+    /// Report files, one labelled report per line.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -663,6 +676,15 @@ fn cmd_vm_demo(a: VmDemoArgs) -> Result<ExitCode> {
     )
 }
 
+fn cmd_results(a: ResultsArgs) -> Result<ExitCode> {
+    let runs = pagewire_vmm_glue::results::load(&a.files)?;
+    let command = std::env::var("PAGEWIRE_RESULTS_COMMAND")
+        .unwrap_or_else(|_| "pagewire results".to_string());
+    let path = pagewire_vmm_glue::results::render(&runs, &a.out, &command)?;
+    eprintln!("results: {} migrations -> {}", runs.len(), path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.verbose {
@@ -683,6 +705,7 @@ fn main() -> ExitCode {
         Cmd::Demo(a) => cmd_demo(a),
         Cmd::FcHandler(a) => cmd_fc_handler(a),
         Cmd::VmDemo(a) => cmd_vm_demo(a),
+        Cmd::Results(a) => cmd_results(a),
     };
     match result {
         Ok(code) => code,
