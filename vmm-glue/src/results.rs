@@ -105,7 +105,7 @@ pub fn load(paths: &[PathBuf]) -> Result<Vec<Run>, ResultsError> {
                 rate: label("rate")?,
                 mode: label("mode")?,
                 workload,
-                size_mib: pages * 4096 >> 20,
+                size_mib: (pages * 4096) >> 20,
                 report,
             });
         }
