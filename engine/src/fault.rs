@@ -160,6 +160,7 @@ fn serve_fault(
     let page = mem.page_of(addr).ok_or(EngineError::StrayFault(addr))?;
     let range = PageRange::new(page, 1);
     Metrics::add(&shared.metrics.faults, 1);
+    shared.metrics.timeline_fault();
     shared.prepager.on_fault(page, mem.layout());
     if shared.config.sweep_from_fault {
         shared

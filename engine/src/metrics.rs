@@ -132,7 +132,16 @@ pub struct Metrics {
     /// Faults on zero pages.
     pub zero: LatencyHist,
     fetch_counts: Box<[AtomicU8]>,
+    /// Faults and pages installed per [`TIMELINE_MS`] since the start.
+    timeline: Mutex<Vec<(u32, u32)>>,
+    start: std::time::Instant,
 }
+
+/// Width of one step of the migration's timeline, in ms.
+pub const TIMELINE_MS: u64 = 20;
+
+/// Longest timeline kept (10 minutes); later events go to the last step.
+const TIMELINE_STEPS: usize = 30_000;
 
 /// Fault latency summary in microseconds.
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
@@ -177,7 +186,41 @@ impl Metrics {
             inflight: LatencyHist::default(),
             zero: LatencyHist::default(),
             fetch_counts: (0..pages).map(|_| AtomicU8::new(0)).collect(),
+            timeline: Mutex::new(Vec::new()),
+            start: std::time::Instant::now(),
         }
+    }
+
+    fn step(&self) -> usize {
+        ((self.start.elapsed().as_millis() as u64 / TIMELINE_MS) as usize).min(TIMELINE_STEPS - 1)
+    }
+
+    fn on_timeline(&self, faults: u32, pages: u32) {
+        let i = self.step();
+        let mut t = self.timeline.lock().unwrap_or_else(|p| p.into_inner());
+        if t.len() <= i {
+            t.resize(i + 1, (0, 0));
+        }
+        t[i].0 = t[i].0.saturating_add(faults);
+        t[i].1 = t[i].1.saturating_add(pages);
+    }
+
+    /// Counts a fault on the timeline.
+    pub fn timeline_fault(&self) {
+        self.on_timeline(1, 0);
+    }
+
+    /// Counts installed pages on the timeline.
+    pub fn timeline_pages(&self, pages: u64) {
+        self.on_timeline(0, pages.min(u64::from(u32::MAX)) as u32);
+    }
+
+    /// (faults, pages installed) per [`TIMELINE_MS`] step so far.
+    pub fn timeline(&self) -> Vec<(u32, u32)> {
+        self.timeline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Records that the bytes of `ranges` arrived; a page arriving twice is

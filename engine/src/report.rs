@@ -78,6 +78,12 @@ pub struct EngineReport {
     pub push: bool,
     /// Bulk bytes-per-second cap, if any.
     pub push_rate: Option<u64>,
+    /// Width of one timeline step, in ms.
+    pub timeline_step_ms: u64,
+    /// Faults per timeline step, from the start.
+    pub faults_over_time: Vec<u32>,
+    /// Pages installed per timeline step, from the start.
+    pub pages_over_time: Vec<u32>,
     /// Time from a link loss to the channel reopened (last in the
     /// report: scripts reading the first `p50` get the faults').
     pub recovery_us: LatencyUs,
@@ -151,5 +157,8 @@ pub(crate) fn build(s: &Shared) -> EngineReport {
         bubble: s.config.bubble,
         push: s.config.push,
         push_rate: s.config.push_rate,
+        timeline_step_ms: crate::metrics::TIMELINE_MS,
+        faults_over_time: m.timeline().iter().map(|t| t.0).collect(),
+        pages_over_time: m.timeline().iter().map(|t| t.1).collect(),
     }
 }

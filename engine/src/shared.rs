@@ -152,6 +152,7 @@ impl Shared {
     pub fn mark_present(&self, range: PageRange, origin: PageOrigin) {
         self.states
             .mark_present(range.first, u64::from(range.count), origin);
+        self.metrics.timeline_pages(u64::from(range.count));
         if self.states.all_present() {
             let _ = self.finished.set(Instant::now());
         }

@@ -220,6 +220,66 @@ fn cdf_plot(path: &Path, title: &str, modes: &[(String, &Run)]) -> Result<(), Re
     root.present().map_err(plot_err(&name))
 }
 
+/// Faults per timeline step over one migration, one line per mode.
+fn timeline_plot(path: &Path, title: &str, modes: &[(String, &Run)]) -> Result<(), ResultsError> {
+    let name = path.display().to_string();
+    let series: Vec<(&String, f64, Vec<f64>)> = modes
+        .iter()
+        .filter_map(|(m, r)| {
+            let step = r.report["timeline_step_ms"].as_f64()?;
+            let v = r.report["faults_over_time"].as_array()?;
+            Some((m, step, v.iter().filter_map(Value::as_f64).collect()))
+        })
+        .collect();
+    let xmax = series
+        .iter()
+        .map(|(_, step, v)| step * v.len() as f64)
+        .fold(1.0, f64::max);
+    let ymax = series
+        .iter()
+        .flat_map(|(_, _, v)| v.iter().copied())
+        .fold(1.0, f64::max)
+        * 1.1;
+    let root = SVGBackend::new(path, (760, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err(&name))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..xmax, 0.0..ymax)
+        .map_err(plot_err(&name))?;
+    chart
+        .configure_mesh()
+        .x_desc("time since resume (ms)")
+        .y_desc("faults per step")
+        .draw()
+        .map_err(plot_err(&name))?;
+    for (i, (mode, step, v)) in series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let points: Vec<(f64, f64)> = v
+            .iter()
+            .enumerate()
+            .map(|(k, y)| (k as f64 * step, *y))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(1)))
+            .map_err(plot_err(&name))?
+            .label(mode.as_str())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err(&name))?;
+    root.present().map_err(plot_err(&name))
+}
+
 /// One value per (workload, mode) as grouped bars.
 fn bar_plot(
     path: &Path,
@@ -387,6 +447,21 @@ pub fn render(runs: &[Run], out: &Path, command: &str) -> Result<PathBuf, Result
                 md,
                 "![fault latency CDF, {workload}](plots/cdf-{tag}-{workload}.svg)"
             );
+            if modes
+                .iter()
+                .any(|(_, r)| r.report["faults_over_time"].is_array())
+            {
+                let tl = plots.join(format!("timeline-{tag}-{workload}.svg"));
+                timeline_plot(
+                    &tl,
+                    &format!("faults over time, {workload}, {size} MiB, {rate}"),
+                    modes,
+                )?;
+                let _ = writeln!(
+                    md,
+                    "![faults over time, {workload}](plots/timeline-{tag}-{workload}.svg)"
+                );
+            }
         }
         md.push('\n');
     }
@@ -407,6 +482,7 @@ mod tests {
             "fault_latency_cdf_us": (1..=100).map(f64::from).collect::<Vec<_>>(),
             "workload": {"pattern": workload, "ms": ms, "distinct_pages": 1000},
             "iperf3_bps": 957e6,
+            "timeline_step_ms": 20, "faults_over_time": [5, 3, 1],
         })
         .to_string()
     }
