@@ -168,51 +168,52 @@ fn plot_err<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> ResultsError + 
     move |e| ResultsError::Plot(format!("{what}: {e:?}"))
 }
 
-/// Fault latency CDF per mode, x capped at the largest p99 shown.
-fn cdf_plot(path: &Path, title: &str, modes: &[(String, &Run)]) -> Result<(), ResultsError> {
+/// Axes and look of a line chart.
+struct Lines<'a> {
+    title: &'a str,
+    x_desc: &'a str,
+    y_desc: &'a str,
+    x_max: f64,
+    y_max: f64,
+    stroke: u32,
+    legend: SeriesLabelPosition,
+}
+
+/// One line per mode.
+fn line_plot(
+    path: &Path,
+    l: Lines<'_>,
+    series: Vec<(&str, Vec<(f64, f64)>)>,
+) -> Result<(), ResultsError> {
     let name = path.display().to_string();
-    let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
+    let root = SVGBackend::new(path, (760, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err(&name))?;
-    let xmax = modes
-        .iter()
-        .map(|(_, r)| r.num(&["fault_latency_us", "p99"]))
-        .fold(1.0, f64::max)
-        * 1.5;
     let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 18))
+        .caption(l.title, ("sans-serif", 18))
         .margin(10)
         .x_label_area_size(40)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0.0..xmax, 0.0..1.0)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..l.x_max, 0.0..l.y_max)
         .map_err(plot_err(&name))?;
     chart
         .configure_mesh()
-        .x_desc("fault latency (µs)")
-        .y_desc("share of faults")
+        .x_desc(l.x_desc)
+        .y_desc(l.y_desc)
         .draw()
         .map_err(plot_err(&name))?;
-    for (i, (mode, r)) in modes.iter().enumerate() {
-        let cdf: Vec<(f64, f64)> = r.report["fault_latency_cdf_us"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .enumerate()
-                    .filter_map(|(k, v)| v.as_f64().map(|x| (x.min(xmax), (k + 1) as f64 / 100.0)))
-                    .collect()
-            })
-            .unwrap_or_default();
+    for (i, (mode, points)) in series.into_iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         chart
-            .draw_series(LineSeries::new(cdf, color.stroke_width(2)))
+            .draw_series(LineSeries::new(points, color.stroke_width(l.stroke)))
             .map_err(plot_err(&name))?
-            .label(mode.as_str())
+            .label(mode)
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
             });
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(l.legend)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()
@@ -220,64 +221,74 @@ fn cdf_plot(path: &Path, title: &str, modes: &[(String, &Run)]) -> Result<(), Re
     root.present().map_err(plot_err(&name))
 }
 
+/// Fault latency CDF per mode, x capped at 1.5 times the largest p99 shown.
+fn cdf_plot(path: &Path, title: &str, modes: &[(String, &Run)]) -> Result<(), ResultsError> {
+    let x_max = modes
+        .iter()
+        .map(|(_, r)| r.num(&["fault_latency_us", "p99"]))
+        .fold(1.0, f64::max)
+        * 1.5;
+    let series = modes
+        .iter()
+        .map(|(mode, r)| {
+            let cdf = r.report["fault_latency_cdf_us"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .enumerate()
+                        .filter_map(|(k, v)| {
+                            v.as_f64().map(|x| (x.min(x_max), (k + 1) as f64 / 100.0))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            (mode.as_str(), cdf)
+        })
+        .collect();
+    let l = Lines {
+        title,
+        x_desc: "fault latency (µs)",
+        y_desc: "share of faults",
+        x_max,
+        y_max: 1.0,
+        stroke: 2,
+        legend: SeriesLabelPosition::LowerRight,
+    };
+    line_plot(path, l, series)
+}
+
 /// Faults per timeline step over one migration, one line per mode.
 fn timeline_plot(path: &Path, title: &str, modes: &[(String, &Run)]) -> Result<(), ResultsError> {
-    let name = path.display().to_string();
-    let series: Vec<(&String, f64, Vec<f64>)> = modes
+    let mut x_max: f64 = 1.0;
+    let series: Vec<(&str, Vec<(f64, f64)>)> = modes
         .iter()
         .filter_map(|(m, r)| {
             let step = r.report["timeline_step_ms"].as_f64()?;
             let v = r.report["faults_over_time"].as_array()?;
-            Some((m, step, v.iter().filter_map(Value::as_f64).collect()))
+            x_max = x_max.max(step * v.len() as f64);
+            let points = v
+                .iter()
+                .enumerate()
+                .filter_map(|(k, y)| y.as_f64().map(|y| (k as f64 * step, y)))
+                .collect();
+            Some((m.as_str(), points))
         })
         .collect();
-    let xmax = series
+    let y_max = series
         .iter()
-        .map(|(_, step, v)| step * v.len() as f64)
-        .fold(1.0, f64::max);
-    let ymax = series
-        .iter()
-        .flat_map(|(_, _, v)| v.iter().copied())
+        .flat_map(|(_, p)| p.iter().map(|p| p.1))
         .fold(1.0, f64::max)
         * 1.1;
-    let root = SVGBackend::new(path, (760, 420)).into_drawing_area();
-    root.fill(&WHITE).map_err(plot_err(&name))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 18))
-        .margin(10)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..xmax, 0.0..ymax)
-        .map_err(plot_err(&name))?;
-    chart
-        .configure_mesh()
-        .x_desc("time since resume (ms)")
-        .y_desc("faults per step")
-        .draw()
-        .map_err(plot_err(&name))?;
-    for (i, (mode, step, v)) in series.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        let points: Vec<(f64, f64)> = v
-            .iter()
-            .enumerate()
-            .map(|(k, y)| (k as f64 * step, *y))
-            .collect();
-        chart
-            .draw_series(LineSeries::new(points, color.stroke_width(1)))
-            .map_err(plot_err(&name))?
-            .label(mode.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-            });
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_err(&name))?;
-    root.present().map_err(plot_err(&name))
+    let l = Lines {
+        title,
+        x_desc: "time since resume (ms)",
+        y_desc: "faults per step",
+        x_max,
+        y_max,
+        stroke: 1,
+        legend: SeriesLabelPosition::UpperRight,
+    };
+    line_plot(path, l, series)
 }
 
 /// One value per (workload, mode) as grouped bars.
