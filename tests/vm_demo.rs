@@ -11,15 +11,13 @@ use std::time::Duration;
 use common::{pagewire, run_bounded};
 
 fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("SKIPPED: /dev/kvm is not available");
+    match pagewire_minivm::kvm_unavailable() {
+        Some(why) => {
+            eprintln!("SKIPPED: {why}");
+            false
+        }
+        None => true,
     }
-    ok
 }
 
 fn vm_demo(args: &[&str]) -> serde_json::Value {

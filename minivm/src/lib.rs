@@ -25,4 +25,4 @@ pub mod vm;
 pub use error::VmError;
 pub use guest::GuestConfig;
 pub use vcpu::{VcpuOutcome, VcpuState};
-pub use vm::{MiniVm, RunControl, RunOutcome};
+pub use vm::{kvm_unavailable, MiniVm, RunControl, RunOutcome};

@@ -12,6 +12,17 @@ use crate::error::{kvm, VmError};
 use crate::guest::GuestConfig;
 use crate::vcpu::{self, VcpuOutcome, VcpuState};
 
+/// Why this host cannot run the guest, if it cannot: `/dev/kvm` missing or
+/// not readable and writable by this process.
+pub fn kvm_unavailable() -> Option<String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .err()
+        .map(|e| format!("/dev/kvm: {e}"))
+}
+
 /// Shared between the vCPU threads and whoever watches them.
 #[derive(Debug)]
 pub struct RunControl {

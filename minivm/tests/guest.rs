@@ -7,15 +7,13 @@ use pagewire_minivm::guest::reference_result;
 use pagewire_minivm::{GuestConfig, MiniVm, RunControl, VcpuState};
 
 fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("SKIPPED: /dev/kvm is not available");
+    match pagewire_minivm::kvm_unavailable() {
+        Some(why) => {
+            eprintln!("SKIPPED: {why}");
+            false
+        }
+        None => true,
     }
-    ok
 }
 
 const CFG: GuestConfig = GuestConfig {
