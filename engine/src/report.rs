@@ -118,6 +118,7 @@ pub struct LiveMetrics {
 /// Builds the final report of a migration.
 pub(crate) fn build(s: &Shared) -> EngineReport {
     let m = &s.metrics;
+    let (faults_over_time, pages_over_time) = m.timeline().into_iter().unzip();
     let finished = s.finished.get().copied().unwrap_or_else(Instant::now);
     let cdf: Vec<f64> = (1..=100).map(|i| f64::from(i) / 100.0).collect();
     let all = m.all.summary();
@@ -158,7 +159,7 @@ pub(crate) fn build(s: &Shared) -> EngineReport {
         push: s.config.push,
         push_rate: s.config.push_rate,
         timeline_step_ms: crate::metrics::TIMELINE_MS,
-        faults_over_time: m.timeline().iter().map(|t| t.0).collect(),
-        pages_over_time: m.timeline().iter().map(|t| t.1).collect(),
+        faults_over_time,
+        pages_over_time,
     }
 }
