@@ -1,6 +1,6 @@
 //! Migration metrics: the paper's counters plus a fault latency histogram.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -133,7 +133,10 @@ pub struct Metrics {
     pub zero: LatencyHist,
     fetch_counts: Box<[AtomicU8]>,
     /// Faults and pages installed per [`TIMELINE_MS`] since the start.
-    timeline: Mutex<Vec<(u32, u32)>>,
+    timeline_faults: Box<[AtomicU32]>,
+    timeline_pages: Box<[AtomicU32]>,
+    /// One past the last step anything was counted in.
+    timeline_len: AtomicUsize,
     start: std::time::Instant,
 }
 
@@ -186,7 +189,9 @@ impl Metrics {
             inflight: LatencyHist::default(),
             zero: LatencyHist::default(),
             fetch_counts: (0..pages).map(|_| AtomicU8::new(0)).collect(),
-            timeline: Mutex::new(Vec::new()),
+            timeline_faults: (0..TIMELINE_STEPS).map(|_| AtomicU32::new(0)).collect(),
+            timeline_pages: (0..TIMELINE_STEPS).map(|_| AtomicU32::new(0)).collect(),
+            timeline_len: AtomicUsize::new(0),
             start: std::time::Instant::now(),
         }
     }
@@ -195,32 +200,34 @@ impl Metrics {
         ((self.start.elapsed().as_millis() as u64 / TIMELINE_MS) as usize).min(TIMELINE_STEPS - 1)
     }
 
-    fn on_timeline(&self, faults: u32, pages: u32) {
+    /// Counts on the timeline without a lock: faults and installs are hot.
+    fn on_timeline(&self, column: &[AtomicU32], n: u32) {
         let i = self.step();
-        let mut t = self.timeline.lock().unwrap_or_else(|p| p.into_inner());
-        if t.len() <= i {
-            t.resize(i + 1, (0, 0));
-        }
-        t[i].0 = t[i].0.saturating_add(faults);
-        t[i].1 = t[i].1.saturating_add(pages);
+        column[i].fetch_add(n, Ordering::Relaxed);
+        self.timeline_len.fetch_max(i + 1, Ordering::Relaxed);
     }
 
     /// Counts a fault on the timeline.
     pub fn timeline_fault(&self) {
-        self.on_timeline(1, 0);
+        self.on_timeline(&self.timeline_faults, 1);
     }
 
     /// Counts installed pages on the timeline.
     pub fn timeline_pages(&self, pages: u64) {
-        self.on_timeline(0, pages.min(u64::from(u32::MAX)) as u32);
+        self.on_timeline(&self.timeline_pages, pages.min(u64::from(u32::MAX)) as u32);
     }
 
     /// (faults, pages installed) per [`TIMELINE_MS`] step so far.
     pub fn timeline(&self) -> Vec<(u32, u32)> {
-        self.timeline
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        let n = self.timeline_len.load(Ordering::Relaxed);
+        (0..n)
+            .map(|i| {
+                (
+                    self.timeline_faults[i].load(Ordering::Relaxed),
+                    self.timeline_pages[i].load(Ordering::Relaxed),
+                )
+            })
+            .collect()
     }
 
     /// Records that the bytes of `ranges` arrived; a page arriving twice is

@@ -41,6 +41,10 @@ fn run(config: MigrationConfig, touch: impl Fn(u64) -> u64) -> pagewire_engine::
         assert_ne!(h.origin(p), PageOrigin::None, "page {p} has no origin");
     }
     let report = h.wait().unwrap();
+    // The timeline counts every fault and every installed page once.
+    let sum = |v: &[u32]| v.iter().map(|&n| u64::from(n)).sum::<u64>();
+    assert_eq!(sum(&report.faults_over_time), report.faults);
+    assert_eq!(sum(&report.pages_over_time), pages);
     let sums = t.checksums(PageRange::new(0, pages as u32)).unwrap();
     for p in 0..pages {
         assert_eq!(
