@@ -101,25 +101,25 @@ impl Shared {
             self.config.flow_control,
             self.config.push_rate,
         );
-        Self {
-            states: self.states,
-            installer: self.installer,
+        let resumed = Self::new(
+            self.states,
+            self.installer,
             transport,
-            prepager: self.prepager,
-            metrics: self.metrics,
-            config: self.config,
+            self.prepager,
+            self.metrics,
+            self.config,
             governor,
             limits,
-            sweep_cursor: AtomicU64::new(0),
-            push_released: AtomicBool::new(true),
-            abort: AtomicBool::new(false),
-            error: Mutex::new(None),
+        );
+        resumed.push_released.store(true, Ordering::Relaxed);
+        Self {
             started: self.started,
             setup: self.setup,
             finished: self.finished,
             waiters: self.waiters,
             waiting: self.waiting,
             retry: Mutex::new(retry),
+            ..resumed
         }
     }
 
