@@ -4,7 +4,7 @@
 
 use pagewire_transport::{LayoutError, MemoryLayout, PageRange, RegionInfo, PAGE_SIZE};
 use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
     MmapRegion,
 };
 
@@ -144,6 +144,9 @@ pub struct DestMemory {
     regions: Vec<HostRegion>,
     /// The process owning the memory, when it is not this one.
     owner: Option<u32>,
+    /// Mapped by [`DestMemory::new`]: private anonymous memory, which
+    /// `MADV_DONTNEED` empties (a VMM's shared memory it would not).
+    private_anon: bool,
 }
 
 impl DestMemory {
@@ -157,7 +160,9 @@ impl DestMemory {
             .collect();
         let guest = GuestMemoryMmap::from_ranges(&ranges)
             .map_err(|e| EngineError::Memory(e.to_string()))?;
-        Self::from_guest(guest, layout)
+        let mut m = Self::from_guest(guest, layout)?;
+        m.private_anon = true;
+        Ok(m)
     }
 
     /// Uses guest memory a VMM mapped in this process.
@@ -231,6 +236,7 @@ impl DestMemory {
             layout,
             regions,
             owner: None,
+            private_anon: false,
         }
     }
 
@@ -383,6 +389,61 @@ impl DestMemory {
             (addr >= r.host && addr < r.host + r.len)
                 .then(|| r.first_page + ((addr - r.host) / self.layout.page_size()) as u64)
         })
+    }
+
+    /// Writes whole pages `range` with `bytes`, before the memory is
+    /// registered with userfaultfd (pre-copy): plain stores, no faults.
+    /// Only for memory in this process.
+    pub(crate) fn write_unregistered(
+        &self,
+        range: PageRange,
+        bytes: &[u8],
+    ) -> Result<(), EngineError> {
+        let guest = self.guest.as_ref().ok_or_else(|| {
+            EngineError::Memory("pre-copy needs guest memory in this process".into())
+        })?;
+        let (region, off) = self.layout.locate(range)?;
+        let want = range.count as usize * self.layout.page_size();
+        if bytes.len() != want {
+            return Err(EngineError::Memory(format!(
+                "{} bytes for {want} bytes of pages",
+                bytes.len()
+            )));
+        }
+        let at = GuestAddress(self.layout.regions()[region].guest_base + off as u64);
+        guest
+            .write_slice(bytes, at)
+            .map_err(|e| EngineError::Memory(format!("write pre-copied pages: {e}")))
+    }
+
+    /// Whether pagewire mapped this memory itself ([`DestMemory::new`]).
+    pub(crate) fn is_private_anon(&self) -> bool {
+        self.private_anon
+    }
+
+    /// Drops pages `range` (`MADV_DONTNEED`) so that they are missing
+    /// again, before the memory is registered with userfaultfd: pre-copied
+    /// pages the guest wrote at the source after they were copied.
+    pub(crate) fn discard_unregistered(&self, range: PageRange) -> Result<(), EngineError> {
+        if !self.private_anon {
+            return Err(EngineError::Memory(
+                "a hybrid migration needs guest memory mapped by pagewire (DestMemory::new)".into(),
+            ));
+        }
+        let (addr, len) = self.host_span(range)?;
+        // SAFETY: `addr..addr + len` lies inside one private anonymous
+        // region of this process (checked by host_span and `guest`);
+        // MADV_DONTNEED only drops its pages, which read as missing
+        // afterwards; no reference into them is held (nothing runs on the
+        // memory before the migration starts).
+        let r = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+        if r != 0 {
+            return Err(EngineError::Memory(format!(
+                "discard stale pre-copied pages: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(())
     }
 
     /// The bytes of page `page`; `None` when out of range or when the

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Instant;
 
-use pagewire_transport::{ChannelClass, FetchLimits, PageChannel, Transport};
+use pagewire_transport::{ChannelClass, FetchLimits, PageChannel, PageSet, Transport};
 use tracing::info;
 
 use crate::config::MigrationConfig;
@@ -16,6 +16,7 @@ use crate::lanes::lane_main;
 use crate::memory::DestMemory;
 use crate::metrics::Metrics;
 use crate::parked::ParkedMigration;
+use crate::precopy::{Precopied, Refreshed};
 use crate::prepager::Prepager;
 use crate::report::{EngineReport, LiveMetrics};
 use crate::shared::Shared;
@@ -75,6 +76,36 @@ impl Migration {
         installer: PageInstaller,
         config: MigrationConfig,
     ) -> Result<MigrationHandle, EngineError> {
+        Self::start_inner(transport, installer, config, None)
+    }
+
+    /// Starts the post-copy phase after [`crate::precopy::precopy`] filled
+    /// `mem` (the memory it was given): its present pages are not fetched
+    /// again, pages the source's guest wrote meanwhile are fetched even if
+    /// they were zero pages at the handshake.
+    pub fn start_after_precopy(
+        transport: Arc<dyn Transport>,
+        mem: Arc<DestMemory>,
+        config: MigrationConfig,
+        precopied: &Precopied,
+    ) -> Result<MigrationHandle, EngineError> {
+        if mem.layout() != &transport.info().layout {
+            return Err(EngineError::Memory(
+                "pre-copied memory must be laid out exactly like the source's".into(),
+            ));
+        }
+        let transport: Arc<dyn Transport> = Arc::new(Refreshed::new(transport, &precopied.written));
+        Self::check(&transport, &mem, &config)?;
+        let installer = PageInstaller::register(mem)?;
+        Self::start_inner(transport, installer, config, Some(&precopied.present))
+    }
+
+    fn start_inner(
+        transport: Arc<dyn Transport>,
+        installer: PageInstaller,
+        config: MigrationConfig,
+        present: Option<&PageSet>,
+    ) -> Result<MigrationHandle, EngineError> {
         let begun = Instant::now();
         let mem = installer.memory().clone();
         Self::check(&transport, &mem, &config)?;
@@ -93,8 +124,14 @@ impl Migration {
         let lanes = (0..config.lanes)
             .map(|l| transport.open(ChannelClass::Bulk(l as u16)))
             .collect::<Result<Vec<_>, _>>()?;
+        let states = PageStateMap::new(pages);
+        if let Some(present) = present {
+            for p in present.iter() {
+                states.preset_present(p, PageOrigin::Precopy);
+            }
+        }
         let shared = Arc::new(Shared::new(
-            PageStateMap::new(pages),
+            states,
             installer,
             transport,
             Prepager::new(config.bubble),

@@ -27,6 +27,9 @@ pub enum PageOrigin {
     /// or while it was fetched: never installed from the source, a touch
     /// maps a zero page.
     Removed = 4,
+    /// Copied while the guest still ran at the source (pre-copy) and not
+    /// written there since.
+    Precopy = 5,
 }
 
 impl PageOrigin {
@@ -36,6 +39,7 @@ impl PageOrigin {
             2 => Self::Bubble,
             3 => Self::Push,
             4 => Self::Removed,
+            5 => Self::Precopy,
             _ => Self::None,
         }
     }
@@ -149,6 +153,23 @@ impl PageStateMap {
             debug_assert_eq!(prev, CLAIMED, "page {p} marked present without a claim");
         }
         self.present.fetch_add(count, Ordering::AcqRel);
+    }
+
+    /// Marks `page`, still missing, present from the start: its bytes were
+    /// written before the memory was handed to the engine (pre-copy).
+    /// Returns whether it was missing.
+    pub fn preset_present(&self, page: u64, origin: PageOrigin) -> bool {
+        let Some(s) = self.states.get(page as usize) else {
+            return false;
+        };
+        if s.compare_exchange(MISSING, PRESENT, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        self.origins[page as usize].store(origin as u8, Ordering::Relaxed);
+        self.present.fetch_add(1, Ordering::AcqRel);
+        true
     }
 
     /// The owner of the memory dropped `page` (UFFD_EVENT_REMOVE): it must

@@ -64,6 +64,9 @@ pub enum RemoteCode {
     Auth = 5,
     /// The source serves as many connections as it allows.
     Busy = 6,
+    /// The source cannot do what was asked (no pre-copy: its guest's
+    /// writes are not tracked), or a pre-copy round was out of order.
+    Unsupported = 7,
     /// Any other failure.
     Other = 255,
 }
@@ -78,6 +81,7 @@ impl RemoteCode {
             4 => Self::TooLarge,
             5 => Self::Auth,
             6 => Self::Busy,
+            7 => Self::Unsupported,
             _ => Self::Other,
         }
     }

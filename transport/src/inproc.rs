@@ -4,7 +4,8 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use crate::error::TransportError;
+use crate::dirty::PageSet;
+use crate::error::{RemoteCode, TransportError};
 use crate::layout::{PageRange, SourceInfo};
 use crate::source::SourceMemory;
 use crate::wire::SourceStats;
@@ -95,6 +96,15 @@ impl Transport for InProcTransport {
             source: self.source.clone(),
             outstanding: VecDeque::new(),
         }))
+    }
+
+    fn dirty_round(&self, round: u32, pause: bool) -> Result<PageSet, TransportError> {
+        self.source
+            .dirty_round(round, pause)
+            .map_err(|e| TransportError::Remote {
+                code: RemoteCode::Unsupported,
+                message: e.to_string(),
+            })
     }
 
     fn checksums(&self, range: PageRange) -> Result<Vec<u64>, TransportError> {

@@ -13,6 +13,7 @@
 #![deny(missing_docs)]
 
 pub mod auth;
+pub mod dirty;
 pub mod error;
 pub mod inproc;
 pub mod layout;
@@ -23,6 +24,7 @@ pub mod tcp;
 pub mod wire;
 
 pub use auth::AuthKey;
+pub use dirty::{DirtyError, DirtyLog, PageSet};
 pub use error::{LayoutError, RdmaError, RemoteCode, TransportError};
 pub use layout::{MemoryLayout, PageRange, RegionInfo, SourceInfo, ZeroMap, PAGE_SIZE};
 pub use source::{page_checksum, SourceMemory};
@@ -64,6 +66,18 @@ pub trait Transport: Send + Sync {
     /// source process (the same memory) answers with the same id.
     fn session(&self) -> Option<u64> {
         None
+    }
+
+    /// Pre-copy round `round` (1, 2, ...): the pages the source's guest
+    /// wrote since the round before (since tracking began, for round 1).
+    /// With `pause` the source pauses its guest first: the switch-over.
+    /// Asking the same round again is safe and loses no write.
+    fn dirty_round(&self, round: u32, pause: bool) -> Result<PageSet, TransportError> {
+        let _ = (round, pause);
+        Err(TransportError::Remote {
+            code: RemoteCode::Unsupported,
+            message: format!("the {} transport carries no pre-copy rounds", self.name()),
+        })
     }
 
     /// Tells the source this destination has every page (and has

@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::dirty::{DirtyError, DirtyLog, DirtyRounds, PageSet};
 use crate::error::LayoutError;
 use crate::layout::{MemoryLayout, PageRange, SourceInfo, ZeroMap};
 use crate::wire::SourceStats;
@@ -18,11 +19,16 @@ pub fn page_checksum(page: &[u8]) -> u64 {
 /// The source's guest memory: one byte slice per region, the zero-page map
 /// and the data-path counters.
 ///
-/// The memory must not change while it is served: post-copy starts after
-/// the VM stopped running at the source.
+/// Post-copy serves memory that no longer changes: the VM stopped running
+/// at the source. A hybrid migration serves it while the guest still runs
+/// (pre-copy); the guest's writes are then tracked by a [`DirtyLog`]
+/// (see [`SourceMemory::with_dirty_log`]) and the pages only ever leave
+/// through the kernel (socket sends, RDMA), which copies whatever the page
+/// holds at that moment; a page written meanwhile is sent again.
 pub struct SourceMemory {
     info: SourceInfo,
     regions: Vec<RegionBytes>,
+    dirty: Option<DirtyRounds>,
     requests: AtomicU64,
     pages: AtomicU64,
 }
@@ -60,9 +66,26 @@ impl SourceMemory {
         Ok(Self {
             info: SourceInfo { layout, zero },
             regions,
+            dirty: None,
             requests: AtomicU64::new(0),
             pages: AtomicU64::new(0),
         })
+    }
+
+    /// Serves pre-copy rounds from `log`, which must have been tracking
+    /// writes since before this memory was scanned for zero pages.
+    pub fn with_dirty_log(mut self, log: Arc<dyn DirtyLog>) -> Self {
+        self.dirty = Some(DirtyRounds::new(log));
+        self
+    }
+
+    /// Pages written since pre-copy round `round - 1` (see
+    /// [`DirtyRounds::round`]); `pause` pauses the guest first.
+    pub fn dirty_round(&self, round: u32, pause: bool) -> Result<PageSet, DirtyError> {
+        match &self.dirty {
+            Some(d) => d.round(round, pause),
+            None => Err(DirtyError::Unsupported),
+        }
     }
 
     /// Layout and zero map, as sent in the handshake.

@@ -12,6 +12,7 @@
 
 use std::io::{self, Read, Write};
 
+use crate::dirty::PageSet;
 use crate::error::{LayoutError, RemoteCode, TransportError};
 use crate::layout::{MemoryLayout, PageRange, RegionInfo, SourceInfo, ZeroMap, MAX_REGIONS};
 
@@ -42,6 +43,8 @@ pub const T_RDMA_CONNECT: u8 = 0x05;
 pub const T_AUTH: u8 = 0x06;
 /// The destination has every page (no reply).
 pub const T_DONE: u8 = 0x07;
+/// Client to source: pages written since the last pre-copy round.
+pub const T_DIRTY: u8 = 0x08;
 /// Source to client: welcome.
 pub const T_WELCOME: u8 = 0x81;
 /// Source to client: page data.
@@ -57,6 +60,8 @@ pub const T_RDMA_ACCEPT: u8 = 0x86;
 /// Source's nonce and proof of the key, instead of a welcome, when it
 /// requires authentication.
 pub const T_CHALLENGE: u8 = 0x87;
+/// Source to client: the pages of a pre-copy round, as a bitmap.
+pub const T_DIRTY_MAP: u8 = 0x88;
 
 /// Size of a `Pages` reply's fixed part: type, request id, page count.
 pub const PAGES_HEADER: usize = 1 + 8 + 4;
@@ -140,6 +145,16 @@ pub enum Request {
     Done {
         /// Request id.
         id: u64,
+    },
+    /// Pre-copy round `round`: the pages the guest wrote since the round
+    /// before; `pause` pauses the guest first (the switch-over).
+    Dirty {
+        /// Echoed in the reply.
+        id: u64,
+        /// The round, from 1; the same round again is answered again.
+        round: u32,
+        /// Pause the source's guest for good before answering.
+        pause: bool,
     },
     /// Connect an RDMA queue pair to this endpoint and say where guest
     /// memory is registered.
@@ -541,6 +556,13 @@ pub fn encode_request(r: &Request) -> Vec<u8> {
             v.extend_from_slice(&id.to_le_bytes());
             seal(v, 0)
         }
+        Request::Dirty { id, round, pause } => {
+            let mut v = frame(T_DIRTY);
+            v.extend_from_slice(&id.to_le_bytes());
+            v.extend_from_slice(&round.to_le_bytes());
+            v.push(u8::from(*pause));
+            seal(v, 0)
+        }
         Request::RdmaConnect { id, ep } => {
             let mut v = frame(T_RDMA_CONNECT);
             v.extend_from_slice(&id.to_le_bytes());
@@ -575,6 +597,15 @@ pub fn decode_request(ty: u8, body: &[u8]) -> Result<Request, TransportError> {
         },
         T_STATS => Request::Stats { id: d.u64()? },
         T_DONE => Request::Done { id: d.u64()? },
+        T_DIRTY => Request::Dirty {
+            id: d.u64()?,
+            round: d.u32()?,
+            pause: match d.u8()? {
+                0 => false,
+                1 => true,
+                f => return Err(TransportError::Protocol(format!("bad pause flag {f}"))),
+            },
+        },
         T_RDMA_CONNECT => Request::RdmaConnect {
             id: d.u64()?,
             ep: get_ep(&mut d)?,
@@ -625,6 +656,47 @@ pub fn decode_checksums(body: &[u8]) -> Result<(u64, Vec<u64>), TransportError> 
     }
     d.finish()?;
     Ok((id, sums))
+}
+
+/// Encodes a pre-copy round's pages.
+pub fn encode_dirty_map(id: u64, set: &PageSet) -> Vec<u8> {
+    let mut v = frame(T_DIRTY_MAP);
+    v.reserve(16 + set.words().len() * 8);
+    v.extend_from_slice(&id.to_le_bytes());
+    v.extend_from_slice(&set.pages().to_le_bytes());
+    for w in set.words() {
+        v.extend_from_slice(&w.to_le_bytes());
+    }
+    seal(v, 0)
+}
+
+/// Decodes a pre-copy round's pages; the set must be over `pages` pages
+/// (the layout's), which also bounds what is allocated.
+pub fn decode_dirty_map(body: &[u8], pages: u64) -> Result<(u64, PageSet), TransportError> {
+    let mut d = Decoder::new(body);
+    let id = d.u64()?;
+    let n = d.u64()?;
+    if n != pages {
+        return Err(TransportError::Protocol(format!(
+            "dirty map over {n} pages, the layout has {pages}"
+        )));
+    }
+    let words = pages.div_ceil(64);
+    // Checked before allocating: the body must hold every word.
+    if body.len() as u64 != 16 + words * 8 {
+        return Err(TransportError::Protocol(format!(
+            "dirty map of {} bytes for {pages} pages",
+            body.len()
+        )));
+    }
+    let mut w = Vec::with_capacity(words as usize);
+    for _ in 0..words {
+        w.push(d.u64()?);
+    }
+    d.finish()?;
+    let set = PageSet::from_words(w, pages)
+        .ok_or_else(|| TransportError::Protocol("dirty map names pages past the layout".into()))?;
+    Ok((id, set))
 }
 
 /// Encodes the source's counters.
@@ -835,6 +907,11 @@ mod tests {
                 range: PageRange::new(0, 100),
             },
             Request::Stats { id: 9 },
+            Request::Dirty {
+                id: 11,
+                round: 3,
+                pause: true,
+            },
             Request::RdmaConnect {
                 id: 10,
                 ep: QpEndpoint {
@@ -873,6 +950,36 @@ mod tests {
         let mut f = encode_request(&Request::Stats { id: 1 });
         f.push(0);
         assert!(decode_request(T_STATS, &f[5..]).is_err());
+    }
+
+    #[test]
+    fn dirty_maps_round_trip_and_are_checked_against_the_layout() {
+        let mut set = PageSet::new(100);
+        set.insert(3);
+        set.insert(99);
+        let f = encode_dirty_map(5, &set);
+        let (ty, b) = body(&f);
+        assert_eq!(ty, T_DIRTY_MAP);
+        assert_eq!(decode_dirty_map(b, 100).unwrap(), (5, set));
+        assert!(decode_dirty_map(b, 101).is_err());
+        assert!(decode_dirty_map(&b[..b.len() - 1], 100).is_err());
+        // A page past the layout in the last word.
+        let mut bad = b.to_vec();
+        let n = bad.len();
+        bad[n - 1] = 0x80;
+        assert!(decode_dirty_map(&bad, 100).is_err());
+        // A huge page count allocates nothing.
+        let mut huge = 1u64.to_le_bytes().to_vec();
+        huge.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(decode_dirty_map(&huge, u64::MAX).is_err());
+        let mut bad_flag = encode_request(&Request::Dirty {
+            id: 1,
+            round: 1,
+            pause: false,
+        });
+        let n = bad_flag.len();
+        bad_flag[n - 1] = 2;
+        assert!(decode_request(T_DIRTY, &bad_flag[5..]).is_err());
     }
 
     #[test]

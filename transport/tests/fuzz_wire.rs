@@ -30,7 +30,7 @@ fn runner(share: f64) -> TestRunner {
     })
 }
 
-const TYPES: [u8; 14] = [
+const TYPES: [u8; 16] = [
     T_DONE,
     T_AUTH,
     T_CHALLENGE,
@@ -45,6 +45,8 @@ const TYPES: [u8; 14] = [
     T_STATS_REPLY,
     T_ERROR,
     T_RDMA_ACCEPT,
+    T_DIRTY,
+    T_DIRTY_MAP,
 ];
 
 /// Feeds `body` (of a frame of type `ty`) to every decoder that could see
@@ -58,6 +60,8 @@ fn decode_all(ty: u8, body: &[u8]) {
     let _ = decode_stats(body);
     let _ = decode_challenge(body);
     let _ = decode_auth(body);
+    let _ = decode_dirty_map(body, 1000);
+    let _ = decode_dirty_map(body, u64::MAX);
 }
 
 /// Reads frames from a byte stream until it ends or a frame is refused,

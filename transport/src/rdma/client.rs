@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::dirty::PageSet;
 use crate::error::TransportError;
 use crate::layout::{PageRange, SourceInfo};
 use crate::tcp::TcpTransport;
@@ -237,6 +238,10 @@ impl Transport for RdmaTransport {
 
     fn done(&self) -> Result<(), TransportError> {
         self.control.done()
+    }
+
+    fn dirty_round(&self, round: u32, pause: bool) -> Result<PageSet, TransportError> {
+        self.control.dirty_round(round, pause)
     }
 
     fn session(&self) -> Option<u64> {

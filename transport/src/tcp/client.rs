@@ -7,6 +7,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::dirty::PageSet;
 use crate::error::TransportError;
 use crate::layout::{PageRange, SourceInfo};
 use crate::wire::{self, ChannelKind, Hello, QpEndpoint, RdmaAccept, Request, SourceStats};
@@ -480,6 +481,16 @@ impl Transport for TcpTransport {
 
     fn session(&self) -> Option<u64> {
         Some(self.session)
+    }
+
+    fn dirty_round(&self, round: u32, pause: bool) -> Result<PageSet, TransportError> {
+        // Asking a round again after a lost reply is safe: the source
+        // answers it again with everything written since.
+        let body = self.on_control(|c| {
+            let id = c.send(|id| Request::Dirty { id, round, pause })?;
+            c.reply(id, wire::T_DIRTY_MAP)
+        })?;
+        Ok(wire::decode_dirty_map(&body, self.info.layout.total_pages())?.1)
     }
 
     fn done(&self) -> Result<(), TransportError> {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tracing::{debug, warn};
 
 use crate::auth::{self, AuthKey, Side};
+use crate::dirty::DirtyError;
 use crate::error::{LayoutError, RemoteCode, TransportError};
 use crate::source::SourceMemory;
 use crate::wire::{self, ChannelKind, QpEndpoint, RdmaAccept, Request, Welcome};
@@ -487,6 +488,19 @@ fn serve_request(
             .write_all(&wire::encode_stats(id, &source.stats()))
             .map_err(io_err("send stats"))?,
         Request::Done { .. } => {}
+        Request::Dirty { id, round, pause } => match source.dirty_round(round, pause) {
+            Ok(set) => stream
+                .write_all(&wire::encode_dirty_map(id, &set))
+                .map_err(io_err("send dirty map"))?,
+            Err(e) => {
+                let code = match e {
+                    DirtyError::Log(_) => RemoteCode::Other,
+                    _ => RemoteCode::Unsupported,
+                };
+                warn!(request = id, round, "pre-copy round refused: {e}");
+                reply_error(stream, id, code, &e.to_string());
+            }
+        },
         Request::RdmaConnect { id, .. } => reply_error(
             stream,
             id,
