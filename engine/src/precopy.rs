@@ -49,7 +49,8 @@ pub enum SwitchOver {
 /// How to pre-copy.
 #[derive(Debug, Clone, Copy)]
 pub struct PrecopyConfig {
-    /// Most rounds before the switch-over (at least 1).
+    /// Most rounds before the switch-over. 0: none, the switch-over only
+    /// (pure post-copy, or stop-and-copy of everything).
     pub rounds: u32,
     /// Switch over early once a round leaves at most this many dirty
     /// pages (pre-copy "converged").
@@ -78,6 +79,8 @@ pub struct PrecopyReport {
     pub rounds: Vec<RoundReport>,
     /// Pages copied while the guest ran, over all rounds.
     pub pages_sent: u64,
+    /// Pages round 1 skipped: zero at the handshake.
+    pub zero_at_handshake: u64,
     /// Pages the guest wrote after their last copy (the last round's
     /// answer): dropped (hybrid) or copied while paused (stop-and-copy).
     pub final_dirty: u64,
@@ -129,11 +132,6 @@ pub fn precopy(
             "a hybrid migration needs guest memory mapped by pagewire (DestMemory::new)".into(),
         ));
     }
-    if config.rounds == 0 {
-        return Err(EngineError::Memory(
-            "pre-copy needs at least one round".into(),
-        ));
-    }
     let pages = info.layout.total_pages();
     let mut channel = transport.open(ChannelClass::Bulk(0))?;
     let limits = crate::migration::limits_for(transport.as_ref());
@@ -145,7 +143,9 @@ pub fn precopy(
     // the guest wrote during the round before.
     let mut todo: Vec<u64> = (0..pages).filter(|&p| !info.zero.is_zero(p)).collect();
     let mut round = 1u32;
-    loop {
+    // Pages the last answer named that were not copied (converged early).
+    let mut left: Vec<u64> = Vec::new();
+    while round <= config.rounds {
         on_round(round, todo.len() as u64);
         let started = Instant::now();
         copy_pages(channel.as_mut(), mem, &todo, limits)?;
@@ -153,8 +153,7 @@ pub fn precopy(
             present.insert(p);
         }
         let ms = started.elapsed().as_secs_f64() * 1000.0;
-        let last = round >= config.rounds;
-        if last {
+        if round == config.rounds {
             rounds.push(RoundReport {
                 pages: todo.len() as u64,
                 ms,
@@ -173,28 +172,35 @@ pub fn precopy(
         round += 1;
         if todo.len() as u64 <= config.converge_pages {
             // Converged: what is left is small enough for the switch-over.
+            left = std::mem::take(&mut todo);
             break;
         }
     }
+    // `round` is now the switch-over's: the last round copied but not yet
+    // asked (or the one after the last answer, when converged; 1 when
+    // there were no rounds).
     let precopy_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let pages_sent = rounds.iter().map(|r| r.pages).sum();
-    // If the loop ended on convergence, `todo` (the last answer) has not
-    // been copied: it joins the switch-over's set.
-    let converged = rounds.len() < config.rounds as usize;
     on_round(0, 0);
     let paused_at = Instant::now();
     let mut last = transport.dirty_round(round, true)?;
     written.union_with(&last);
-    if converged {
-        for &p in &todo {
-            last.insert(p);
-        }
+    for p in left {
+        last.insert(p);
     }
     let final_dirty = last.count();
+    // Copied, then written: stale.
+    let stale: Vec<u64> = last.iter().filter(|&p| present.contains(p)).collect();
     let mut pages_sent_paused = 0;
     match config.switch_over {
         SwitchOver::StopAndCopy => {
-            let list: Vec<u64> = last.iter().collect();
+            // Everything not current and not a zero page, while paused.
+            let list: Vec<u64> = (0..pages)
+                .filter(|&p| {
+                    (last.contains(p) || !present.contains(p))
+                        && (written.contains(p) || !info.zero.is_zero(p))
+                })
+                .collect();
             copy_pages(channel.as_mut(), mem, &list, limits)?;
             pages_sent_paused = list.len() as u64;
             for p in list {
@@ -202,7 +208,7 @@ pub fn precopy(
             }
         }
         SwitchOver::PostCopy => {
-            for run in runs(&last.iter().collect::<Vec<_>>(), u64::from(u32::MAX), mem) {
+            for run in runs(&stale, u64::from(u32::MAX), mem) {
                 mem.discard_unregistered(run)?;
             }
             let mut kept = PageSet::new(pages);
@@ -218,6 +224,7 @@ pub fn precopy(
             switch_over: config.switch_over,
             rounds,
             pages_sent,
+            zero_at_handshake: info.zero.count(),
             final_dirty,
             pages_sent_paused,
             pages_present: present.count(),

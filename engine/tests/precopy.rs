@@ -211,3 +211,42 @@ fn a_source_without_a_dirty_log_refuses_pre_copy() {
     };
     assert!(precopy(&t, &mem, &cfg, &mut |_, _| {}).is_err());
 }
+
+#[test]
+fn zero_rounds_only_switch_over() {
+    // The guest wrote 6 (a copied page) and 8 (a zero page) before the
+    // switch-over; with no rounds, post-copy fetches everything, and sees
+    // 8 is no longer a zero page.
+    for switch_over in [SwitchOver::PostCopy, SwitchOver::StopAndCopy] {
+        let (src, _guest) = source(vec![vec![6, 8]]);
+        let t: Arc<dyn Transport> = Arc::new(InProcTransport::new(src.clone()));
+        let mem = Arc::new(pagewire_engine::DestMemory::new(&t.info().layout).unwrap());
+        let cfg = PrecopyConfig {
+            rounds: 0,
+            converge_pages: 0,
+            switch_over,
+        };
+        let pre = precopy(&t, &mem, &cfg, &mut |_, _| {}).unwrap();
+        assert!(pre.report.rounds.is_empty());
+        assert!(pre.written.contains(8));
+        let h = Migration::start_after_precopy(
+            t.clone(),
+            mem.clone(),
+            MigrationConfig::default(),
+            &pre,
+        )
+        .unwrap();
+        h.release_push();
+        while !h.is_finished() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        verify(&t, &h);
+        let report = h.wait().unwrap();
+        let zero = t.info().zero.count();
+        let moved = match switch_over {
+            SwitchOver::PostCopy => report.bytes_received / PS as u64,
+            SwitchOver::StopAndCopy => pre.report.pages_sent_paused,
+        };
+        assert_eq!(moved, PAGES - zero + 1, "{switch_over:?}");
+    }
+}

@@ -4,7 +4,7 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
-use memmap2::MmapOptions;
+use memmap2::{MmapMut, MmapOptions};
 use pagewire_transport::source::RegionBytes;
 use pagewire_transport::{MemoryLayout, SourceMemory, PAGE_SIZE};
 
@@ -56,6 +56,19 @@ pub const DEFAULT_ZERO_PERCENT: u8 = 25;
 /// zero (about `zero_percent` % of them) or filled with a pattern derived
 /// from `seed` and the page number.
 pub fn synthetic(size: u64, seed: u64, zero_percent: u8) -> Result<SourceMemory, ImageError> {
+    let map = synthetic_map(size, seed, zero_percent)?
+        .make_read_only()
+        .map_err(anon_err)?;
+    let region: RegionBytes = Arc::new(map);
+    Ok(SourceMemory::new(
+        MemoryLayout::single(size)?,
+        vec![region],
+    )?)
+}
+
+/// The bytes of [`synthetic`], writable: for a guest that still runs at
+/// the source (pre-copy).
+pub fn synthetic_map(size: u64, seed: u64, zero_percent: u8) -> Result<MmapMut, ImageError> {
     if size == 0 || !size.is_multiple_of(PAGE_SIZE as u64) {
         return Err(ImageError::Size(size));
     }
@@ -73,12 +86,7 @@ pub fn synthetic(size: u64, seed: u64, zero_percent: u8) -> Result<SourceMemory,
             w.copy_from_slice(&x.to_le_bytes());
         }
     }
-    let map = map.make_read_only().map_err(anon_err)?;
-    let region: RegionBytes = Arc::new(map);
-    Ok(SourceMemory::new(
-        MemoryLayout::single(size)?,
-        vec![region],
-    )?)
+    Ok(map)
 }
 
 fn anon_err(error: std::io::Error) -> ImageError {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pagewire_engine::MigrationConfig;
+use pagewire_engine::{MigrationConfig, PrecopyConfig, SwitchOver};
 use pagewire_minivm::GuestConfig;
 use pagewire_transport::inproc::InProcTransport;
 use pagewire_transport::rdma::{CompletionWait, Device, RdmaExport};
@@ -21,10 +21,10 @@ use pagewire_transport::tcp::{PageServer, TcpOptions};
 use pagewire_transport::{AuthKey, SourceMemory, Transport};
 use pagewire_vmm_glue::embed::{connect, RdmaOptions, TransportChoice};
 use pagewire_vmm_glue::firecracker::{FcHandler, FcOutcome};
-use pagewire_vmm_glue::image;
 use pagewire_vmm_glue::run::{run_destination, RunOptions, RunReport};
 use pagewire_vmm_glue::vm_demo::{run_vm_demo, VmDemoOptions};
 use pagewire_vmm_glue::workload::{Pattern, Workload};
+use pagewire_vmm_glue::{image, source_guest};
 
 /// pagewire moves a VM's memory after the VM resumed at the destination
 /// (post-copy): faults are fetched at once, the rest is pushed in the
@@ -158,6 +158,61 @@ struct SourceArgs {
     /// plus two); more are refused as busy.
     #[arg(long, default_value_t = pagewire_transport::tcp::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
+    #[command(flatten)]
+    guest: GuestArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+struct GuestArgs {
+    /// Keep the synthetic guest running at the source, writing its memory
+    /// in this pattern (one word per touched page), until a destination
+    /// switches over: for pre-copy and hybrid migrations (`dest
+    /// --precopy-rounds`). Its writes are tracked with userfaultfd
+    /// write-protection. Needs --synthetic.
+    #[arg(long, value_enum, requires = "synthetic")]
+    guest_workload: Option<Pattern>,
+    /// Busy time between the running guest's writes, in microseconds.
+    #[arg(long, default_value_t = 2)]
+    guest_think_us: u64,
+    /// Seed of the running guest's write pattern.
+    #[arg(long, default_value_t = 7)]
+    guest_seed: u64,
+}
+
+#[derive(Debug, Args, Clone)]
+struct PrecopyArgs {
+    /// Pre-copy rounds before the switch-over, while the guest still runs
+    /// at the source (`source --guest-workload`): round 1 copies every
+    /// page, each later round the pages written during the round before.
+    /// Then the source pauses its guest and the destination resumes with
+    /// post-copy for what is still dirty or never copied (hybrid). 0:
+    /// switch over at once (pure post-copy from a running guest). Default:
+    /// no pre-copy, the source's memory is static.
+    #[arg(long)]
+    precopy_rounds: Option<u32>,
+    /// The pre-copy baseline: after the rounds, copy the last dirty pages
+    /// while the guest is paused and resume with every page present (no
+    /// post-copy). Needs --precopy-rounds.
+    #[arg(long, requires = "precopy_rounds")]
+    stop_and_copy: bool,
+    /// Switch over before --precopy-rounds once a round leaves at most
+    /// this many dirty pages (pre-copy converged).
+    #[arg(long, default_value_t = 256, requires = "precopy_rounds")]
+    converge_pages: u64,
+}
+
+impl PrecopyArgs {
+    fn config(&self) -> Option<PrecopyConfig> {
+        self.precopy_rounds.map(|rounds| PrecopyConfig {
+            rounds,
+            converge_pages: self.converge_pages,
+            switch_over: if self.stop_and_copy {
+                SwitchOver::StopAndCopy
+            } else {
+                SwitchOver::PostCopy
+            },
+        })
+    }
 }
 
 #[derive(Debug, Args, Clone)]
@@ -276,6 +331,8 @@ struct DestArgs {
     #[command(flatten)]
     workload: WorkloadArgs,
     #[command(flatten)]
+    precopy: PrecopyArgs,
+    #[command(flatten)]
     engine: EngineArgs,
 }
 
@@ -309,10 +366,16 @@ struct DemoArgs {
     /// Seed of the synthetic guest's contents.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Keep the guest running at the source in this write pattern until
+    /// the switch-over (see `source --guest-workload`).
+    #[arg(long, value_enum)]
+    guest_workload: Option<Pattern>,
     #[command(flatten)]
     path: TransportArgs,
     #[command(flatten)]
     workload: WorkloadArgs,
+    #[command(flatten)]
+    precopy: PrecopyArgs,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -369,8 +432,9 @@ impl EngineArgs {
         })
     }
 
-    fn options(&self, w: &WorkloadArgs) -> Result<RunOptions> {
+    fn options(&self, w: &WorkloadArgs, p: &PrecopyArgs) -> Result<RunOptions> {
         Ok(RunOptions {
+            precopy: p.config(),
             config: self.config()?,
             workload: Workload {
                 pattern: w.workload,
@@ -427,6 +491,9 @@ fn print_report(report: &RunReport, json: bool) -> Result<ExitCode> {
 fn cmd_source(a: SourceArgs) -> Result<ExitCode> {
     let mem = match (&a.memory, a.synthetic) {
         (Some(path), _) => image::from_file(path)?,
+        (None, Some(size)) if a.guest.guest_workload.is_some() => {
+            start_source_guest(size, a.seed, a.zero_percent, &a.guest)?
+        }
         (None, Some(size)) => image::synthetic(size, a.seed, a.zero_percent)?,
         (None, None) => bail!("give --memory FILE or --synthetic SIZE"),
     };
@@ -473,8 +540,33 @@ fn cmd_source(a: SourceArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The synthetic guest, left running at the source (pre-copy); it stops
+/// at the switch-over.
+fn start_source_guest(
+    size: u64,
+    seed: u64,
+    zero_percent: u8,
+    g: &GuestArgs,
+) -> Result<SourceMemory> {
+    let pattern = g.guest_workload.context("no guest workload")?;
+    let workload = Workload {
+        pattern,
+        touches: None,
+        seed: g.guest_seed,
+        stride: 16,
+        think_us: g.guest_think_us,
+    };
+    let (mem, guest) = source_guest::start_synthetic(size, seed, zero_percent, workload)
+        .context("cannot start the guest at the source")?;
+    tracing::info!(
+        ?guest,
+        "guest running at the source until a destination switches over"
+    );
+    Ok(mem)
+}
+
 fn cmd_dest(a: DestArgs) -> Result<ExitCode> {
-    let opts = a.engine.options(&a.workload)?;
+    let opts = a.engine.options(&a.workload, &a.precopy)?;
     let choice = a.path.choice()?;
     let transport = connect(&a.connect, choice, a.engine.tcp_options()?)
         .with_context(|| format!("cannot start migration from {}", a.connect))?;
@@ -518,12 +610,17 @@ fn spawn_source(
     size: u64,
     seed: u64,
     key: Option<&std::path::Path>,
+    guest: Option<Pattern>,
 ) -> Result<(SourceChild, String)> {
     let exe = std::env::current_exe().context("cannot find the pagewire binary")?;
     let mut cmd = Command::new(exe);
     cmd.args(["source", "--listen", "127.0.0.1:0", "--synthetic"])
         .arg(size.to_string())
         .args(["--seed", &seed.to_string()]);
+    if let Some(p) = guest {
+        let name = p.to_possible_value().context("pattern name")?;
+        cmd.args(["--guest-workload", name.get_name()]);
+    }
     if let Some(k) = key {
         cmd.arg("--auth-key-file").arg(k);
     }
@@ -546,10 +643,15 @@ fn spawn_source(
 }
 
 fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
-    let opts = a.engine.options(&a.workload)?;
+    let opts = a.engine.options(&a.workload, &a.precopy)?;
     let (transport, _child): (Arc<dyn Transport>, Option<SourceChild>) = match a.path.transport {
         TransportKind::Tcp | TransportKind::Rdma | TransportKind::Auto => {
-            let (child, addr) = spawn_source(a.size, a.seed, a.engine.auth_key_file.as_deref())?;
+            let (child, addr) = spawn_source(
+                a.size,
+                a.seed,
+                a.engine.auth_key_file.as_deref(),
+                a.guest_workload,
+            )?;
             eprintln!(
                 "demo: source process {} serving {} MiB on {addr}",
                 child.0.id(),
@@ -560,7 +662,17 @@ fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
             (t, Some(child))
         }
         TransportKind::Inproc => {
-            let mem: SourceMemory = image::synthetic(a.size, a.seed, image::DEFAULT_ZERO_PERCENT)?;
+            let mem: SourceMemory = match a.guest_workload {
+                Some(pattern) => {
+                    let guest = GuestArgs {
+                        guest_workload: Some(pattern),
+                        guest_think_us: 2,
+                        guest_seed: 7,
+                    };
+                    start_source_guest(a.size, a.seed, image::DEFAULT_ZERO_PERCENT, &guest)?
+                }
+                None => image::synthetic(a.size, a.seed, image::DEFAULT_ZERO_PERCENT)?,
+            };
             (Arc::new(InProcTransport::new(Arc::new(mem))), None)
         }
     };

@@ -5,8 +5,13 @@ use std::thread;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pagewire_engine::{EngineError, EngineReport, Migration, MigrationConfig, PageOrigin};
-use pagewire_transport::{page_checksum, PageRange, SourceStats, Transport, TransportError};
+use pagewire_engine::{
+    precopy, DestMemory, EngineError, EngineReport, Migration, MigrationConfig, PageOrigin,
+    PrecopyConfig, PrecopyReport, SwitchOver,
+};
+use pagewire_transport::{
+    page_checksum, PageRange, RemoteCode, SourceStats, Transport, TransportError,
+};
 use serde::Serialize;
 
 use crate::workload::{Workload, WorkloadStats};
@@ -48,6 +53,13 @@ pub struct RunReport {
     pub source_requests_served: u64,
     /// Pages the source's data path sent.
     pub source_pages_served: u64,
+    /// Pages that crossed the wire, pre-copy rounds included.
+    pub pages_transferred: u64,
+    /// Pause of the guest at the source to resume here, when the source's
+    /// guest was running (pre-copy or a switch-over).
+    pub downtime_ms: Option<f64>,
+    /// What pre-copy did, when it ran.
+    pub precopy: Option<PrecopyReport>,
 }
 
 impl RunReport {
@@ -83,7 +95,7 @@ impl RunReport {
              \x20 prepaged (bubble) {pre} pages, {hits} later touched\n\
              \x20 pushed (sweep)    {pushed} pages, {phits} later touched\n\
              \x20 source data path  {sreq} requests, {spages} pages\n\
-             \x20 verified          {ver}/{pages} pages, {mis} mismatches, {dup} duplicates -> {verdict}",
+             \x20 verified          {ver}/{pages} pages, {mis} mismatches, {dup} duplicates -> {verdict}{precopy}",
             transport = e.transport,
             pages = e.pages_total,
             mem = mib(e.pages_total * 4096),
@@ -135,6 +147,32 @@ impl RunReport {
             mis = self.checksum_mismatches,
             dup = e.duplicate_pages,
             verdict = if self.is_clean() { "OK" } else { "FAILED" },
+            precopy = self.precopy_summary(),
+        )
+    }
+}
+
+impl RunReport {
+    fn precopy_summary(&self) -> String {
+        let Some(p) = &self.precopy else {
+            return String::new();
+        };
+        let rounds: Vec<String> = p.rounds.iter().map(|r| r.pages.to_string()).collect();
+        format!(
+            "\n  pre-copy          {n} rounds ({rounds} pages) in {ms:.1} ms, then {mode:?}: \
+             {dirty} pages dirty at the pause, {paused} copied while paused, {present} present at resume\n\
+             \x20 downtime          {down:.2} ms (source paused to guest resumed here)\n\
+             \x20 transferred       {moved} pages in all ({x:.2}x guest size)",
+            n = p.rounds.len(),
+            rounds = if rounds.is_empty() { "no".into() } else { rounds.join(" + ") },
+            ms = p.precopy_ms,
+            mode = p.switch_over,
+            dirty = p.final_dirty,
+            paused = p.pages_sent_paused,
+            present = p.pages_present,
+            down = self.downtime_ms.unwrap_or(0.0),
+            moved = self.pages_transferred,
+            x = self.pages_transferred as f64 / self.engine.pages_total.max(1) as f64,
         )
     }
 }
@@ -146,6 +184,8 @@ pub struct RunOptions {
     pub config: MigrationConfig,
     /// What the "VM" does meanwhile.
     pub workload: Workload,
+    /// Pre-copy rounds first, from a source whose guest still runs.
+    pub precopy: Option<PrecopyConfig>,
     /// Show a progress bar on stderr.
     pub progress: bool,
 }
@@ -156,8 +196,7 @@ pub fn run_destination(
     transport: Arc<dyn Transport>,
     opts: &RunOptions,
 ) -> Result<RunReport, RunError> {
-    let handle = Migration::start(transport.clone(), opts.config.clone())?;
-    let (present, total) = handle.progress();
+    let total = transport.info().layout.total_pages();
     let bar = if opts.progress {
         ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr())
     } else {
@@ -168,8 +207,44 @@ pub fn run_destination(
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
+    // A source whose guest still runs must be switched over (its guest
+    // paused) before post-copy, even with no pre-copy rounds; a source
+    // serving static memory says it tracks no writes.
+    let cfg = opts.precopy.unwrap_or(PrecopyConfig {
+        rounds: 0,
+        converge_pages: 0,
+        switch_over: SwitchOver::PostCopy,
+    });
+    let mem = Arc::new(DestMemory::new(&transport.info().layout)?);
+    let outcome = precopy(&transport, &mem, &cfg, &mut |round, pages| {
+        bar.set_position(0);
+        bar.set_message(if round == 0 {
+            "switching over".to_string()
+        } else {
+            format!("pre-copy round {round}: {pages} pages")
+        });
+    });
+    let (handle, pre) = match outcome {
+        Ok(pre) => {
+            let h =
+                Migration::start_after_precopy(transport.clone(), mem, opts.config.clone(), &pre)?;
+            let downtime = pre.paused_at.elapsed().as_secs_f64() * 1000.0;
+            (h, Some((pre.report, downtime)))
+        }
+        Err(EngineError::Transport(TransportError::Remote {
+            code: RemoteCode::Unsupported,
+            ..
+        })) if opts.precopy.is_none() => {
+            // Static memory: plain post-copy.
+            (
+                Migration::start_with_memory(transport.clone(), mem, opts.config.clone())?,
+                None,
+            )
+        }
+        Err(e) => return Err(e.into()),
+    };
     bar.set_message("migrating");
-    bar.set_position(present);
+    bar.set_position(handle.progress().0);
 
     let mem = handle.memory().clone();
     let workload = opts.workload;
@@ -244,7 +319,19 @@ pub fn run_destination(
         tracing::warn!("could not tell the source we are done: {e}");
     }
     bar.finish_and_clear();
+    let page_size = layout.page_size() as u64;
+    let pages_transferred = engine.bytes_received / page_size
+        + pre
+            .as_ref()
+            .map_or(0, |(p, _)| p.pages_sent + p.pages_sent_paused);
+    let (precopy, downtime_ms) = match pre {
+        Some((p, d)) => (Some(p), Some(d)),
+        None => (None, None),
+    };
     Ok(RunReport {
+        pages_transferred,
+        downtime_ms,
+        precopy,
         prepaged_hits: hits(PageOrigin::Bubble),
         pushed_hits: hits(PageOrigin::Push),
         engine,

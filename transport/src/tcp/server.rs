@@ -497,7 +497,10 @@ fn serve_request(
                     DirtyError::Log(_) => RemoteCode::Other,
                     _ => RemoteCode::Unsupported,
                 };
-                warn!(request = id, round, "pre-copy round refused: {e}");
+                match e {
+                    DirtyError::Unsupported => debug!(request = id, "no pre-copy here: {e}"),
+                    _ => warn!(request = id, round, "pre-copy round refused: {e}"),
+                }
                 reply_error(stream, id, code, &e.to_string());
             }
         },
