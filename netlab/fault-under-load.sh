@@ -5,9 +5,14 @@
 #
 #   netlab/fault-under-load.sh [--rate 1gbit|10gbit|none] [--size 256MiB]
 #                              [--workloads "hotset seq"] [--runs N] [--out FILE]
+#                              [--guest PATTERN]
 #
 # Each mode runs N times against one source; the table shows the median
 # run of each (by workload time). Raw reports go to FILE (JSON lines).
+# With --guest, the guest keeps running at the source (writing in
+# PATTERN) until each destination switches over, so every mode has a
+# downtime, and the hybrid and pre-copy modes are added; the source is
+# then started afresh for every run.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 rate=1gbit
@@ -15,6 +20,7 @@ size=256MiB
 workloads="hotset seq random stride"
 runs=3
 out=""
+guest=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --rate) rate=$2; shift 2 ;;
@@ -22,6 +28,7 @@ while [ $# -gt 0 ]; do
         --workloads) workloads=$2; shift 2 ;;
         --runs) runs=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
+        --guest) guest=$2; shift 2 ;;
         *) echo "fault-under-load: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -42,20 +49,37 @@ trap 'exit 130' INT TERM
 floor_bps=$("$here/two-hosts.sh" iperf --name "$name" || true)
 echo "link $rate: iperf3 source -> destination $(python3 -c "print(f'{float(\"${floor_bps:-0}\")/1e6:.0f}')") Mbit/s" >&2
 
-ip netns exec "$name-src" "$bin" source --listen 192.0.2.1:7070 --synthetic "$size" >/dev/null 2>&1 &
-src_pid=$!
-sleep 1
+start_source() {
+    [ -n "$src_pid" ] && { kill "$src_pid" 2>/dev/null; wait "$src_pid" 2>/dev/null || true; }
+    local g=()
+    [ -n "$guest" ] && g=(--guest-workload "$guest")
+    ip netns exec "$name-src" "$bin" source --listen 192.0.2.1:7070 --synthetic "$size" "${g[@]}" >/dev/null 2>&1 &
+    src_pid=$!
+    # Listening once a connection is accepted.
+    for _ in $(seq 100); do
+        ip netns exec "$name-dst" bash -c "exec 3<>/dev/tcp/192.0.2.1/7070" 2>/dev/null && return
+        sleep 0.1
+    done
+    echo "fault-under-load: the source did not start" >&2
+    exit 1
+}
+start_source
 
 modes=("demand-only|--no-push --no-bubble" "bubbles, no push|--no-push" "push only (sweep, no bubbles)|--no-bubble" "push + bubbles|" "push, sweep restarts at each fault (QEMU)|--no-bubble --sweep-from-fault" "push + bubbles, no flow control|--no-flow-control")
+if [ -n "$guest" ]; then
+    modes+=("hybrid: 2 pre-copy rounds, then push + bubbles|--precopy-rounds 2" "pre-copy baseline (stop-and-copy, ≤ 30 rounds)|--precopy-rounds 30 --stop-and-copy")
+fi
 for w in $workloads; do
     for m in "${modes[@]}"; do
         label=${m%%|*}
         args=${m#*|}
         for i in $(seq "$runs"); do
+            # A paused guest cannot be migrated again: a fresh source.
+            [ -n "$guest" ] && start_source
             # shellcheck disable=SC2086
             ip netns exec "$name-dst" "$bin" dest --connect 192.0.2.1:7070 --transport tcp \
                 --workload "$w" --json $args > "$out.run" 2>/dev/null || { echo "run failed: $w $label" >&2; continue; }
-            python3 -c "import json,sys; r=json.load(open('$out.run')); r['mode']='$label'; r['rate']='$rate'; r['iperf3_bps']=float('${floor_bps:-0}'); print(json.dumps(r))" >> "$out"
+            python3 -c "import json,sys; r=json.load(open('$out.run')); r['mode']='$label'; r['rate']='$rate'; r['source_guest']='$guest'; r['iperf3_bps']=float('${floor_bps:-0}'); print(json.dumps(r))" >> "$out"
         done
         echo -n "." >&2
     done
@@ -68,8 +92,8 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 by = collections.defaultdict(list)
 for r in rows:
     by[(r["workload"]["pattern"], r["mode"])].append(r)
-print(f"| workload | mode | fault p50 µs | fault p99 µs | p99 vs demand | workload ms | vs demand | network faults | in-flight waits p99 µs | total ms | push MB/s |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+print(f"| workload | mode | fault p50 µs | fault p99 µs | p99 vs demand | workload ms | vs demand | network faults | in-flight waits p99 µs | total ms | push MB/s | downtime ms | pages sent (× guest) |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 base = {}
 for (w, mode), rs in by.items():
     rs.sort(key=lambda r: r["workload"]["ms"])
@@ -84,6 +108,8 @@ for (w, mode), rs in by.items():
     mbps = r["bytes_received"] / (r["total_ms"] / 1000) / 1e6 if r["total_ms"] else 0
     print(f"| {w} | {mode} | {l['p50']:.0f} | {l['p99']:.0f} | {l['p99'] / max(b['fault_latency_us']['p99'], 1e-9):.2f}× "
           f"| {r['workload']['ms']:.0f} | {r['workload']['ms'] / max(b['workload']['ms'], 1e-9):.2f}× | {r['network_faults']} "
-          f"| {r['inflight_wait_us']['p99']:.0f} | {r['total_ms']:.0f} | {mbps:.0f} |")
+          f"| {r['inflight_wait_us']['p99']:.0f} | {r['total_ms']:.0f} | {mbps:.0f} "
+          f"| {r['downtime_ms'] if r.get('downtime_ms') is not None else float('nan'):.1f} "
+          f"| {r.get('pages_transferred', 0) / r['pages_total']:.2f} |")
 EOF
 echo "raw reports: $out" >&2

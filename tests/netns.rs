@@ -124,6 +124,63 @@ fn migrations_cross_a_shaped_link_between_two_namespaces() {
     drop(src);
 }
 
+#[test]
+fn a_hybrid_migration_crosses_the_shaped_link_from_a_running_guest() {
+    if let Some(why) = unsupported() {
+        println!("SKIPPED: network namespaces unavailable ({why})");
+        return;
+    }
+    let name = format!("pwh{}", std::process::id() % 10_000);
+    let link = Link::up(&name, "1gbit");
+    for mode in [
+        &["--precopy-rounds", "2"][..],
+        &["--precopy-rounds", "8", "--stop-and-copy"][..],
+    ] {
+        // The guest writes at the source until the switch-over; a paused
+        // guest is not migrated twice, so one source per run.
+        let src = spawn_source(
+            Command::new("ip")
+                .args(["netns", "exec", &link.ns("src")])
+                .arg(env!("CARGO_BIN_EXE_pagewire"))
+                .args(["source", "--listen", "192.0.2.1:0", "--synthetic", "16MiB"])
+                .args(["--guest-workload", "hotset"]),
+        );
+        let (out, _) = run_bounded(
+            Command::new("ip")
+                .args(["netns", "exec", &link.ns("dst")])
+                .arg(env!("CARGO_BIN_EXE_pagewire"))
+                .args([
+                    "dest",
+                    "--connect",
+                    &src.addr,
+                    "--json",
+                    "--transport",
+                    "tcp",
+                ])
+                .args(mode),
+            Duration::from_secs(120),
+        );
+        assert!(
+            out.status.success(),
+            "dest failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+        assert_eq!(u(&r, "checksum_mismatches"), 0, "{mode:?}: {r}");
+        assert_eq!(
+            u(&r, "pages_verified"),
+            u(&r, "pages_total"),
+            "{mode:?}: {r}"
+        );
+        assert_eq!(u(&r, "duplicate_pages"), 0, "{mode:?}: {r}");
+        assert!(r["downtime_ms"].as_f64().is_some(), "{r}");
+        assert!(
+            !r["precopy"]["rounds"].as_array().unwrap().is_empty(),
+            "{r}"
+        );
+    }
+}
+
 /// Runs `nft` in namespace `ns`.
 fn nft(ns: &str, args: &[&str]) -> bool {
     Command::new("ip")

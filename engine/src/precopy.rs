@@ -88,6 +88,12 @@ pub struct PrecopyReport {
     pub pages_sent_paused: u64,
     /// Pages present at the destination when it resumed.
     pub pages_present: u64,
+    /// Copied pages dropped at the switch-over as stale (hybrid).
+    pub discarded: u64,
+    /// `MADV_DONTNEED` calls that dropped them (one per run of pages).
+    pub discard_runs: u64,
+    /// Time dropping them took, inside the downtime.
+    pub discard_ms: f64,
     /// From asking the source to pause to having the last round's answer
     /// (and, for stop-and-copy, its pages): the downtime before the
     /// post-copy engine starts.
@@ -192,6 +198,7 @@ pub fn precopy(
     // Copied, then written: stale.
     let stale: Vec<u64> = last.iter().filter(|&p| present.contains(p)).collect();
     let mut pages_sent_paused = 0;
+    let (mut discard_runs, mut discard_ms) = (0, 0.0);
     match config.switch_over {
         SwitchOver::StopAndCopy => {
             // Everything not current and not a zero page, while paused.
@@ -208,9 +215,13 @@ pub fn precopy(
             }
         }
         SwitchOver::PostCopy => {
-            for run in runs(&stale, u64::from(u32::MAX), mem) {
+            let t = Instant::now();
+            let spans = runs(&stale, u64::from(u32::MAX), mem);
+            discard_runs = spans.len() as u64;
+            for run in spans {
                 mem.discard_unregistered(run)?;
             }
+            discard_ms = t.elapsed().as_secs_f64() * 1000.0;
             let mut kept = PageSet::new(pages);
             for p in present.iter().filter(|&p| !last.contains(p)) {
                 kept.insert(p);
@@ -228,6 +239,9 @@ pub fn precopy(
             final_dirty,
             pages_sent_paused,
             pages_present: present.count(),
+            discarded: stale.len() as u64,
+            discard_runs,
+            discard_ms,
             switch_ms,
             precopy_ms,
         },

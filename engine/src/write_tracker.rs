@@ -240,12 +240,9 @@ impl Inner {
         let mut dirty = self.dirty();
         let set = std::mem::replace(&mut *dirty, PageSet::new(self.pages));
         if self.paused.load(Ordering::Acquire) {
-            // Nothing writes any more: stop tracking.
-            for s in &self.spans {
-                self.uffd
-                    .remove_write_protection(s.addr as *mut libc::c_void, s.len, true)
-                    .map_err(io_err)?;
-            }
+            // Nothing writes any more: the protections stay (lifting them
+            // all takes milliseconds, inside the downtime) until the
+            // tracker is dropped, which unregisters the memory.
             return Ok(set);
         }
         // Protect again exactly the pages written, in runs.
@@ -359,12 +356,13 @@ mod tests {
         let last = t.collect(true).unwrap();
         assert!(paused.load(Ordering::Acquire));
         assert_eq!(last.iter().collect::<Vec<_>>(), [40, 41]);
-        // Tracking stopped: writes go through and fault no more.
+        // Dropped: the memory is unregistered and writes go through.
         let before = t.write_faults();
-        write(base, 5, 1);
-        assert_eq!(t.write_faults(), before);
-        assert_eq!(map[40 * PS + 7], 1);
         drop(t);
+        write(base, 5, 1);
+        assert_eq!(before, 5);
+        assert_eq!(map[40 * PS + 7], 1);
+        assert_eq!(map[5 * PS + 7], 1);
     }
 
     #[test]
