@@ -22,6 +22,7 @@ use pagewire_transport::{AuthKey, SourceMemory, Transport};
 use pagewire_vmm_glue::embed::{connect, RdmaOptions, TransportChoice};
 use pagewire_vmm_glue::firecracker::{FcHandler, FcOutcome};
 use pagewire_vmm_glue::run::{run_destination, RunOptions, RunReport};
+use pagewire_vmm_glue::trace::{self, Trace};
 use pagewire_vmm_glue::vm_demo::{run_vm_demo, VmDemoOptions};
 use pagewire_vmm_glue::workload::{Pattern, Workload};
 use pagewire_vmm_glue::{image, source_guest};
@@ -58,9 +59,26 @@ enum Cmd {
     /// second VM whose memory pagewire fills; its results are checked
     /// against a run without migration.
     VmDemo(VmDemoArgs),
+    /// Run a program and record the order in which it first touches its
+    /// anonymous memory, as a trace for `--workload trace`.
+    RecordTrace(RecordTraceArgs),
     /// Render experiment reports (the JSON lines `netlab/fault-under-load.sh`
     /// writes) as results.md with tables and SVG plots.
     Results(ResultsArgs),
+}
+
+#[derive(Debug, Args)]
+struct RecordTraceArgs {
+    /// Trace file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Sampling interval of /proc/PID/pagemap in microseconds: pages first
+    /// touched within one interval are listed by address.
+    #[arg(long, default_value_t = 500)]
+    interval_us: u64,
+    /// The program and its arguments (after `--`).
+    #[arg(required = true, last = true)]
+    command: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -260,6 +278,33 @@ struct WorkloadArgs {
     /// Busy time between touches in microseconds (models compute).
     #[arg(long, default_value_t = 0)]
     think_us: u64,
+    /// Trace file the `trace` workload replays (`pagewire record-trace`
+    /// writes them; traces/ has some).
+    #[arg(long)]
+    trace: Option<PathBuf>,
+}
+
+impl WorkloadArgs {
+    fn workload(&self) -> Result<Workload> {
+        let trace = match (self.workload, &self.trace) {
+            (Pattern::Trace, Some(path)) => {
+                Some(Arc::new(Trace::load(path).with_context(|| {
+                    format!("cannot read trace {}", path.display())
+                })?))
+            }
+            (Pattern::Trace, None) => bail!("--workload trace needs --trace FILE"),
+            (_, Some(_)) => bail!("--trace is for --workload trace"),
+            (_, None) => None,
+        };
+        Ok(Workload {
+            pattern: self.workload,
+            touches: self.touches,
+            seed: self.workload_seed,
+            stride: self.stride,
+            think_us: self.think_us,
+            trace,
+        })
+    }
 }
 
 #[derive(Debug, Args, Clone)]
@@ -436,13 +481,7 @@ impl EngineArgs {
         Ok(RunOptions {
             precopy: p.config(),
             config: self.config()?,
-            workload: Workload {
-                pattern: w.workload,
-                touches: w.touches,
-                seed: w.workload_seed,
-                stride: w.stride,
-                think_us: w.think_us,
-            },
+            workload: w.workload()?,
             progress: self.progress(),
         })
     }
@@ -549,12 +588,16 @@ fn start_source_guest(
     g: &GuestArgs,
 ) -> Result<SourceMemory> {
     let pattern = g.guest_workload.context("no guest workload")?;
+    if pattern == Pattern::Trace {
+        bail!("--guest-workload trace is not supported: pick a synthetic pattern");
+    }
     let workload = Workload {
         pattern,
         touches: None,
         seed: g.guest_seed,
         stride: 16,
         think_us: g.guest_think_us,
+        trace: None,
     };
     let (mem, guest) = source_guest::start_synthetic(size, seed, zero_percent, workload)
         .context("cannot start the guest at the source")?;
@@ -678,6 +721,21 @@ fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
     };
     let report = run_destination(transport, &opts).context("migration failed")?;
     print_report(&report, a.engine.json)
+}
+
+fn cmd_record_trace(a: RecordTraceArgs) -> Result<ExitCode> {
+    let mut cmd = Command::new(&a.command[0]);
+    cmd.args(&a.command[1..]);
+    let t = trace::record(cmd, Duration::from_micros(a.interval_us.max(50)))?;
+    t.save(&a.out)?;
+    eprintln!(
+        "record-trace: {} pages first touched, in a span of {} pages ({} MiB), written to {}",
+        t.pages.len(),
+        t.span,
+        t.span >> 8,
+        a.out.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn cmd_fc_handler(a: FcHandlerArgs) -> Result<ExitCode> {
@@ -816,6 +874,7 @@ fn main() -> ExitCode {
         Cmd::Dest(a) => cmd_dest(a),
         Cmd::Demo(a) => cmd_demo(a),
         Cmd::FcHandler(a) => cmd_fc_handler(a),
+        Cmd::RecordTrace(a) => cmd_record_trace(a),
         Cmd::VmDemo(a) => cmd_vm_demo(a),
         Cmd::Results(a) => cmd_results(a),
     };

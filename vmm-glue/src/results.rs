@@ -111,10 +111,13 @@ pub fn load(paths: &[PathBuf]) -> Result<Vec<Run>, ResultsError> {
                     .map(str::to_string)
                     .ok_or_else(|| bad(format!("no \"{k}\" label")))
             };
-            let workload = report["workload"]["pattern"]
+            let mut workload = report["workload"]["pattern"]
                 .as_str()
                 .map(|s| s.to_lowercase())
                 .ok_or_else(|| bad("no workload".into()))?;
+            if let Some(t) = report["workload"]["trace"].as_str() {
+                workload = format!("trace-{t}");
+            }
             let pages = report["pages_total"]
                 .as_u64()
                 .ok_or_else(|| bad("no pages_total".into()))?;

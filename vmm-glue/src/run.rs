@@ -247,7 +247,7 @@ pub fn run_destination(
     bar.set_position(handle.progress().0);
 
     let mem = handle.memory().clone();
-    let workload = opts.workload;
+    let workload = opts.workload.clone();
     let worker = thread::Builder::new()
         .name("pw-workload".into())
         .spawn(move || workload.run(&mem))

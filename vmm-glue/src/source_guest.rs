@@ -148,7 +148,7 @@ fn write_loop(w: &Writer, base: usize, pages: u64, workload: Workload) {
     loop {
         let this = Workload {
             seed: workload.seed.wrapping_add(lap),
-            ..workload
+            ..workload.clone()
         };
         for p in this.pages(pages) {
             if w.stop.load(Ordering::Relaxed) {

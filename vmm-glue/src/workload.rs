@@ -8,6 +8,9 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Zipf};
 use serde::Serialize;
+use std::sync::Arc;
+
+use crate::trace::Trace;
 
 /// A touch pattern.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -22,10 +25,13 @@ pub enum Pattern {
     Hotset,
     /// Every `stride`-th page, wrapping with an offset until all are hit.
     Stride,
+    /// A real program's first-touch order, replayed from a trace file
+    /// (see [`crate::trace`]); trace pages past the guest wrap around.
+    Trace,
 }
 
 /// A workload: pattern plus its knobs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Workload {
     /// The pattern.
     pub pattern: Pattern,
@@ -37,6 +43,8 @@ pub struct Workload {
     pub stride: u64,
     /// Busy work between touches, in microseconds, to model compute.
     pub think_us: u64,
+    /// The trace [`Pattern::Trace`] replays.
+    pub trace: Option<Arc<Trace>>,
 }
 
 /// What a workload did.
@@ -50,6 +58,9 @@ pub struct WorkloadStats {
     pub distinct_pages: u64,
     /// Wall time of the workload.
     pub ms: f64,
+    /// The trace replayed, for [`Pattern::Trace`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
     /// Which pages were touched (not serialized).
     #[serde(skip)]
     pub touched: Vec<bool>,
@@ -58,7 +69,11 @@ pub struct WorkloadStats {
 impl Workload {
     /// The page sequence this workload touches in memory of `pages` pages.
     pub fn pages(&self, pages: u64) -> Box<dyn Iterator<Item = u64>> {
-        let n = self.touches.unwrap_or(pages);
+        let n = match (self.pattern, &self.trace) {
+            // A trace is replayed once unless told otherwise.
+            (Pattern::Trace, Some(t)) => self.touches.unwrap_or(t.pages.len() as u64),
+            _ => self.touches.unwrap_or(pages),
+        };
         let mut rng = SmallRng::seed_from_u64(self.seed);
         match self.pattern {
             Pattern::Seq => Box::new((0..n).map(move |i| i % pages)),
@@ -73,6 +88,14 @@ impl Workload {
                     })),
                     Err(_) => Box::new((0..n).map(move |i| i % pages)),
                 }
+            }
+            Pattern::Trace => {
+                let trace: Vec<u64> = self
+                    .trace
+                    .as_ref()
+                    .map(|t| t.pages.iter().map(|p| p % pages).collect())
+                    .unwrap_or_default();
+                Box::new(trace.into_iter().cycle().take(n as usize))
             }
             Pattern::Stride => {
                 // Lap `l` touches l, l + stride, l + 2 * stride, ... below
@@ -112,6 +135,7 @@ impl Workload {
             touches,
             distinct_pages: touched.iter().filter(|&&t| t).count() as u64,
             ms: t0.elapsed().as_secs_f64() * 1000.0,
+            trace: self.trace.as_ref().map(|t| t.name.clone()),
             touched,
         }
     }
@@ -128,7 +152,22 @@ mod tests {
             seed: 3,
             stride: 16,
             think_us: 0,
+            trace: None,
         }
+    }
+
+    #[test]
+    fn traces_replay_in_order_and_wrap_into_the_guest() {
+        let mut wl = w(Pattern::Trace);
+        wl.trace = Some(Arc::new(Trace {
+            span: 20,
+            pages: vec![3, 4, 15, 1],
+            command: String::new(),
+            name: "t".into(),
+        }));
+        assert_eq!(wl.pages(10).collect::<Vec<_>>(), vec![3, 4, 5, 1]);
+        wl.touches = Some(6);
+        assert_eq!(wl.pages(100).collect::<Vec<_>>(), vec![3, 4, 15, 1, 3, 4]);
     }
 
     #[test]
