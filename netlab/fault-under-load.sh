@@ -5,8 +5,11 @@
 #
 #   netlab/fault-under-load.sh [--rate 1gbit|10gbit|none] [--size 256MiB]
 #                              [--workloads "hotset seq"] [--runs N] [--out FILE]
-#                              [--guest PATTERN]
+#                              [--guest PATTERN] [--modes REGEX]
 #
+# Workloads are patterns (hotset, seq, random, stride) or trace:NAME, the
+# program trace traces/NAME.trace. --modes keeps the modes whose label
+# matches REGEX.
 # Each mode runs N times against one source; the table shows the median
 # run of each (by workload time). Raw reports go to FILE (JSON lines).
 # With --guest, the guest keeps running at the source (writing in
@@ -21,6 +24,7 @@ workloads="hotset seq random stride"
 runs=3
 out=""
 guest=""
+mode_filter=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --rate) rate=$2; shift 2 ;;
@@ -29,6 +33,7 @@ while [ $# -gt 0 ]; do
         --runs) runs=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
         --guest) guest=$2; shift 2 ;;
+        --modes) mode_filter=$2; shift 2 ;;
         *) echo "fault-under-load: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -65,21 +70,26 @@ start_source() {
 }
 start_source
 
-modes=("demand-only|--no-push --no-bubble" "bubbles, no push|--no-push" "push only (sweep, no bubbles)|--no-bubble" "push + bubbles|" "push, sweep restarts at each fault (QEMU)|--no-bubble --sweep-from-fault" "push + bubbles, no flow control|--no-flow-control")
+modes=("demand-only|--no-push --no-bubble" "bubbles, no push|--no-push" "push only (sweep, no bubbles)|--no-bubble" "push + paper's bubbles|--prepager paper" "push + bubbles|" "push, sweep restarts at each fault (QEMU)|--no-bubble --sweep-from-fault" "push + bubbles, no flow control|--no-flow-control")
 if [ -n "$guest" ]; then
     modes+=("hybrid: 2 pre-copy rounds, then push + bubbles|--precopy-rounds 2" "pre-copy baseline (stop-and-copy, ≤ 30 rounds)|--precopy-rounds 30 --stop-and-copy")
 fi
 for w in $workloads; do
+    case $w in
+        trace:*) wargs="--workload trace --trace $here/../traces/${w#trace:}.trace" ;;
+        *) wargs="--workload $w" ;;
+    esac
     for m in "${modes[@]}"; do
         label=${m%%|*}
         args=${m#*|}
+        if [ -n "$mode_filter" ] && ! grep -qE "$mode_filter" <<< "$label"; then continue; fi
         for i in $(seq "$runs"); do
             # A paused guest cannot be migrated again: a fresh source.
             [ -n "$guest" ] && start_source
             # shellcheck disable=SC2086
             ip netns exec "$name-dst" "$bin" dest --connect 192.0.2.1:7070 --transport tcp \
-                --workload "$w" --json $args > "$out.run" 2>/dev/null || { echo "run failed: $w $label" >&2; continue; }
-            python3 -c "import json,sys; r=json.load(open('$out.run')); r['mode']='$label'; r['rate']='$rate'; r['source_guest']='$guest'; r['iperf3_bps']=float('${floor_bps:-0}'); print(json.dumps(r))" >> "$out"
+                $wargs --json $args > "$out.run" 2>/dev/null || { echo "run failed: $w $label" >&2; continue; }
+            MODE="$label" RATE="$rate" GUEST="$guest" BPS="${floor_bps:-0}" python3 -c "import json,os; r=json.load(open('$out.run')); r['mode']=os.environ['MODE']; r['rate']=os.environ['RATE']; r['source_guest']=os.environ['GUEST']; r['iperf3_bps']=float(os.environ['BPS']); print(json.dumps(r))" >> "$out"
         done
         echo -n "." >&2
     done
@@ -91,7 +101,10 @@ import json, sys, collections
 rows = [json.loads(l) for l in open(sys.argv[1])]
 by = collections.defaultdict(list)
 for r in rows:
-    by[(r["workload"]["pattern"], r["mode"])].append(r)
+    w = r["workload"]["pattern"]
+    if r["workload"].get("trace"):
+        w = "trace-" + r["workload"]["trace"]
+    by[(w, r["mode"])].append(r)
 print(f"| workload | mode | fault p50 µs | fault p99 µs | p99 vs demand | workload ms | vs demand | network faults | in-flight waits p99 µs | total ms | push MB/s | downtime ms | pages sent (× guest) |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 base = {}

@@ -3,6 +3,8 @@
 use std::thread;
 use std::time::Duration;
 
+use crate::prepager::PrepagerKind;
+
 /// How long a lost link may take to come back unless told otherwise.
 pub const DEFAULT_RECOVER_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -14,6 +16,8 @@ pub struct MigrationConfig {
     /// Bubble radius in pages each way around the last fault; 0 turns
     /// bubbling off.
     pub bubble: u64,
+    /// The paper's fixed bubbles or pagewire's adaptive prepager.
+    pub prepager: PrepagerKind,
     /// Most pages a lane asks for in one request. Clamped to what the
     /// transport accepts in one request; with flow control on, requests
     /// are usually smaller (sized to the link's rate).
@@ -48,6 +52,7 @@ impl Default for MigrationConfig {
         Self {
             lanes: thread::available_parallelism().map_or(2, |n| n.get()),
             bubble: 64,
+            prepager: PrepagerKind::Adaptive,
             sweep_from_fault: false,
             batch_pages: 64,
             push: true,

@@ -161,13 +161,16 @@ fn serve_fault(
     let range = PageRange::new(page, 1);
     Metrics::add(&shared.metrics.faults, 1);
     shared.metrics.timeline_fault();
-    shared.prepager.on_fault(page, mem.layout());
     if shared.config.sweep_from_fault {
         shared
             .sweep_cursor
             .store(page + 1, std::sync::atomic::Ordering::Relaxed);
     }
-    match shared.states.try_claim(page) {
+    let claim = shared.states.try_claim(page);
+    shared
+        .prepager
+        .on_fault(page, mem.layout(), &shared.states, claim == Claim::Won);
+    match claim {
         Claim::Won => {
             if shared.transport.info().zero.is_zero(page) {
                 shared.split_claimed(&[range], PageOrigin::Fault, &mut Vec::new(), busy)?;

@@ -39,6 +39,7 @@ pub use metrics::LatencyUs;
 pub use migration::{Migration, MigrationHandle};
 pub use parked::ParkedMigration;
 pub use precopy::{precopy, Precopied, PrecopyConfig, PrecopyReport, SwitchOver};
+pub use prepager::PrepagerKind;
 pub use report::{EngineReport, LiveMetrics};
 pub use state::PageOrigin;
 pub use write_tracker::WriteTracker;

@@ -134,7 +134,7 @@ impl Migration {
             states,
             installer,
             transport,
-            Prepager::new(config.bubble),
+            Prepager::with_kind(config.bubble, config.prepager),
             Metrics::new(pages),
             config.clone(),
             Governor::new(page_size, batch, config.flow_control, config.push_rate),

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pagewire_engine::{MigrationConfig, PrecopyConfig, SwitchOver};
+use pagewire_engine::{MigrationConfig, PrecopyConfig, PrepagerKind, SwitchOver};
 use pagewire_minivm::GuestConfig;
 use pagewire_transport::inproc::InProcTransport;
 use pagewire_transport::rdma::{CompletionWait, Device, RdmaExport};
@@ -318,6 +318,11 @@ struct EngineArgs {
     /// Turn bubbling (adaptive prepaging) off.
     #[arg(long)]
     no_bubble: bool,
+    /// Prepager: pagewire's adaptive one (streams per vCPU, windows that
+    /// grow where the guest runs through them and shrink where bubbles go
+    /// untouched, strides), or the paper's fixed bubbles (for comparison).
+    #[arg(long, value_enum, default_value = "adaptive")]
+    prepager: PrepagerArg,
     /// Move the background sweep to each faulted page, as QEMU's post-copy
     /// restarts its background transfer at every page request (for
     /// comparison; combine with --no-bubble for QEMU's scheme).
@@ -396,6 +401,14 @@ struct TransportArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PrepagerArg {
+    /// Streams, growing and shrinking windows, strides.
+    Adaptive,
+    /// One pivot, a fixed bubble of --bubble pages each way (Hines et al.).
+    Paper,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum BulkWait {
     /// Busy-poll the completion queue.
     Poll,
@@ -467,6 +480,10 @@ impl EngineArgs {
         Ok(MigrationConfig {
             lanes,
             bubble: if self.no_bubble { 0 } else { self.bubble },
+            prepager: match self.prepager {
+                PrepagerArg::Adaptive => PrepagerKind::Adaptive,
+                PrepagerArg::Paper => PrepagerKind::Paper,
+            },
             sweep_from_fault: self.sweep_from_fault,
             batch_pages: self.batch,
             push: !self.no_push,
