@@ -6,7 +6,11 @@
 #   netlab/fault-under-load.sh [--rate 1gbit|10gbit|none] [--size 256MiB]
 #                              [--workloads "hotset seq"] [--runs N] [--out FILE]
 #                              [--guest PATTERN] [--modes REGEX]
+#                              [--bubble-sweep "8 16 32 64 128 256"]
 #
+# --bubble-sweep runs, instead of the modes, push with the paper's and
+# with the adaptive prepager at each bubble radius given (for the plot of
+# network faults against bubble size).
 # Workloads are patterns (hotset, seq, random, stride) or trace:NAME, the
 # program trace traces/NAME.trace. --modes keeps the modes whose label
 # matches REGEX.
@@ -25,6 +29,7 @@ runs=3
 out=""
 guest=""
 mode_filter=""
+sweep=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --rate) rate=$2; shift 2 ;;
@@ -34,6 +39,7 @@ while [ $# -gt 0 ]; do
         --out) out=$2; shift 2 ;;
         --guest) guest=$2; shift 2 ;;
         --modes) mode_filter=$2; shift 2 ;;
+        --bubble-sweep) sweep=$2; shift 2 ;;
         *) echo "fault-under-load: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -71,7 +77,12 @@ start_source() {
 start_source
 
 modes=("demand-only|--no-push --no-bubble" "bubbles, no push|--no-push" "push only (sweep, no bubbles)|--no-bubble" "push + paper's bubbles|--prepager paper" "push + bubbles|" "push, sweep restarts at each fault (QEMU)|--no-bubble --sweep-from-fault" "push + bubbles, no flow control|--no-flow-control")
-if [ -n "$guest" ]; then
+if [ -n "$sweep" ]; then
+    modes=()
+    for b in $sweep; do
+        modes+=("paper's bubbles, radius $b|--prepager paper --bubble $b|$b|paper" "adaptive prepager, radius $b|--bubble $b|$b|adaptive")
+    done
+elif [ -n "$guest" ]; then
     modes+=("hybrid: 2 pre-copy rounds, then push + bubbles|--precopy-rounds 2" "pre-copy baseline (stop-and-copy, ≤ 30 rounds)|--precopy-rounds 30 --stop-and-copy")
 fi
 for w in $workloads; do
@@ -80,8 +91,7 @@ for w in $workloads; do
         *) wargs="--workload $w" ;;
     esac
     for m in "${modes[@]}"; do
-        label=${m%%|*}
-        args=${m#*|}
+        IFS='|' read -r label args sweep_radius sweep_kind <<< "$m"
         if [ -n "$mode_filter" ] && ! grep -qE "$mode_filter" <<< "$label"; then continue; fi
         for i in $(seq "$runs"); do
             # A paused guest cannot be migrated again: a fresh source.
@@ -89,7 +99,14 @@ for w in $workloads; do
             # shellcheck disable=SC2086
             ip netns exec "$name-dst" "$bin" dest --connect 192.0.2.1:7070 --transport tcp \
                 $wargs --json $args > "$out.run" 2>/dev/null || { echo "run failed: $w $label" >&2; continue; }
-            MODE="$label" RATE="$rate" GUEST="$guest" BPS="${floor_bps:-0}" python3 -c "import json,os; r=json.load(open('$out.run')); r['mode']=os.environ['MODE']; r['rate']=os.environ['RATE']; r['source_guest']=os.environ['GUEST']; r['iperf3_bps']=float(os.environ['BPS']); print(json.dumps(r))" >> "$out"
+            MODE="$label" RATE="$rate" GUEST="$guest" BPS="${floor_bps:-0}" SWEEP="${sweep_radius:-}" KIND="${sweep_kind:-}" python3 -c "
+import json, os
+r = json.load(open('$out.run'))
+r['mode'] = os.environ['MODE']; r['rate'] = os.environ['RATE']
+r['source_guest'] = os.environ['GUEST']; r['iperf3_bps'] = float(os.environ['BPS'])
+if os.environ['SWEEP']:
+    r['bubble_sweep'] = int(os.environ['SWEEP']); r['prepager'] = os.environ['KIND']
+print(json.dumps(r))" >> "$out"
         done
         echo -n "." >&2
     done

@@ -139,10 +139,10 @@ pub fn load(paths: &[PathBuf]) -> Result<Vec<Run>, ResultsError> {
 /// (size, rate) -> workload -> mode -> the median run by workload time.
 type Medians<'a> = BTreeMap<(u64, String), BTreeMap<String, Vec<(String, &'a Run)>>>;
 
-fn medians(runs: &[Run]) -> Medians<'_> {
+fn medians<'a>(runs: &[&'a Run]) -> Medians<'a> {
     let mut groups: BTreeMap<(u64, String, String, String), Vec<&Run>> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
-    for r in runs {
+    for &r in runs {
         if !order.contains(&r.mode) {
             order.push(r.mode.clone());
         }
@@ -156,7 +156,7 @@ fn medians(runs: &[Run]) -> Medians<'_> {
             .or_default()
             .push(r);
     }
-    let mut out: Medians<'_> = BTreeMap::new();
+    let mut out: Medians<'a> = BTreeMap::new();
     for ((size, rate, workload, mode), mut rs) in groups {
         rs.sort_by(|a, b| a.workload_ms().total_cmp(&b.workload_ms()));
         let median = rs[rs.len() / 2];
@@ -385,8 +385,110 @@ fn bar_plot(
     root.present().map_err(plot_err(&name))
 }
 
+/// Network faults against bubble radius, one line per prepager and
+/// workload (medians over runs), and its table.
+fn sweep_section(md: &mut String, plots: &Path, runs: &[&Run]) -> Result<(), ResultsError> {
+    // (size, rate) -> (prepager, workload) -> radius -> network faults.
+    type Points = BTreeMap<(String, String), BTreeMap<u64, Vec<(f64, f64)>>>;
+    let mut cells: BTreeMap<(u64, String), Points> = BTreeMap::new();
+    for r in runs {
+        let (Some(radius), Some(kind)) = (
+            r.report["bubble_sweep"].as_u64(),
+            r.report["prepager"].as_str(),
+        ) else {
+            continue;
+        };
+        let touched = r.num(&["workload", "distinct_pages"]).max(1.0);
+        cells
+            .entry((r.size_mib, r.rate.clone()))
+            .or_default()
+            .entry((kind.to_string(), r.workload.clone()))
+            .or_default()
+            .entry(radius)
+            .or_default()
+            .push((r.num(&["network_faults"]), touched));
+    }
+    for ((size, rate), lines) in cells {
+        let med = |v: &Vec<(f64, f64)>| {
+            let mut v = v.clone();
+            v.sort_by(|a, b| a.0.total_cmp(&b.0));
+            v[v.len() / 2]
+        };
+        let _ = writeln!(
+            md,
+            "## Network faults against bubble radius: {size} MiB guest, link {rate}\n\n\
+             Push running; the median of the runs at each radius. % is of the pages the \
+             workload touched.\n\n| workload | prepager | {} |\n|---|---|{}",
+            lines
+                .values()
+                .next()
+                .map(|m| m
+                    .keys()
+                    .map(|r| format!("radius {r}"))
+                    .collect::<Vec<_>>()
+                    .join(" | "))
+                .unwrap_or_default(),
+            "---|".repeat(lines.values().next().map_or(0, BTreeMap::len)),
+        );
+        for ((kind, workload), points) in &lines {
+            let cols: Vec<String> = points
+                .values()
+                .map(|v| {
+                    let (f, t) = med(v);
+                    format!("{f:.0} ({:.1} %)", 100.0 * f / t)
+                })
+                .collect();
+            let _ = writeln!(md, "| {workload} | {kind} | {} |", cols.join(" | "));
+        }
+        let tag = format!("{size}mib-{rate}");
+        let path = plots.join(format!("bubble-sweep-{tag}.svg"));
+        let x_max = lines
+            .values()
+            .flat_map(|m| m.keys())
+            .map(|&r| r as f64)
+            .fold(1.0, f64::max)
+            * 1.05;
+        let y_max = lines
+            .values()
+            .flat_map(|m| m.values().map(|v| med(v).0))
+            .fold(1.0, f64::max)
+            * 1.1;
+        let labels: Vec<String> = lines.keys().map(|(k, w)| format!("{w}, {k}")).collect();
+        let series = lines
+            .values()
+            .zip(&labels)
+            .map(|(m, label)| {
+                (
+                    label.as_str(),
+                    m.iter().map(|(&r, v)| (r as f64, med(v).0)).collect(),
+                )
+            })
+            .collect();
+        line_plot(
+            &path,
+            Lines {
+                title: &format!("network faults against bubble radius, {size} MiB, {rate}"),
+                x_desc: "bubble radius (pages each way)",
+                y_desc: "network faults",
+                x_max,
+                y_max,
+                stroke: 2,
+                legend: SeriesLabelPosition::UpperRight,
+            },
+            series,
+        )?;
+        let _ = writeln!(
+            md,
+            "\n![network faults against bubble radius](plots/bubble-sweep-{tag}.svg)\n"
+        );
+    }
+    Ok(())
+}
+
 /// Writes `results.md` and its plots into `out`.
 pub fn render(runs: &[Run], out: &Path, command: &str) -> Result<PathBuf, ResultsError> {
+    let (sweep, matrix): (Vec<&Run>, Vec<&Run>) =
+        runs.iter().partition(|r| r.report["bubble_sweep"].is_u64());
     let io = |path: &Path| {
         let path = path.display().to_string();
         move |error| ResultsError::Io { path, error }
@@ -405,7 +507,7 @@ pub fn render(runs: &[Run], out: &Path, command: &str) -> Result<PathBuf, Result
          compared with demand-only paging on the same link in the same run.\n",
         runs.len()
     );
-    for ((size, rate), per_workload) in medians(runs) {
+    for ((size, rate), per_workload) in medians(&matrix) {
         let iperf = per_workload
             .values()
             .flatten()
@@ -494,6 +596,7 @@ pub fn render(runs: &[Run], out: &Path, command: &str) -> Result<PathBuf, Result
         }
         md.push('\n');
     }
+    sweep_section(&mut md, &plots, &sweep)?;
     let path = out.join("results.md");
     std::fs::write(&path, md).map_err(io(&path))?;
     Ok(path)
@@ -537,6 +640,25 @@ mod tests {
                 v.to_string()
             },
         ];
+        let mut lines = lines.to_vec();
+        for (radius, kind, faults) in [
+            (8, "paper", 900),
+            (64, "paper", 500),
+            (8, "adaptive", 700),
+            (64, "adaptive", 300),
+        ] {
+            let mut v: Value = serde_json::from_str(&line(
+                "1gbit",
+                &format!("{kind} r={radius}"),
+                "Stride",
+                faults,
+                80.0,
+            ))
+            .unwrap();
+            v["bubble_sweep"] = serde_json::json!(radius);
+            v["prepager"] = serde_json::json!(kind);
+            lines.push(v.to_string());
+        }
         std::fs::write(&input, lines.join("\n")).unwrap();
         let runs = load(&[input]).unwrap();
         let md = render(&runs, &dir, "test").unwrap();
@@ -549,6 +671,13 @@ mod tests {
         assert!(text.contains("| 0.50× |"), "{text}");
         assert!(text.contains("| 12.2 | 1.00 |"), "{text}");
         assert!(text.contains("| – | 0.01 |"), "{text}");
+        // The sweep has its own table and plot, not rows in the matrix.
+        assert!(
+            text.contains("| stride | adaptive | 700 (70.0 %) | 300 (30.0 %) |"),
+            "{text}"
+        );
+        assert!(!text.contains("| stride | paper r=8"), "{text}");
+        assert!(dir.join("plots/bubble-sweep-256mib-1gbit.svg").exists());
         assert!(text.contains("iperf3 957 Mbit/s"));
         for f in [
             "faults-256mib-1gbit.svg",
