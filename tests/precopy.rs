@@ -115,3 +115,32 @@ fn pre_copy_from_a_static_source_is_refused_clearly() {
     assert_eq!(u(&r, "checksum_mismatches"), 0);
     assert!(r["precopy"].is_null());
 }
+
+#[test]
+fn after_the_switch_over_a_new_destination_takes_the_paused_memory_as_static() {
+    // A destination that died after the switch-over leaves the source
+    // with the guest paused: another one must still get every page.
+    let src = running_source("hotset");
+    let first = dest_json(&src.addr, &["--transport", "tcp", "--precopy-rounds", "2"]);
+    check_clean(&first);
+    let again = dest_json(&src.addr, &["--transport", "tcp"]);
+    assert_eq!(u(&again, "checksum_mismatches"), 0, "{again}");
+    assert_eq!(u(&again, "pages_verified"), u(&again, "pages_total"));
+    assert!(again["precopy"].is_null(), "{again}");
+    // Pre-copy from a paused guest is refused with a clear error.
+    let (out, _) = run_bounded(
+        pagewire().args([
+            "dest",
+            "--connect",
+            &src.addr,
+            "--transport",
+            "tcp",
+            "--precopy-rounds",
+            "2",
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("paused"), "{err}");
+}

@@ -162,6 +162,29 @@ impl DestMemory {
             .map_err(|e| EngineError::Memory(e.to_string()))?;
         let mut m = Self::from_guest(guest, layout)?;
         m.private_anon = true;
+        for &(addr, len) in m
+            .regions
+            .iter()
+            .map(|r| (r.host, r.len))
+            .collect::<Vec<_>>()
+            .iter()
+        {
+            // Pages are filled one by one (UFFDIO_COPY, or plain writes
+            // during pre-copy): a transparent huge page would map 511
+            // zero-filled neighbours with the first write, which then
+            // never fault, and the guest would read zeros where the
+            // source has data.
+            // SAFETY: `addr..addr + len` is a mapping vm-memory just made
+            // for this value; MADV_NOHUGEPAGE only changes its paging
+            // policy.
+            if unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_NOHUGEPAGE) } != 0
+            {
+                return Err(EngineError::Memory(format!(
+                    "madvise(MADV_NOHUGEPAGE): {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+        }
         Ok(m)
     }
 

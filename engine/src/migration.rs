@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Instant;
 
-use pagewire_transport::{ChannelClass, FetchLimits, PageChannel, PageSet, Transport};
+use pagewire_transport::{ChannelClass, FetchLimits, PageChannel, Transport};
 use tracing::info;
 
 use crate::config::MigrationConfig;
@@ -97,14 +97,14 @@ impl Migration {
         let transport: Arc<dyn Transport> = Arc::new(Refreshed::new(transport, &precopied.written));
         Self::check(&transport, &mem, &config)?;
         let installer = PageInstaller::register(mem)?;
-        Self::start_inner(transport, installer, config, Some(&precopied.present))
+        Self::start_inner(transport, installer, config, Some(precopied))
     }
 
     fn start_inner(
         transport: Arc<dyn Transport>,
         installer: PageInstaller,
         config: MigrationConfig,
-        present: Option<&PageSet>,
+        precopied: Option<&Precopied>,
     ) -> Result<MigrationHandle, EngineError> {
         let begun = Instant::now();
         let mem = installer.memory().clone();
@@ -125,12 +125,12 @@ impl Migration {
             .map(|l| transport.open(ChannelClass::Bulk(l as u16)))
             .collect::<Result<Vec<_>, _>>()?;
         let states = PageStateMap::new(pages);
-        if let Some(present) = present {
-            for p in present.iter() {
+        if let Some(pre) = precopied {
+            for p in pre.present.iter() {
                 states.preset_present(p, PageOrigin::Precopy);
             }
         }
-        let shared = Arc::new(Shared::new(
+        let mut shared = Shared::new(
             states,
             installer,
             transport,
@@ -139,7 +139,9 @@ impl Migration {
             config.clone(),
             Governor::new(page_size, batch, config.flow_control, config.push_rate),
             limits,
-        ));
+        );
+        shared.written = precopied.map(|p| p.written.clone());
+        let shared = Arc::new(shared);
         info!(
             pages,
             transport = shared.transport.name(),

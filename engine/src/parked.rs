@@ -70,6 +70,12 @@ impl ParkedMigration {
             Ok(t) => t,
             Err(e) => return Err(back(e, arc)),
         };
+        // After pre-copy the migration sees the source through the pages
+        // its guest wrote; so must the new transport.
+        let transport: Arc<dyn Transport> = match &arc.written {
+            Some(w) => Arc::new(crate::precopy::Refreshed::new(transport, w)),
+            None => transport,
+        };
         let other_session = matches!(
             (transport.session(), arc.transport.session()),
             (Some(a), Some(b)) if a != b

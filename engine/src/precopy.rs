@@ -42,7 +42,8 @@ pub enum SwitchOver {
     /// Resume at once; pages still dirty or never copied move post-copy.
     PostCopy,
     /// Copy the last dirty pages while the guest is paused, then resume
-    /// with every page present (classic pre-copy).
+    /// with nothing left to fetch (classic pre-copy): every page present
+    /// but the zero pages, which are mapped at their first touch.
     StopAndCopy,
 }
 

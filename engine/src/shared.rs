@@ -40,6 +40,10 @@ pub(crate) struct Shared {
     /// Pages to fetch before anything else: those that were being fetched
     /// when a migration stopped, before it was resumed.
     pub retry: Mutex<Vec<u64>>,
+    /// After pre-copy: pages the source's guest wrote after the handshake
+    /// (a transport the migration resumes over is seen through
+    /// [`crate::precopy::Refreshed`] with them).
+    pub written: Option<pagewire_transport::PageSet>,
 }
 
 impl Shared {
@@ -73,6 +77,7 @@ impl Shared {
             waiters: Mutex::new(Vec::new()),
             waiting: AtomicUsize::new(0),
             retry: Mutex::new(Vec::new()),
+            written: None,
         }
     }
 
@@ -119,6 +124,7 @@ impl Shared {
             waiters: self.waiters,
             waiting: self.waiting,
             retry: Mutex::new(retry),
+            written: self.written,
             ..resumed
         }
     }

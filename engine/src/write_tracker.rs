@@ -48,6 +48,10 @@ struct Inner {
     /// both hold this lock while they change protections.
     dirty: Mutex<PageSet>,
     stop: AtomicBool,
+    /// Tracking broke (the handler died, or a page could not be
+    /// protected again): every later collect fails, so the destination
+    /// never trusts an incomplete answer.
+    failed: AtomicBool,
     /// Write faults handled, over all rounds.
     faults: AtomicU64,
     pause: PauseGuest,
@@ -129,6 +133,7 @@ impl WriteTracker {
             pages: first,
             dirty: Mutex::new(PageSet::new(first)),
             stop: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
             faults: AtomicU64::new(0),
             pause,
             paused: AtomicBool::new(false),
@@ -147,7 +152,8 @@ impl WriteTracker {
         })
     }
 
-    /// Write faults handled so far (one per page and round at most).
+    /// Write-protect faults handled so far (a page faults once per round
+    /// and writer at most).
     pub fn write_faults(&self) -> u64 {
         self.inner.faults.load(Ordering::Relaxed)
     }
@@ -199,6 +205,7 @@ impl Inner {
                 Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EAGAIN => continue,
                 Err(e) => {
                     tracing::error!("write tracker: reading events: {e:?}");
+                    self.give_up();
                     return;
                 }
             };
@@ -216,6 +223,16 @@ impl Inner {
         }
     }
 
+    /// Tracking cannot go on: every later collect fails, and every span is
+    /// unregistered, which lifts the protections and wakes writers blocked
+    /// on them (they must never hang the guest).
+    fn give_up(&self) {
+        self.failed.store(true, Ordering::Release);
+        for s in &self.spans {
+            let _ = self.uffd.unregister(s.addr as *mut libc::c_void, s.len);
+        }
+    }
+
     fn on_write(&self, addr: usize) {
         let Some((page, page_addr)) = self.page_of(addr) else {
             tracing::error!(addr, "write tracker: fault outside the tracked memory");
@@ -230,14 +247,23 @@ impl Inner {
                 .remove_write_protection(page_addr as *mut libc::c_void, self.page_size, true)
         {
             tracing::error!(page, "write tracker: cannot unprotect: {e:?}");
+            drop(dirty);
+            self.give_up();
         }
     }
 
     fn collect(&self, pause: bool) -> io::Result<PageSet> {
+        let broken = || io::Error::other("write tracking broke: writes may have been missed");
+        if self.failed.load(Ordering::Acquire) {
+            return Err(broken());
+        }
         if pause && !self.paused.swap(true, Ordering::AcqRel) {
             (self.pause)();
         }
         let mut dirty = self.dirty();
+        if self.failed.load(Ordering::Acquire) {
+            return Err(broken());
+        }
         let set = std::mem::replace(&mut *dirty, PageSet::new(self.pages));
         if self.paused.load(Ordering::Acquire) {
             // Nothing writes any more: the protections stay (lifting them
@@ -246,7 +272,6 @@ impl Inner {
             return Ok(set);
         }
         // Protect again exactly the pages written, in runs.
-        let mut run: Option<(u64, u64)> = None;
         let protect = |first: u64, count: u64| -> io::Result<()> {
             let addr = self
                 .addr_of(first)
@@ -257,24 +282,36 @@ impl Inner {
                 .write_protect(addr as *mut libc::c_void, len)
                 .map_err(io_err)
         };
-        for p in set.iter() {
-            run = match run {
-                Some((f, c))
-                    if f + c == p
-                        && self.addr_of(p)
-                            == self.addr_of(f).map(|a| a + (c as usize) * self.page_size) =>
-                {
-                    Some((f, c + 1))
-                }
-                Some((f, c)) => {
-                    protect(f, c)?;
-                    Some((p, 1))
-                }
-                None => Some((p, 1)),
-            };
-        }
-        if let Some((f, c)) = run {
-            protect(f, c)?;
+        let protect_all = || -> io::Result<()> {
+            let mut run: Option<(u64, u64)> = None;
+            for p in set.iter() {
+                let next = self.addr_of(p);
+                run = match run {
+                    Some((f, c))
+                        if f + c == p
+                            && next == self.addr_of(f).map(|a| a + c as usize * self.page_size) =>
+                    {
+                        Some((f, c + 1))
+                    }
+                    Some((f, c)) => {
+                        protect(f, c)?;
+                        Some((p, 1))
+                    }
+                    None => Some((p, 1)),
+                };
+            }
+            match run {
+                Some((f, c)) => protect(f, c),
+                None => Ok(()),
+            }
+        };
+        if let Err(e) = protect_all() {
+            // Pages left unprotected would be written unseen: keep this
+            // round's pages for a caller that retries, and fail for good.
+            dirty.union_with(&set);
+            drop(dirty);
+            self.give_up();
+            return Err(e);
         }
         Ok(set)
     }

@@ -113,7 +113,10 @@ pub trait DirtyLog: Send + Sync {
 /// written since, so no write is ever lost to a lost reply.
 pub struct DirtyRounds {
     log: Arc<dyn DirtyLog>,
-    last: Mutex<Option<(u32, PageSet)>>,
+    /// The last round answered, and whether it paused the guest.
+    last: Mutex<Option<(u32, PageSet, bool)>>,
+    /// Every page any round found written (since tracking began).
+    written: Mutex<Option<PageSet>>,
 }
 
 impl std::fmt::Debug for DirtyRounds {
@@ -139,6 +142,10 @@ pub enum DirtyError {
     /// The source tracks no writes: its guest does not run there.
     #[error("this source does not track guest writes (no pre-copy)")]
     Unsupported,
+    /// The guest was paused by an earlier switch-over: the memory no
+    /// longer changes, a new destination migrates it as static memory.
+    #[error("the guest at this source is paused (switched over): its memory is static")]
+    Paused,
 }
 
 impl DirtyRounds {
@@ -147,7 +154,18 @@ impl DirtyRounds {
         Self {
             log,
             last: Mutex::new(None),
+            written: Mutex::new(None),
         }
+    }
+
+    /// Every page a round answered so far found written, or `None`
+    /// before the first round. Once the guest is paused this is every page
+    /// written since tracking began.
+    pub fn written(&self) -> Option<PageSet> {
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Answers round `round` (see the type's documentation).
@@ -155,8 +173,11 @@ impl DirtyRounds {
         // A poisoned lock means a panic mid-round; the stored answer is
         // still a valid set (it is replaced whole), so keep going.
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        let prev = last.as_ref().map(|(n, _)| *n);
+        let prev = last.as_ref().map(|(n, _, _)| *n);
         let again = prev == Some(round);
+        if !again && last.as_ref().is_some_and(|(_, _, paused)| *paused) {
+            return Err(DirtyError::Paused);
+        }
         if !again && round != prev.map_or(1, |n| n.wrapping_add(1)) {
             return Err(DirtyError::Round {
                 asked: round,
@@ -164,14 +185,21 @@ impl DirtyRounds {
             });
         }
         let mut set = self.log.collect(pause)?;
+        let mut paused = pause;
         if again {
-            if let Some((_, before)) = last.as_ref() {
+            if let Some((_, before, was_paused)) = last.as_ref() {
                 if before.pages() == set.pages() {
                     set.union_with(before);
                 }
+                paused |= *was_paused;
             }
         }
-        *last = Some((round, set.clone()));
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        match written.as_mut() {
+            Some(w) if w.pages() == set.pages() => w.union_with(&set),
+            _ => *written = Some(set.clone()),
+        }
+        *last = Some((round, set.clone(), paused));
         Ok(set)
     }
 }
@@ -211,6 +239,7 @@ mod tests {
     #[test]
     fn asking_a_round_again_loses_no_write() {
         let log = Scripted(Mutex::new(vec![vec![1, 2], vec![3], vec![4], vec![]]));
+        // (The second ask of round 2 consumes the empty answer.)
         let r = DirtyRounds::new(Arc::new(log));
         assert!(matches!(r.round(2, false), Err(DirtyError::Round { .. })));
         assert_eq!(
@@ -220,8 +249,14 @@ mod tests {
         // The reply to round 1 was lost: round 1 again has its pages too.
         let again = r.round(1, false).unwrap();
         assert_eq!(again.iter().collect::<Vec<_>>(), [1, 2, 3]);
-        assert_eq!(r.round(2, true).unwrap().iter().collect::<Vec<_>>(), [4]);
         assert!(matches!(r.round(5, false), Err(DirtyError::Round { .. })));
-        assert!(r.round(3, false).unwrap().is_empty());
+        assert_eq!(r.round(2, true).unwrap().iter().collect::<Vec<_>>(), [4]);
+        // The switch-over's answer lost: asked again, it comes again.
+        assert_eq!(r.round(2, true).unwrap().iter().collect::<Vec<_>>(), [4]);
+        // After it, the memory is static: no more rounds.
+        assert!(matches!(r.round(3, false), Err(DirtyError::Paused)));
+        assert!(matches!(r.round(1, true), Err(DirtyError::Paused)));
+        let all = r.written().unwrap();
+        assert_eq!(all.iter().collect::<Vec<_>>(), [1, 2, 3, 4]);
     }
 }

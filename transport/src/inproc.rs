@@ -15,12 +15,15 @@ use crate::{check_buffer, ChannelClass, FetchLimits, PageChannel, Transport};
 #[derive(Debug, Clone)]
 pub struct InProcTransport {
     source: Arc<SourceMemory>,
+    /// What the handshake would have said when this transport was made.
+    info: SourceInfo,
 }
 
 impl InProcTransport {
     /// Serves pages from `source`.
     pub fn new(source: Arc<SourceMemory>) -> Self {
-        Self { source }
+        let info = source.handshake_info();
+        Self { source, info }
     }
 }
 
@@ -88,7 +91,7 @@ impl Transport for InProcTransport {
     }
 
     fn info(&self) -> &SourceInfo {
-        self.source.info()
+        &self.info
     }
 
     fn open(&self, _class: ChannelClass) -> Result<Box<dyn PageChannel>, TransportError> {
@@ -102,7 +105,12 @@ impl Transport for InProcTransport {
         self.source
             .dirty_round(round, pause)
             .map_err(|e| TransportError::Remote {
-                code: RemoteCode::Unsupported,
+                code: match e {
+                    crate::dirty::DirtyError::Unsupported | crate::dirty::DirtyError::Paused => {
+                        RemoteCode::Unsupported
+                    }
+                    _ => RemoteCode::Other,
+                },
                 message: e.to_string(),
             })
     }

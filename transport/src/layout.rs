@@ -201,6 +201,13 @@ impl ZeroMap {
         }
     }
 
+    /// Marks `page` as not zero (written since the map was made).
+    pub fn clear(&mut self, page: u64) {
+        if page < self.pages {
+            self.bits[(page / 8) as usize] &= !(1 << (page % 8));
+        }
+    }
+
     /// Whether `page` is a zero page (false when out of range).
     pub fn is_zero(&self, page: u64) -> bool {
         page < self.pages && self.bits[(page / 8) as usize] & (1 << (page % 8)) != 0

@@ -22,9 +22,11 @@ pub fn page_checksum(page: &[u8]) -> u64 {
 /// Post-copy serves memory that no longer changes: the VM stopped running
 /// at the source. A hybrid migration serves it while the guest still runs
 /// (pre-copy); the guest's writes are then tracked by a [`DirtyLog`]
-/// (see [`SourceMemory::with_dirty_log`]) and the pages only ever leave
-/// through the kernel (socket sends, RDMA), which copies whatever the page
-/// holds at that moment; a page written meanwhile is sent again.
+/// (see [`SourceMemory::with_dirty_log`]). The page server only hands the
+/// pages to the kernel (socket sends, RDMA), which copies whatever a page
+/// holds at that moment, racing the guest's writes as every VMM's
+/// migration thread does; a page written meanwhile is tracked and sent
+/// again. Checksums are only taken after the guest is paused.
 pub struct SourceMemory {
     info: SourceInfo,
     regions: Vec<RegionBytes>,
@@ -88,9 +90,23 @@ impl SourceMemory {
         }
     }
 
-    /// Layout and zero map, as sent in the handshake.
+    /// Layout and the zero map as scanned when this memory was wrapped.
     pub fn info(&self) -> &SourceInfo {
         &self.info
+    }
+
+    /// Layout and zero map as sent in a handshake now: pages a pre-copy
+    /// round found written are no longer taken for zero (a destination
+    /// that comes after the switch-over migrates the paused memory as it
+    /// is, and must never map zeros over what the guest wrote).
+    pub fn handshake_info(&self) -> SourceInfo {
+        let mut info = self.info.clone();
+        if let Some(written) = self.dirty.as_ref().and_then(DirtyRounds::written) {
+            for p in written.iter() {
+                info.zero.clear(p);
+            }
+        }
+        info
     }
 
     /// The bytes of region `i`.

@@ -18,8 +18,8 @@ use crate::layout::{MemoryLayout, PageRange, RegionInfo, SourceInfo, ZeroMap, MA
 
 /// The four bytes that open every hello and welcome.
 pub const MAGIC: [u8; 4] = *b"PGWR";
-/// Protocol version spoken by this build.
-pub const VERSION: u16 = 2;
+/// Protocol version spoken by this build (3: pre-copy rounds).
+pub const VERSION: u16 = 3;
 /// Largest frame body accepted (type byte + payload).
 pub const MAX_FRAME: u32 = 80 << 20;
 /// Most page ranges in one fetch request.

@@ -145,11 +145,12 @@ pub fn start_synthetic(
 fn write_loop(w: &Writer, base: usize, pages: u64, workload: Workload) {
     let mut n = 0u64;
     let mut lap = 0u64;
-    loop {
+    while !w.stop.load(Ordering::Relaxed) {
         let this = Workload {
             seed: workload.seed.wrapping_add(lap),
             ..workload.clone()
         };
+        let before = n;
         for p in this.pages(pages) {
             if w.stop.load(Ordering::Relaxed) {
                 return;
@@ -157,9 +158,13 @@ fn write_loop(w: &Writer, base: usize, pages: u64, workload: Workload) {
             let at = base + p as usize * PAGE_SIZE + (n % 512) as usize * 8;
             // SAFETY: `p < pages`, so `at` is an aligned word inside the
             // guest's mapping, which outlives this thread (the guest joins
-            // it before dropping the memory). The memory is shared with the
-            // page server only through the kernel (socket sends), which
-            // may see either value of the word; the page is then resent.
+            // it before dropping the memory). While this guest runs, the
+            // page server hands the same pages to the kernel to send
+            // (concurrently, as any VMM's migration thread reads guest
+            // memory a vCPU writes): a page sent while written may carry
+            // either value of the word, and is sent again, since the
+            // write is tracked. No Rust code reads the bytes until the
+            // guest is paused (checksums come after the switch-over).
             unsafe { std::ptr::write_volatile(at as *mut u64, n) };
             n += 1;
             w.writes.store(n, Ordering::Relaxed);
@@ -171,5 +176,11 @@ fn write_loop(w: &Writer, base: usize, pages: u64, workload: Workload) {
             }
         }
         lap += 1;
+        if n == before {
+            // A pattern with no pages: nothing to write, wait to be paused.
+            while !w.stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
     }
 }

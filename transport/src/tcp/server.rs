@@ -365,7 +365,7 @@ fn serve_connection(mut stream: TcpStream, ctx: &Ctx) -> Result<(), TransportErr
         authenticate(&mut stream, key, &hello, handshake_until)?;
     }
     super::sockopt::tune(&stream, hello.kind);
-    let info = (hello.kind == ChannelKind::Control).then(|| source.info().clone());
+    let info = (hello.kind == ChannelKind::Control).then(|| source.handshake_info());
     stream
         .write_all(&wire::encode_welcome(&Welcome {
             version: wire::VERSION,
@@ -493,12 +493,17 @@ fn serve_request(
                 .write_all(&wire::encode_dirty_map(id, &set))
                 .map_err(io_err("send dirty map"))?,
             Err(e) => {
+                // Only "no pre-copy here" is Unsupported: a destination
+                // takes that for static memory and migrates without a
+                // switch-over, which must never happen to a running guest.
                 let code = match e {
-                    DirtyError::Log(_) => RemoteCode::Other,
-                    _ => RemoteCode::Unsupported,
+                    DirtyError::Unsupported | DirtyError::Paused => RemoteCode::Unsupported,
+                    DirtyError::Round { .. } | DirtyError::Log(_) => RemoteCode::Other,
                 };
                 match e {
-                    DirtyError::Unsupported => debug!(request = id, "no pre-copy here: {e}"),
+                    DirtyError::Unsupported | DirtyError::Paused => {
+                        debug!(request = id, "no pre-copy here: {e}")
+                    }
                     _ => warn!(request = id, round, "pre-copy round refused: {e}"),
                 }
                 reply_error(stream, id, code, &e.to_string());
