@@ -64,8 +64,8 @@ pub enum RemoteCode {
     Auth = 5,
     /// The source serves as many connections as it allows.
     Busy = 6,
-    /// The source cannot do what was asked (no pre-copy: its guest's
-    /// writes are not tracked), or a pre-copy round was out of order.
+    /// The source cannot do what was asked: no pre-copy, its memory is
+    /// static (its guest does not run there).
     Unsupported = 7,
     /// Any other failure.
     Other = 255,
@@ -169,6 +169,19 @@ pub enum TransportError {
     /// The RDMA backend failed.
     #[error("rdma: {0}")]
     Rdma(#[from] RdmaError),
+    /// The control connection was lost and did not come back within the
+    /// recovery timeout (reconnects were tried with backoff until then).
+    #[error(
+        "link to the source lost ({lost}) and not back within {secs:.0} s (last attempt: {last})"
+    )]
+    RecoveryTimedOut {
+        /// The loss.
+        lost: Box<TransportError>,
+        /// The recovery timeout.
+        secs: f64,
+        /// Why the last attempt failed.
+        last: Box<TransportError>,
+    },
 }
 
 /// What went wrong in the RDMA backend, by what a caller can do about it.

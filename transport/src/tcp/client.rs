@@ -342,7 +342,7 @@ impl TcpTransport {
         tracing::warn!("control connection lost ({first}): reconnecting");
         let deadline = std::time::Instant::now() + self.opts.recover_timeout;
         let mut backoff = Duration::from_millis(10);
-        let mut last = first;
+        let mut last: Option<TransportError> = None;
         while std::time::Instant::now() < deadline {
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -356,15 +356,23 @@ impl TcpTransport {
                     *c = conn;
                     match f(&mut c) {
                         Ok(v) => return Ok(v),
-                        Err(e) if e.is_link_loss() => last = e,
+                        Err(e) if e.is_link_loss() => last = Some(e),
                         Err(e) => return Err(e),
                     }
                 }
-                Err(e) if e.is_link_loss() => last = e,
+                Err(e) if e.is_link_loss() => last = Some(e),
                 Err(e) => return Err(e),
             }
         }
-        Err(last)
+        let secs = self.opts.recover_timeout.as_secs_f64();
+        Err(match last {
+            Some(last) => TransportError::RecoveryTimedOut {
+                lost: Box::new(first),
+                secs,
+                last: Box::new(last),
+            },
+            None => first,
+        })
     }
 
     /// The source's address.
