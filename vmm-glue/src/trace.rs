@@ -81,7 +81,8 @@ impl Trace {
         let mut span = None;
         let mut pages = Vec::new();
         let mut command = String::new();
-        let mut seen: Vec<u64> = Vec::new();
+        // Bounded by the file, never by the span it claims.
+        let mut seen: std::collections::HashSet<u64> = std::collections::HashSet::new();
         for (i, line) in r.lines().enumerate() {
             let line = line.map_err(io("read trace"))?;
             let bad = |why: String| TraceError::Format { line: i + 1, why };
@@ -103,10 +104,9 @@ impl Trace {
                 let n: u64 = f
                     .next()
                     .and_then(|n| n.parse().ok())
-                    .filter(|&n| n > 0 && n <= 1 << 32)
+                    .filter(|&n| n > 0)
                     .ok_or_else(|| bad("bad page span".into()))?;
                 span = Some(n);
-                seen = vec![0; n.div_ceil(64) as usize];
                 continue;
             };
             let (Some(first), Some(count), None) = (f.next(), f.next(), f.next()) else {
@@ -118,11 +118,9 @@ impl Trace {
                 return Err(bad(format!("run {first}+{count} outside {s} pages")));
             }
             for p in first..first + count {
-                let (w, b) = ((p / 64) as usize, p % 64);
-                if seen[w] & (1 << b) != 0 {
+                if !seen.insert(p) {
                     return Err(bad(format!("page {p} twice")));
                 }
-                seen[w] |= 1 << b;
                 pages.push(p);
             }
         }
@@ -203,8 +201,13 @@ fn anon_vmas(pid: u32) -> Result<Vec<Vma>, TraceError> {
 
 /// Runs `cmd` and records the order in which it first touches its
 /// anonymous memory, sampling every `interval`.
+///
+/// Pages first touched in the last interval before the program exits are
+/// not seen (its memory is gone by the next sample).
 pub fn record(mut cmd: Command, interval: Duration) -> Result<Trace, TraceError> {
     const PAGE: u64 = 4096;
+    /// Pagemap entries read at once.
+    const CHUNK_PAGES: u64 = 1 << 16;
     let command = format!("{cmd:?}");
     let mut child = cmd.spawn().map_err(io("start the program"))?;
     let pid = child.id();
@@ -222,22 +225,27 @@ pub fn record(mut cmd: Command, interval: Duration) -> Result<Trace, TraceError>
         for vma in vmas {
             let e = spans.entry(vma.start).or_insert(vma.end);
             *e = (*e).max(vma.end);
-            let pages = ((vma.end - vma.start) / PAGE) as usize;
-            buf.resize(pages * 8, 0);
-            // A mapping that went away mid-read only ends this sample.
-            if pagemap
-                .read_exact_at(&mut buf, vma.start / PAGE * 8)
-                .is_err()
-            {
-                continue;
-            }
-            for (i, e) in buf.chunks_exact(8).enumerate() {
-                let v = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
-                // Bit 63: present; bit 62: swapped (touched, then paged out).
-                if v & (3 << 62) != 0 {
-                    let page = vma.start / PAGE + i as u64;
-                    if present.insert(page) {
-                        order.push(page);
+            // In chunks: a large mapping (reserved, mostly untouched)
+            // must not size the buffer.
+            let pages = (vma.end - vma.start) / PAGE;
+            let mut at = 0u64;
+            while at < pages {
+                let n = (pages - at).min(CHUNK_PAGES);
+                buf.resize(n as usize * 8, 0);
+                let first = vma.start / PAGE + at;
+                at += n;
+                // A mapping that went away mid-read only ends this sample.
+                if pagemap.read_exact_at(&mut buf, first * 8).is_err() {
+                    break;
+                }
+                for (i, e) in buf.chunks_exact(8).enumerate() {
+                    let v = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+                    // Bit 63: present; bit 62: swapped (touched, then paged out).
+                    if v & (3 << 62) != 0 {
+                        let page = first + i as u64;
+                        if present.insert(page) {
+                            order.push(page);
+                        }
                     }
                 }
             }
@@ -319,6 +327,7 @@ mod tests {
             "pagewire-trace 1 10\n1 1\n0 2\n",
             "pagewire-trace 1 10\n1\n",
             "pagewire-trace 1 10\n18446744073709551615 2\n",
+            "pagewire-trace 1 18446744073709551615\n18446744073709551614 2\n",
         ] {
             assert!(Trace::parse(bad.as_bytes()).is_err(), "{bad:?}");
         }
