@@ -11,6 +11,12 @@ use serde::Serialize;
 use std::sync::Arc;
 
 use crate::trace::Trace;
+use pagewire_engine::metrics::LatencyHist;
+use pagewire_engine::LatencyUs;
+
+/// A touch that takes at least this long blocked on a fault (a touch of a
+/// present page takes well under a microsecond).
+pub const STALL: Duration = Duration::from_micros(2);
 
 /// A touch pattern.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -58,6 +64,14 @@ pub struct WorkloadStats {
     pub distinct_pages: u64,
     /// Wall time of the workload.
     pub ms: f64,
+    /// Touches that blocked (took at least [`STALL`]): each such touch is
+    /// a fault as the guest sees it, from the touch to running again
+    /// (delivering the fault, waking the handler, the fetch, the install,
+    /// being woken), which the engine's own fault latency (from reading
+    /// the event to installing the page) does not wholly cover.
+    pub stalls: LatencyUs,
+    /// Time spent in those touches, in ms.
+    pub stalled_ms: f64,
     /// The trace replayed, for [`Pattern::Trace`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace: Option<String>,
@@ -114,11 +128,19 @@ impl Workload {
         let mut touched = vec![false; total as usize];
         let mut touches = 0u64;
         let mut sink = 0u64;
+        let stalls = LatencyHist::default();
+        let mut stalled = Duration::ZERO;
         let t0 = Instant::now();
         for p in self.pages(total) {
             if let Some(page) = mem.page(p) {
+                let before = Instant::now();
                 // black_box keeps the compiler from eliding the load.
                 sink = sink.wrapping_add(u64::from(std::hint::black_box(page[0])));
+                let took = before.elapsed();
+                if took >= STALL {
+                    stalls.record(took);
+                    stalled += took;
+                }
                 touched[p as usize] = true;
                 touches += 1;
             }
@@ -135,6 +157,8 @@ impl Workload {
             touches,
             distinct_pages: touched.iter().filter(|&&t| t).count() as u64,
             ms: t0.elapsed().as_secs_f64() * 1000.0,
+            stalls: stalls.summary(),
+            stalled_ms: stalled.as_secs_f64() * 1000.0,
             trace: self.trace.as_ref().map(|t| t.name.clone()),
             touched,
         }
