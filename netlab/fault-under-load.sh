@@ -76,7 +76,7 @@ start_source() {
 }
 start_source
 
-modes=("demand-only|--no-push --no-bubble" "bubbles, no push|--no-push" "push only (sweep, no bubbles)|--no-bubble" "push + paper's bubbles|--prepager paper" "push + bubbles|" "push, sweep restarts at each fault (QEMU)|--no-bubble --sweep-from-fault" "push + bubbles, no flow control|--no-flow-control")
+modes=("demand-only|--no-push --no-bubble" "bubbles, no push|--no-push" "push only (sweep, no bubbles)|--no-bubble" "push + paper's bubbles|--prepager paper" "push + bubbles|" "push + bubbles, linear sweep|--linear-sweep" "push, sweep restarts at each fault (QEMU)|--no-bubble --sweep-from-fault" "push + bubbles, no flow control|--no-flow-control")
 if [ -n "$sweep" ]; then
     modes=()
     for b in $sweep; do
@@ -122,8 +122,8 @@ for r in rows:
     if r["workload"].get("trace"):
         w = "trace-" + r["workload"]["trace"]
     by[(w, r["mode"])].append(r)
-print(f"| workload | mode | fault p50 µs | fault p99 µs | p99 vs demand | workload ms | vs demand | network faults | in-flight waits p99 µs | total ms | push MB/s | downtime ms | pages sent (× guest) |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print(f"| workload | mode | fault p50 µs | fault p99 µs | p99 vs demand | guest stall p99 µs | vs demand | workload ms | vs demand | network faults | in-flight waits p99 µs | total ms | push MB/s | downtime ms | pages sent (× guest) |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 base = {}
 for (w, mode), rs in by.items():
     rs.sort(key=lambda r: r["workload"]["ms"])
@@ -135,8 +135,10 @@ for (w, mode), rs in by.items():
     r = rs[len(rs) // 2]
     b = base.get(w, r)
     l = r["fault_latency_us"]
+    st, bst = r["workload"].get("stalls", {}).get("p99", 0), b["workload"].get("stalls", {}).get("p99", 0)
     mbps = r["bytes_received"] / (r["total_ms"] / 1000) / 1e6 if r["total_ms"] else 0
     print(f"| {w} | {mode} | {l['p50']:.0f} | {l['p99']:.0f} | {l['p99'] / max(b['fault_latency_us']['p99'], 1e-9):.2f}× "
+          f"| {st:.0f} | {st / max(bst, 1e-9):.2f}× "
           f"| {r['workload']['ms']:.0f} | {r['workload']['ms'] / max(b['workload']['ms'], 1e-9):.2f}× | {r['network_faults']} "
           f"| {r['inflight_wait_us']['p99']:.0f} | {r['total_ms']:.0f} | {mbps:.0f} "
           f"| {r['downtime_ms'] if r.get('downtime_ms') is not None else float('nan'):.1f} "

@@ -353,7 +353,7 @@ fn the_experiment_command_runs_a_reduced_matrix_and_renders_results() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(rows.len(), 2 * 9, "2 workloads x 9 modes");
+    assert_eq!(rows.len(), 2 * 10, "2 workloads x 10 modes");
     for r in &rows {
         assert_eq!(u(r, "checksum_mismatches"), 0, "{r}");
         assert_eq!(u(r, "duplicate_pages"), 0, "{r}");

@@ -26,12 +26,21 @@ pub struct MigrationConfig {
     /// QEMU's post-copy restarts its background transfer at each page
     /// request), for comparison with bubbling.
     pub sweep_from_fault: bool,
+    /// Push the blocks the guest faults in most first (see
+    /// [`crate::heat`]); off, the sweep walks memory in address order.
+    /// Ignored with `sweep_from_fault`.
+    pub heat_sweep: bool,
     /// Run the background sweep from the start. When false the sweep waits
     /// for [`crate::MigrationHandle::release_push`] (pure demand paging
     /// plus bubbles until then).
     pub push: bool,
     /// Pin lane `i` to core `i % cores`.
     pub pin_lanes: bool,
+    /// Nice value of the lane threads (0 leaves it as inherited): above
+    /// the vCPUs', so that on a busy host a vCPU woken from a fault, or the
+    /// fault service, does not wait for a lane's time slice. The push still
+    /// gets every cycle the guest leaves.
+    pub lane_nice: i32,
     /// Keep bulk bytes in flight near what the link needs (delay-based
     /// flow control) so that faults never queue behind the push at the
     /// bottleneck. Off: lanes keep their channels full.
@@ -54,9 +63,11 @@ impl Default for MigrationConfig {
             bubble: 64,
             prepager: PrepagerKind::Adaptive,
             sweep_from_fault: false,
+            heat_sweep: true,
             batch_pages: 64,
             push: true,
             pin_lanes: true,
+            lane_nice: 10,
             flow_control: true,
             push_rate: None,
             recover_timeout: DEFAULT_RECOVER_TIMEOUT,

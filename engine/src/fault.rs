@@ -161,6 +161,7 @@ fn serve_fault(
     let range = PageRange::new(page, 1);
     Metrics::add(&shared.metrics.faults, 1);
     shared.metrics.timeline_fault();
+    shared.heat.on_fault(page);
     if shared.config.sweep_from_fault {
         shared
             .sweep_cursor

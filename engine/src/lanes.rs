@@ -66,20 +66,40 @@ fn claim(shared: &Shared, max: u64, sweep_done: &mut bool, bubble_only: bool) ->
             origin: PageOrigin::Fault,
         });
     }
-    while pages < max && runs.len() < shared.limits.max_ranges {
-        match shared.prepager.next_run(&shared.states, max - pages) {
-            Some(r) => {
-                pages += u64::from(r.count);
-                runs.push(r);
+    // Bubbles that have shown they pay, then the blocks the guest faults
+    // in most, then other bubbles.
+    let heat = shared.heat_sweep() && shared.push_allowed();
+    for confident_only in [true, false] {
+        if !confident_only && heat && !bubble_only {
+            let layout = shared.installer.memory().layout();
+            if shared
+                .heat
+                .next_runs(&shared.states, layout, max, &mut runs)
+            {
+                return Some(Claimed {
+                    runs,
+                    origin: PageOrigin::Push,
+                });
             }
-            None => break,
         }
-    }
-    if !runs.is_empty() {
-        return Some(Claimed {
-            runs,
-            origin: PageOrigin::Bubble,
-        });
+        while pages < max && runs.len() < shared.limits.max_ranges {
+            match shared
+                .prepager
+                .next_run(&shared.states, max - pages, confident_only)
+            {
+                Some(r) => {
+                    pages += u64::from(r.count);
+                    runs.push(r);
+                }
+                None => break,
+            }
+        }
+        if !runs.is_empty() {
+            return Some(Claimed {
+                runs,
+                origin: PageOrigin::Bubble,
+            });
+        }
     }
     if bubble_only || *sweep_done || !shared.push_allowed() {
         return None;
@@ -110,6 +130,7 @@ pub(crate) fn lane_main(
     let mut pool: Vec<Vec<u8>> = Vec::new();
     let mut fetch = Vec::new();
     let mut sweep_done = false;
+    let mut zeros_left = true;
     let ps = shared.page_size();
     loop {
         if shared.aborted() {
@@ -118,9 +139,25 @@ pub(crate) fn lane_main(
         // Fill the channel while the governor allows.
         while pending.len() < max_out {
             let wait = pending.is_empty().then_some(IDLE_WAIT);
-            let bubble = shared.prepager.has_open_bubble();
-            let Some(ticket) = shared.governor.acquire_for(wait, bubble) else {
-                break;
+            // A bubble ticket goes out even while a fault's request is
+            // outstanding; the sweep's (hot blocks first) waits.
+            let bubble = shared.prepager.has_open_bubble(true)
+                || (shared.prepager.has_open_bubble(false)
+                    && !(shared.heat_sweep() && shared.push_allowed() && shared.heat.pending()));
+            let ticket = match shared.governor.acquire_for(None, bubble) {
+                Some(t) => t,
+                None => {
+                    // No room for a request: map zero pages meanwhile
+                    // (no network needed), a slice at a time.
+                    if zeros_left && shared.push_allowed() {
+                        zeros_left = fill_zeros(shared)?;
+                        continue;
+                    }
+                    match wait.and_then(|w| shared.governor.acquire_for(Some(w), bubble)) {
+                        Some(t) => t,
+                        None => break,
+                    }
+                }
             };
             let Some(c) = claim(shared, u64::from(ticket.pages), &mut sweep_done, bubble) else {
                 shared.governor.release(ticket);
@@ -188,6 +225,55 @@ pub(crate) fn lane_main(
         }
         receive_one(shared, lane, channel, &mut pending, &mut pool, &mut outage)?;
     }
+}
+
+/// Pages of the zero map one call of [`fill_zeros`] looks at.
+const ZERO_SLICE: u64 = 1024;
+
+/// Maps the zero pages (as the source's zero map has them) of the next
+/// slice of memory that are still missing. Returns false once the whole
+/// memory has been looked at.
+fn fill_zeros(shared: &Shared) -> Result<bool, EngineError> {
+    let layout = shared.installer.memory().layout();
+    let total = layout.total_pages();
+    let start = shared
+        .zero_cursor
+        .fetch_add(ZERO_SLICE, std::sync::atomic::Ordering::Relaxed);
+    if start >= total {
+        return Ok(false);
+    }
+    let end = (start + ZERO_SLICE).min(total);
+    let zero = &shared.transport.info().zero;
+    let mut runs = Vec::new();
+    let mut p = start;
+    while p < end {
+        if !zero.is_zero(p) {
+            p += 1;
+            continue;
+        }
+        let Some(region) = layout.region_of(p) else {
+            break;
+        };
+        let limit = end.min(layout.region_pages(region).end);
+        let mut n = 0;
+        while p + n < limit
+            && zero.is_zero(p + n)
+            && shared.states.try_claim(p + n) == crate::state::Claim::Won
+        {
+            n += 1;
+        }
+        if n > 0 {
+            // At most ZERO_SLICE pages: fits the u32 count.
+            runs.push(PageRange::new(p, n as u32));
+        }
+        p += n.max(1);
+    }
+    let mut fetch = Vec::new();
+    shared.split_claimed(&runs, PageOrigin::Push, &mut fetch, &mut || {
+        shared.lane_busy()
+    })?;
+    debug_assert!(fetch.is_empty());
+    Ok(end < total)
 }
 
 /// The lane's link broke: reopen the channel and send again every request

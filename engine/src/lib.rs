@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 mod fault;
 pub mod governor;
+pub mod heat;
 mod lanes;
 mod link;
 pub mod memory;

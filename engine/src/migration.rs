@@ -185,6 +185,22 @@ pub(crate) fn view_for(
 }
 
 /// Starts the fault service and the lanes over open channels.
+/// Gives the calling thread nice value `nice`, so that the guest's vCPUs
+/// (and the fault service) win the CPU over the push when they compete.
+fn set_thread_nice(nice: i32) {
+    // SAFETY: setpriority only reads its integer arguments; with
+    // PRIO_PROCESS and 0 it changes the calling thread alone (Linux keeps
+    // nice values per thread).
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if r != 0 {
+        tracing::warn!(
+            nice,
+            "cannot set the lane's nice value: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 pub(crate) fn launch(
     shared: Arc<Shared>,
     urgent: Box<dyn PageChannel>,
@@ -217,6 +233,9 @@ pub(crate) fn launch(
                 let _guard = FailOnPanic(&s, "pw-lane");
                 if let Some(c) = core {
                     core_affinity::set_for_current(c);
+                }
+                if s.config.lane_nice != 0 {
+                    set_thread_nice(s.config.lane_nice);
                 }
                 if let Err(e) = lane_main(&s, i, ch) {
                     s.fail(e);

@@ -97,6 +97,14 @@ struct Stream {
     bubble: Bubble,
 }
 
+impl Stream {
+    /// Whether its bubbles have shown they pay: it walks one way, strides,
+    /// or its window grew past the radius (the guest ran through a bubble).
+    fn confident(&self, radius: u64) -> bool {
+        self.dir != 0 || self.bubble.stride != 0 || self.window > radius
+    }
+}
+
 /// Streams and the window new ones start with.
 #[derive(Debug)]
 struct Streams {
@@ -312,15 +320,24 @@ impl Prepager {
 
     /// Claims the next run of at most `max` missing pages from the
     /// bubbles, the most recent stream's first, or `None` when all are
-    /// spent.
-    pub fn next_run(&self, states: &PageStateMap, max: u64) -> Option<PageRange> {
+    /// spent. With `confident_only`, only from bubbles that have shown
+    /// they pay (see [`Self::has_open_bubble`]).
+    pub fn next_run(
+        &self,
+        states: &PageStateMap,
+        max: u64,
+        confident_only: bool,
+    ) -> Option<PageRange> {
         if self.radius == 0 || max == 0 {
             return None;
         }
+        let r = self.radius;
+        let paper = self.kind == PrepagerKind::Paper;
         let mut streams = self.lock();
         streams
             .list
             .iter_mut()
+            .filter(|s| !confident_only || paper || s.confident(r))
             .find_map(|s| Self::bubble_run(&mut s.bubble, states, max))
     }
 
@@ -375,9 +392,20 @@ impl Prepager {
         }
     }
 
-    /// Whether some bubble still has pages to consider.
-    pub fn has_open_bubble(&self) -> bool {
-        self.radius > 0 && self.lock().list.iter().any(|s| s.bubble.open())
+    /// Whether some bubble still has pages to consider; with
+    /// `confident_only`, a bubble that has shown it pays: its stream walks
+    /// one way, strides, or ran through a bubble before (the paper's
+    /// bubbles always count). The others, around faults with no pattern
+    /// yet, come after the blocks the guest faults in most.
+    pub fn has_open_bubble(&self, confident_only: bool) -> bool {
+        let r = self.radius;
+        let paper = self.kind == PrepagerKind::Paper;
+        r > 0
+            && self
+                .lock()
+                .list
+                .iter()
+                .any(|s| s.bubble.open() && (!confident_only || paper || s.confident(r)))
     }
 
     /// Waits up to `timeout` for a new pivot; used by idle lanes.
@@ -391,7 +419,7 @@ mod tests {
     use super::*;
 
     fn drain(p: &Prepager, s: &PageStateMap, max: u64) -> Vec<(u64, u32)> {
-        std::iter::from_fn(|| p.next_run(s, max))
+        std::iter::from_fn(|| p.next_run(s, max, false))
             .map(|r| (r.first, r.count))
             .collect()
     }
@@ -401,7 +429,7 @@ mod tests {
         let layout = MemoryLayout::single(100 * 4096).unwrap();
         let s = PageStateMap::new(100);
         let p = Prepager::new(3);
-        assert_eq!(p.next_run(&s, 1), None, "no fault, no bubble");
+        assert_eq!(p.next_run(&s, 1, false), None, "no fault, no bubble");
         assert_eq!(s.try_claim(50), crate::state::Claim::Won); // the fault's own page
         p.on_fault(50, &layout, &s, true);
         assert_eq!(
@@ -431,10 +459,10 @@ mod tests {
         let s = PageStateMap::new(1000);
         let p = Prepager::new(100);
         p.on_fault(10, &layout, &s, true);
-        assert_eq!(p.next_run(&s, 2), Some(PageRange::new(11, 2)));
+        assert_eq!(p.next_run(&s, 2, false), Some(PageRange::new(11, 2)));
         p.on_fault(500, &layout, &s, true);
-        assert_eq!(p.next_run(&s, 2), Some(PageRange::new(501, 2)));
-        assert_eq!(p.next_run(&s, 2), Some(PageRange::new(498, 2)));
+        assert_eq!(p.next_run(&s, 2, false), Some(PageRange::new(501, 2)));
+        assert_eq!(p.next_run(&s, 2, false), Some(PageRange::new(498, 2)));
     }
 
     #[test]
@@ -469,10 +497,10 @@ mod tests {
         // Two vCPUs, far apart, faulting alternately.
         p.on_fault(100, &layout, &s, true);
         p.on_fault(5000, &layout, &s, true);
-        assert_eq!(p.next_run(&s, 8), Some(PageRange::new(5001, 4)));
-        assert_eq!(p.next_run(&s, 8), Some(PageRange::new(4996, 4)));
+        assert_eq!(p.next_run(&s, 8, false), Some(PageRange::new(5001, 4)));
+        assert_eq!(p.next_run(&s, 8, false), Some(PageRange::new(4996, 4)));
         // The other stream's bubble is still there.
-        assert_eq!(p.next_run(&s, 8), Some(PageRange::new(101, 4)));
+        assert_eq!(p.next_run(&s, 8, false), Some(PageRange::new(101, 4)));
         // The first stream moves forward twice: a forward-only bubble of
         // twice the radius.
         p.on_fault(106, &layout, &s, true);
@@ -612,6 +640,6 @@ mod tests {
         let s = PageStateMap::new(10);
         let p = Prepager::new(0);
         p.on_fault(5, &layout, &s, true);
-        assert_eq!(p.next_run(&s, 4), None);
+        assert_eq!(p.next_run(&s, 4, false), None);
     }
 }

@@ -10,6 +10,7 @@ use pagewire_transport::{FetchLimits, PageRange, Transport};
 use crate::config::MigrationConfig;
 use crate::error::EngineError;
 use crate::governor::Governor;
+use crate::heat::HeatMap;
 use crate::metrics::Metrics;
 use crate::prepager::Prepager;
 use crate::state::{PageOrigin, PageStateMap, Removal};
@@ -27,6 +28,10 @@ pub(crate) struct Shared {
     /// What one request may carry on this transport.
     pub limits: FetchLimits,
     pub sweep_cursor: AtomicU64,
+    /// Next page the lanes look at for zero pages to map.
+    pub zero_cursor: AtomicU64,
+    /// Fault counts per block: the sweep pushes hot blocks first.
+    pub heat: HeatMap,
     pub push_released: AtomicBool,
     pub abort: AtomicBool,
     pub error: Mutex<Option<EngineError>>,
@@ -58,7 +63,9 @@ impl Shared {
         governor: Governor,
         limits: FetchLimits,
     ) -> Self {
+        let heat = HeatMap::new(states.len());
         Self {
+            heat,
             states,
             installer,
             transport,
@@ -68,6 +75,7 @@ impl Shared {
             governor,
             limits,
             sweep_cursor: AtomicU64::new(0),
+            zero_cursor: AtomicU64::new(0),
             push_released: AtomicBool::new(false),
             abort: AtomicBool::new(false),
             error: Mutex::new(None),
@@ -142,6 +150,11 @@ impl Shared {
     /// Whether the migration is stopping on an error or an abort.
     pub fn aborted(&self) -> bool {
         self.abort.load(Ordering::SeqCst)
+    }
+
+    /// Whether the sweep pushes the blocks the guest faults in most first.
+    pub fn heat_sweep(&self) -> bool {
+        self.config.heat_sweep && !self.config.sweep_from_fault
     }
 
     /// Whether the background sweep may run.
@@ -331,6 +344,9 @@ impl Shared {
     /// nothing missing).
     pub fn next_sweep_runs(&self, max: u64, runs: &mut Vec<PageRange>) -> bool {
         let layout = self.installer.memory().layout();
+        if self.heat_sweep() && self.heat.next_runs(&self.states, layout, max, runs) {
+            return true;
+        }
         let total = layout.total_pages();
         let window = max.max(1);
         let mut scanned = 0u64;

@@ -328,6 +328,11 @@ struct EngineArgs {
     /// comparison; combine with --no-bubble for QEMU's scheme).
     #[arg(long)]
     sweep_from_fault: bool,
+    /// Sweep memory in address order, as the paper does, instead of
+    /// pushing first the 512 KiB blocks the guest faults in most (for
+    /// comparison).
+    #[arg(long)]
+    linear_sweep: bool,
     /// Hold the background sweep until the workload ends (demand paging
     /// plus bubbles only while the workload runs).
     #[arg(long)]
@@ -350,6 +355,11 @@ struct EngineArgs {
     /// Do not pin lanes to cores.
     #[arg(long)]
     no_pin: bool,
+    /// Nice value of the lane threads (-20..19; 0 leaves it as inherited):
+    /// by default 10, so that vCPUs and the fault service win the CPU over
+    /// the push when they compete for it.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(-20..=19))]
+    lane_nice: i32,
     /// Seconds any network read or write may block before the migration
     /// fails (a hung source must not hang the VM forever).
     #[arg(long, default_value_t = 10.0)]
@@ -485,9 +495,11 @@ impl EngineArgs {
                 PrepagerArg::Paper => PrepagerKind::Paper,
             },
             sweep_from_fault: self.sweep_from_fault,
+            heat_sweep: !self.linear_sweep,
             batch_pages: self.batch,
             push: !self.no_push,
             pin_lanes: !self.no_pin,
+            lane_nice: self.lane_nice,
             flow_control: !self.no_flow_control,
             push_rate: self.push_rate,
             recover_timeout: self.recover_timeout()?,
