@@ -17,11 +17,18 @@ fn faults(c: &mut Criterion) {
         g.bench_function(format!("engine/{kind}"), |bench| {
             bench.iter_custom(|n| time_engine_faults(&b.transport, n))
         });
+        // Zero-copy: into a memfd, landed and mapped with UFFDIO_CONTINUE.
+        g.bench_function(format!("engine/{kind}/memfd"), |bench| {
+            bench.iter_custom(|n| time_engine_faults_on(&b.transport, n, true))
+        });
     }
     match rdma_transport(src.clone()) {
         Ok(b) => {
             g.bench_function("engine/rdma", |bench| {
                 bench.iter_custom(|n| time_engine_faults(&b.transport, n))
+            });
+            g.bench_function("engine/rdma/memfd", |bench| {
+                bench.iter_custom(|n| time_engine_faults_on(&b.transport, n, true))
             });
         }
         Err(why) => eprintln!("fault_latency_4k/engine/rdma: skipped ({why})"),

@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use pagewire_engine::uffd::{EventBuffer, PageInstaller, UffdEvent};
-use pagewire_engine::{DestMemory, Migration, MigrationConfig};
+use pagewire_engine::{DestMemory, Migration, MigrationConfig, MigrationHandle};
 use pagewire_transport::inproc::InProcTransport;
 use pagewire_transport::tcp::{PageServer, ServerHandle, TcpOptions, TcpTransport};
 use pagewire_transport::{MemoryLayout, PageRange, SourceMemory, Transport, PAGE_SIZE};
@@ -77,14 +77,31 @@ pub fn demand_only() -> MigrationConfig {
     }
 }
 
+/// Starts a migration over `t` into fresh private anonymous memory
+/// (UFFDIO_COPY) or, with `shared`, a memfd (pages landed, then
+/// UFFDIO_CONTINUE).
+pub fn start(t: &Arc<dyn Transport>, cfg: MigrationConfig, shared: bool) -> MigrationHandle {
+    if shared {
+        let mem = DestMemory::new_shared(&t.info().layout).expect("memfd guest memory");
+        Migration::start_with_memory(t.clone(), Arc::new(mem), cfg).expect("start")
+    } else {
+        Migration::start(t.clone(), cfg).expect("start")
+    }
+}
+
 /// Touches `n` pages of fresh migrations (one page per fault) and returns
 /// the time spent touching, as a vCPU sees it.
 pub fn time_engine_faults(t: &Arc<dyn Transport>, n: u64) -> Duration {
+    time_engine_faults_on(t, n, false)
+}
+
+/// [`time_engine_faults`] into private memory or (`shared`) a memfd.
+pub fn time_engine_faults_on(t: &Arc<dyn Transport>, n: u64, shared: bool) -> Duration {
     let pages = t.info().layout.total_pages();
     let mut left = n;
     let mut spent = Duration::ZERO;
     while left > 0 {
-        let h = Migration::start(t.clone(), demand_only()).expect("start");
+        let h = start(t, demand_only(), shared);
         let mem = h.memory().clone();
         let k = left.min(pages);
         let t0 = Instant::now();
@@ -226,13 +243,23 @@ pub fn time_tcp_stream(bytes: u64) -> Duration {
 
 /// Runs a whole push-only migration (no workload) and returns its time.
 pub fn time_push(t: &Arc<dyn Transport>, lanes: usize, flow_control: bool) -> Duration {
+    time_push_on(t, lanes, flow_control, false)
+}
+
+/// [`time_push`] into private memory or (`shared`) a memfd.
+pub fn time_push_on(
+    t: &Arc<dyn Transport>,
+    lanes: usize,
+    flow_control: bool,
+    shared: bool,
+) -> Duration {
     let cfg = MigrationConfig {
         lanes,
         flow_control,
         ..MigrationConfig::default()
     };
     let t0 = Instant::now();
-    let h = Migration::start(t.clone(), cfg).expect("start");
+    let h = start(t, cfg, shared);
     h.wait().expect("migration");
     t0.elapsed()
 }

@@ -20,6 +20,17 @@ fn push(c: &mut Criterion) {
         g.bench_function(format!("engine/{kind}/lanes2/no_flow_control"), |bench| {
             bench.iter_custom(|n| (0..n).map(|_| time_push(&b.transport, 2, false)).sum())
         });
+        // Zero-copy into a memfd, with and without flow control.
+        for fc in [true, false] {
+            let name = if fc { "memfd" } else { "memfd/no_flow_control" };
+            g.bench_function(format!("engine/{kind}/lanes2/{name}"), |bench| {
+                bench.iter_custom(|n| {
+                    (0..n)
+                        .map(|_| time_push_on(&b.transport, 2, fc, true))
+                        .sum()
+                })
+            });
+        }
     }
     g.bench_function("floor/tcp_stream", |bench| {
         bench.iter_custom(|n| (0..n).map(|_| time_tcp_stream(BYTES)).sum())

@@ -53,6 +53,23 @@ fn every_workload_migrates_between_two_processes() {
 }
 
 #[test]
+fn every_workload_migrates_zero_copy_into_shared_memory() {
+    // A memfd-backed guest: pages are received straight into a second
+    // mapping of the memfd and mapped with UFFDIO_CONTINUE.
+    for (i, workload) in ["seq", "random", "hotset", "stride"].iter().enumerate() {
+        for extra in [&[][..], &["--no-push", "--no-bubble"][..]] {
+            // A fresh source: its served-pages counter is per process.
+            let src = start_source("16MiB", 17 + i as u64);
+            let mut args = vec!["--workload", workload, "--memory-backend", "memfd"];
+            args.extend_from_slice(extra);
+            let r = dest_json(&src.addr, &args);
+            assert_clean(&r);
+            assert_eq!(r["install_path"], "landed", "{r}");
+        }
+    }
+}
+
+#[test]
 fn demand_paging_and_no_bubble_variants_are_clean() {
     let src = start_source("8MiB", 3);
     let r = dest_json(

@@ -144,3 +144,25 @@ fn after_the_switch_over_a_new_destination_takes_the_paused_memory_as_static() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("paused"), "{err}");
 }
+
+#[test]
+fn hybrid_into_shared_memory_drops_stale_pages_and_lands_the_rest() {
+    // Pre-copied pages the guest wrote afterwards are dropped from the
+    // guest's mapping of the memfd; their next touch faults (MINOR) and
+    // the fresh bytes land over the stale ones.
+    let src = running_source("hotset");
+    let r = dest_json(
+        &src.addr,
+        &[
+            "--transport",
+            "tcp",
+            "--precopy-rounds",
+            "2",
+            "--memory-backend",
+            "memfd",
+        ],
+    );
+    check_clean(&r);
+    assert_eq!(r["install_path"], "landed", "{r}");
+    assert!(u(&r["precopy"], "final_dirty") > 0, "{r}");
+}

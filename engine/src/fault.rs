@@ -112,7 +112,7 @@ fn fault_loop(
                 }
                 shared.governor.urgent_begin();
                 pending.push_back(Pending { page, t0 });
-                if let Err(e) = channel.send(&[PageRange::new(page, 1)]) {
+                if let Err(e) = shared.send(channel, &[PageRange::new(page, 1)]) {
                     // The request stays outstanding: sent again once the
                     // link is back.
                     recover(shared, channel, &pending, e, &mut outage)?;
@@ -193,7 +193,7 @@ fn serve_fault(
             // thread already; this finds it mapped and wakes again), or
             // installed and then removed by the owner (a balloon): a
             // removed page reads as zeros.
-            shared.installer.install_zero_with(range, true, busy)?;
+            shared.installer.map_present_with(range, busy)?;
             shared.metrics.all.record(t0.elapsed());
             Ok(None)
         }
@@ -214,7 +214,7 @@ fn recover(
         *channel = reconnect(shared, ChannelClass::Urgent, lost, outage)?;
         match pending
             .iter()
-            .try_for_each(|p| channel.send(&[PageRange::new(p.page, 1)]))
+            .try_for_each(|p| shared.send(channel, &[PageRange::new(p.page, 1)]))
         {
             Ok(()) => {
                 Metrics::add(&shared.metrics.resent_pages, pending.len() as u64);
@@ -239,7 +239,7 @@ fn receive_one(
     if pending.is_empty() {
         return Ok(());
     }
-    if let Err(e) = channel.recv(buf) {
+    if let Err(e) = shared.recv(channel, buf) {
         return recover(shared, channel, pending, e, outage);
     }
     *outage = None;

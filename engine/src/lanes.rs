@@ -200,7 +200,7 @@ pub(crate) fn lane_main(
                     receive_one(shared, lane, channel, &mut pending, &mut pool, &mut outage)?;
                 }
                 let pieces = fetch[start..end].to_vec();
-                let sent_now = channel.send(&pieces);
+                let sent_now = shared.send(channel, &pieces);
                 pending.push_back(Pending {
                     len: n as usize * ps,
                     pieces,
@@ -296,7 +296,7 @@ fn recover(
             }
         }
         let resend = pending.iter().try_for_each(|p| {
-            channel.send(&p.pieces)?;
+            shared.send(channel, &p.pieces)?;
             let pages: u64 = p.pieces.iter().map(|r| u64::from(r.count)).sum();
             Metrics::add(&shared.metrics.resent_pages, pages);
             Ok::<(), TransportError>(())
@@ -322,8 +322,10 @@ fn receive_one(
         return Ok(());
     };
     let mut buf = pool.pop().unwrap_or_default();
-    buf.resize(len, 0);
-    if let Err(e) = channel.recv(&mut buf) {
+    if !shared.landed {
+        buf.resize(len, 0);
+    }
+    if let Err(e) = shared.recv(channel, &mut buf) {
         pool.push(buf);
         return recover(shared, lane, channel, pending, e, outage);
     }

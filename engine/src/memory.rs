@@ -2,10 +2,14 @@
 //! mapped by the engine, handed in by a VMM in this process, or living in
 //! another process (a VMM that hands over only its userfaultfd).
 
-use pagewire_transport::{LayoutError, MemoryLayout, PageRange, RegionInfo, PAGE_SIZE};
+use std::sync::Arc;
+
+use pagewire_transport::{
+    Landing, LandingSpan, LayoutError, MemoryLayout, PageRange, RegionInfo, PAGE_SIZE,
+};
 use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-    MmapRegion,
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MmapRegion,
 };
 
 use crate::error::{EngineError, RegionError};
@@ -147,6 +151,58 @@ pub struct DestMemory {
     /// Mapped by [`DestMemory::new`]: private anonymous memory, which
     /// `MADV_DONTNEED` empties (a VMM's shared memory it would not).
     private_anon: bool,
+    /// Shared memory only: a second mapping of the same file, where pages
+    /// are written before `UFFDIO_CONTINUE` maps them into the guest.
+    alias: Option<Alias>,
+}
+
+/// A second mapping of file-backed (shared) guest memory that the guest
+/// cannot see: pages arrive there (received or RDMA-read straight into it)
+/// and are then mapped into the guest's own mapping with
+/// `UFFDIO_CONTINUE`, so no page is copied on this host's CPU.
+#[derive(Debug)]
+struct Alias {
+    /// Host address of each region's alias, in region order.
+    addrs: Vec<usize>,
+    /// The same memory for the transport to land pages in.
+    landing: Arc<Landing>,
+}
+
+/// The alias mappings, unmapped when the last holder (the memory or a
+/// transport's landing) lets go.
+struct AliasMaps(#[allow(dead_code)] Vec<MmapRegion>);
+
+fn alias_of(layout: &MemoryLayout, files: Vec<FileOffset>) -> Result<Alias, EngineError> {
+    let ps = layout.page_size();
+    if ps != PAGE_SIZE {
+        return Err(EngineError::Memory(format!(
+            "zero-copy installs need 4 KiB pages of shared memory, not {ps}-byte pages"
+        )));
+    }
+    let mut maps = Vec::with_capacity(files.len());
+    let mut spans = Vec::with_capacity(files.len());
+    for (i, (f, r)) in files.into_iter().zip(layout.regions()).enumerate() {
+        let m = MmapRegion::from_file(f, r.len as usize)
+            .map_err(|e| EngineError::Memory(format!("map region {i} a second time: {e}")))?;
+        spans.push(LandingSpan {
+            first_page: layout.region_pages(i).start,
+            pages: r.len / ps as u64,
+            addr: m.as_ptr() as usize,
+        });
+        maps.push(m);
+    }
+    let addrs = spans.iter().map(|s| s.addr).collect();
+    // SAFETY: each span is one of `maps`, a shared read-write mapping of
+    // the region's bytes owned by the landing's owner below, so it stays
+    // mapped as long as the landing. Pages are written there only by
+    // whoever claimed them in the page state map (the contract the engine
+    // keeps), and the guest sees a page only once UFFDIO_CONTINUE maps it.
+    let landing = unsafe { Landing::new(ps, spans, Arc::new(AliasMaps(maps))) }
+        .map_err(|e| EngineError::Memory(e.to_string()))?;
+    Ok(Alias {
+        addrs,
+        landing: Arc::new(landing),
+    })
 }
 
 impl DestMemory {
@@ -185,6 +241,66 @@ impl DestMemory {
                 )));
             }
         }
+        Ok(m)
+    }
+
+    /// Maps fresh shared memory (one memfd) for every region of `layout`,
+    /// for zero-copy installs: pages are written into a second mapping of
+    /// the memfd and mapped into the guest with `UFFDIO_CONTINUE`
+    /// (QEMU's `memory-backend-memfd`, Cloud Hypervisor's `shared=on`).
+    pub fn new_shared(layout: &MemoryLayout) -> Result<Self, EngineError> {
+        let fd = nix::sys::memfd::memfd_create(
+            c"pagewire-guest",
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+        )
+        .map_err(|e| EngineError::Memory(format!("memfd_create: {e}")))?;
+        let file = Arc::new(std::fs::File::from(fd));
+        file.set_len(layout.total_bytes())
+            .map_err(|e| EngineError::Memory(format!("size the memfd: {e}")))?;
+        let mut at = 0u64;
+        let mut files = Vec::with_capacity(layout.regions().len());
+        for r in layout.regions() {
+            files.push(FileOffset::from_arc(file.clone(), at));
+            at += r.len;
+        }
+        let ranges: Vec<_> = layout
+            .regions()
+            .iter()
+            .zip(&files)
+            .map(|(r, f)| (GuestAddress(r.guest_base), r.len as usize, Some(f.clone())))
+            .collect();
+        let guest = GuestMemoryMmap::from_ranges_with_files(&ranges)
+            .map_err(|e| EngineError::Memory(e.to_string()))?;
+        let mut m = Self::from_guest(guest, layout)?;
+        m.alias = Some(alias_of(layout, files)?);
+        Ok(m)
+    }
+
+    /// Uses shared guest memory a VMM mapped in this process from files
+    /// (a memfd, shmem), one [`FileOffset`] per region in the order given:
+    /// pages are installed zero-copy (see [`Self::new_shared`]).
+    ///
+    /// # Safety
+    /// As [`Self::from_vmm`]; besides, each region must be a shared
+    /// mapping of its file at its offset.
+    pub unsafe fn from_vmm_shared(
+        regions: &[GuestRegion],
+        files: &[FileOffset],
+    ) -> Result<Self, EngineError> {
+        if files.len() != regions.len() {
+            return Err(EngineError::Memory(format!(
+                "{} files for {} regions",
+                files.len(),
+                regions.len()
+            )));
+        }
+        // SAFETY: forwarded to the caller.
+        let mut m = unsafe { Self::from_vmm(regions) }?;
+        // In guest address order, as the layout's regions.
+        let mut order: Vec<usize> = (0..regions.len()).collect();
+        order.sort_by_key(|&i| regions[i].guest_base);
+        let sorted = order.iter().map(|&i| files[i].clone()).collect();
+        m.alias = Some(alias_of(&m.layout, sorted)?);
         Ok(m)
     }
 
@@ -260,6 +376,7 @@ impl DestMemory {
             regions,
             owner: None,
             private_anon: false,
+            alias: None,
         }
     }
 
@@ -439,18 +556,79 @@ impl DestMemory {
             .map_err(|e| EngineError::Memory(format!("write pre-copied pages: {e}")))
     }
 
-    /// Whether pagewire mapped this memory itself ([`DestMemory::new`]).
-    pub(crate) fn is_private_anon(&self) -> bool {
-        self.private_anon
+    /// Whether pages copied before registration can be dropped again so
+    /// that the next touch faults: private memory pagewire mapped itself
+    /// ([`DestMemory::new`]), or shared memory with a second mapping.
+    pub(crate) fn can_discard(&self) -> bool {
+        self.private_anon || self.alias.is_some()
+    }
+
+    /// Whether pages are installed zero-copy: shared memory with a second
+    /// mapping to write them into ([`Self::new_shared`],
+    /// [`Self::from_vmm_shared`]).
+    pub fn is_shared(&self) -> bool {
+        self.alias.is_some()
+    }
+
+    /// The second mapping as landing memory for a transport, for shared
+    /// memory.
+    pub fn landing(&self) -> Option<Arc<Landing>> {
+        self.alias.as_ref().map(|a| a.landing.clone())
+    }
+
+    /// Writes `data` into pages `range` of the second mapping (shared
+    /// memory only); the caller holds the pages, as for
+    /// [`Self::zero_alias`].
+    pub(crate) fn write_alias(&self, range: PageRange, data: &[u8]) -> Result<(), EngineError> {
+        let landing = self
+            .landing()
+            .ok_or_else(|| EngineError::Memory("no second mapping: memory is not shared".into()))?;
+        // SAFETY: the caller holds these pages (claimed, not mapped in the
+        // guest), so no other reference to their bytes exists; the slice
+        // lives for this copy only.
+        let dst = unsafe { landing.bytes_mut(range) }
+            .ok_or_else(|| EngineError::Memory(format!("pages {range:?} are not guest memory")))?;
+        if dst.len() != data.len() {
+            return Err(EngineError::Memory(format!(
+                "{} bytes of data for {} bytes of pages",
+                data.len(),
+                dst.len()
+            )));
+        }
+        dst.copy_from_slice(data);
+        Ok(())
+    }
+
+    /// Fills pages `range` of the second mapping with zeros (shared
+    /// memory only): the caller holds them (claimed, not mapped in the
+    /// guest), so nobody else reads or writes them meanwhile.
+    pub(crate) fn zero_alias(&self, range: PageRange) -> Result<(), EngineError> {
+        let alias = self
+            .alias
+            .as_ref()
+            .ok_or_else(|| EngineError::Memory("no second mapping: memory is not shared".into()))?;
+        let (region, off) = self.layout.locate(range)?;
+        let len = range.count as usize * self.layout.page_size();
+        // SAFETY: `off..off + len` lies in region `region` (checked by
+        // `locate`), whose alias mapping is `len` bytes or more at
+        // `addrs[region]` and lives as long as `self`; the caller holds
+        // these pages, so no other reference to their bytes exists.
+        unsafe { std::ptr::write_bytes((alias.addrs[region] + off) as *mut u8, 0, len) };
+        Ok(())
     }
 
     /// Drops pages `range` (`MADV_DONTNEED`) so that they are missing
     /// again, before the memory is registered with userfaultfd: pre-copied
     /// pages the guest wrote at the source after they were copied.
     pub(crate) fn discard_unregistered(&self, range: PageRange) -> Result<(), EngineError> {
-        if !self.private_anon {
+        // Shared memory keeps the stale bytes in its file, but the guest's
+        // mapping loses the page: the next touch faults (MINOR), and the
+        // page is fetched into the second mapping and mapped again.
+        if !self.can_discard() {
             return Err(EngineError::Memory(
-                "a hybrid migration needs guest memory mapped by pagewire (DestMemory::new)".into(),
+                "a hybrid migration needs guest memory mapped by pagewire (DestMemory::new) or \
+                 shared memory with a second mapping (DestMemory::new_shared)"
+                    .into(),
             ));
         }
         let (addr, len) = self.host_span(range)?;

@@ -118,6 +118,7 @@ impl Migration {
         // the wire and the transport's own limits allow).
         let limits = limits_for(transport.as_ref());
         let batch = u64::from(config.batch_pages).min(limits.max_pages) as u32;
+        let landed = offer_landing(transport.as_ref(), &mem)?;
         // Open every channel before the guest may fault: a source that is
         // unreachable fails here, not in the middle of a fault.
         let urgent = transport.open(ChannelClass::Urgent)?;
@@ -141,10 +142,12 @@ impl Migration {
             limits,
         );
         shared.written = precopied.map(|p| p.written.clone());
+        shared.landed = landed;
         let shared = Arc::new(shared);
         info!(
             pages,
             transport = shared.transport.name(),
+            zero_copy = landed,
             lanes = config.lanes,
             bubble = config.bubble,
             push = config.push,
@@ -154,6 +157,27 @@ impl Migration {
         let _ = shared.setup.set(begun.elapsed());
         Ok(launch(shared, urgent, lanes))
     }
+}
+
+/// Offers shared memory's second mapping to `transport` to land pages in
+/// (before any channel is opened); returns whether it took it. Shared
+/// memory it does not take is filled through the second mapping with a
+/// copy; other memory with UFFDIO_COPY.
+pub(crate) fn offer_landing(
+    transport: &dyn Transport,
+    mem: &DestMemory,
+) -> Result<bool, EngineError> {
+    let Some(landing) = mem.landing() else {
+        return Ok(false);
+    };
+    let took = transport.set_landing(landing)?;
+    if !took {
+        tracing::info!(
+            transport = transport.name(),
+            "the transport cannot land pages in guest memory: each page is copied into it"
+        );
+    }
+    Ok(took)
 }
 
 /// The limits requests keep to on `transport`: what it accepts, and never

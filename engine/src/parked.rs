@@ -86,6 +86,10 @@ impl ParkedMigration {
             );
             return Err(back(e.into(), arc));
         }
+        let landed = match crate::migration::offer_landing(transport.as_ref(), &mem) {
+            Ok(l) => l,
+            Err(e) => return Err(back(e, arc)),
+        };
         let urgent = match transport.open(ChannelClass::Urgent) {
             Ok(c) => c,
             Err(e) => return Err(back(e.into(), arc)),
@@ -103,7 +107,9 @@ impl ParkedMigration {
             Err(arc) => return Err(back(EngineError::Aborted, arc)),
         };
         let limits = limits_for(transport.as_ref());
-        let shared = Arc::new(old.resumed(transport, limits));
+        let mut resumed = old.resumed(transport, limits);
+        resumed.landed = landed;
+        let shared = Arc::new(resumed);
         let (present, total) = (shared.states.present(), shared.states.len());
         info!(present, total, "post-copy migration resumed");
         Ok(launch(shared, urgent, lanes))

@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use pagewire_transport::{
-    ChannelClass, FetchLimits, PageChannel, PageRange, PageSet, SourceInfo, SourceStats, Transport,
-    TransportError,
+    ChannelClass, FetchLimits, Landing, PageChannel, PageRange, PageSet, SourceInfo, SourceStats,
+    Transport, TransportError,
 };
 use serde::Serialize;
 
@@ -134,9 +134,11 @@ pub fn precopy(
             "pre-copy needs guest memory laid out exactly like the source's".into(),
         ));
     }
-    if config.switch_over == SwitchOver::PostCopy && !mem.is_private_anon() {
+    if config.switch_over == SwitchOver::PostCopy && !mem.can_discard() {
         return Err(EngineError::Memory(
-            "a hybrid migration needs guest memory mapped by pagewire (DestMemory::new)".into(),
+            "a hybrid migration needs guest memory mapped by pagewire (DestMemory::new) or \
+             shared memory with a second mapping (DestMemory::new_shared)"
+                .into(),
         ));
     }
     let pages = info.layout.total_pages();
@@ -374,5 +376,9 @@ impl Transport for Refreshed {
 
     fn dirty_round(&self, round: u32, pause: bool) -> Result<PageSet, TransportError> {
         self.inner.dirty_round(round, pause)
+    }
+
+    fn set_landing(&self, landing: Arc<Landing>) -> Result<bool, TransportError> {
+        self.inner.set_landing(landing)
     }
 }

@@ -14,6 +14,11 @@ use crate::shared::Shared;
 pub struct EngineReport {
     /// Transport that moved the pages.
     pub transport: String,
+    /// How pages were installed: `copy` (UFFDIO_COPY from a buffer, private
+    /// memory), `landed` (received or RDMA-read straight into shared
+    /// memory's file, then UFFDIO_CONTINUE: nothing copied on this CPU) or
+    /// `copy+continue` (shared memory whose transport cannot land pages).
+    pub install_path: &'static str,
     /// Pages in guest memory.
     pub pages_total: u64,
     /// Fault events handled.
@@ -124,6 +129,11 @@ pub(crate) fn build(s: &Shared) -> EngineReport {
     let all = m.all.summary();
     EngineReport {
         transport: s.transport.name().to_string(),
+        install_path: match (s.installer.memory().is_shared(), s.landed) {
+            (false, _) => "copy",
+            (true, true) => "landed",
+            (true, false) => "copy+continue",
+        },
         pages_total: s.states.len(),
         faults: Metrics::get(&m.faults),
         network_faults: Metrics::get(&m.network_faults),

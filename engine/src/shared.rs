@@ -28,6 +28,10 @@ pub(crate) struct Shared {
     /// What one request may carry on this transport.
     pub limits: FetchLimits,
     pub sweep_cursor: AtomicU64,
+    /// Pages land straight in shared guest memory (the transport took its
+    /// second mapping): channels send with `send_landed` and installs map
+    /// them with UFFDIO_CONTINUE, nothing copied.
+    pub landed: bool,
     /// Next page the lanes look at for zero pages to map.
     pub zero_cursor: AtomicU64,
     /// Fault counts per block: the sweep pushes hot blocks first.
@@ -75,6 +79,7 @@ impl Shared {
             governor,
             limits,
             sweep_cursor: AtomicU64::new(0),
+            landed: false,
             zero_cursor: AtomicU64::new(0),
             push_released: AtomicBool::new(false),
             abort: AtomicBool::new(false),
@@ -241,8 +246,38 @@ impl Shared {
         Ok(())
     }
 
-    /// Installs fetched bytes: `buf` holds `pieces` back to back. Pages
-    /// the owner removed while they were fetched get a zero page instead.
+    /// Sends a request for `ranges` on `channel`, to land in guest memory
+    /// when this migration lands pages.
+    pub fn send(
+        &self,
+        channel: &mut Box<dyn pagewire_transport::PageChannel>,
+        ranges: &[PageRange],
+    ) -> Result<(), pagewire_transport::TransportError> {
+        if self.landed {
+            channel.send_landed(ranges)
+        } else {
+            channel.send(ranges)
+        }
+    }
+
+    /// Receives the oldest reply on `channel`: into `buf`, or (when this
+    /// migration lands pages) into guest memory.
+    pub fn recv(
+        &self,
+        channel: &mut Box<dyn pagewire_transport::PageChannel>,
+        buf: &mut [u8],
+    ) -> Result<(), pagewire_transport::TransportError> {
+        if self.landed {
+            channel.recv_landed()
+        } else {
+            channel.recv(buf)
+        }
+    }
+
+    /// Installs fetched pages: `buf` holds `pieces` back to back, or, when
+    /// this migration lands pages, they are in guest memory's file already
+    /// (`buf` is ignored). Pages the owner removed while they were fetched
+    /// get a zero page instead.
     pub fn install_fetched(
         &self,
         pieces: &[PageRange],
@@ -255,12 +290,16 @@ impl Shared {
         let mut off = 0;
         for piece in pieces {
             let n = piece.count as usize * ps;
-            let data = buf.get(off..off + n).ok_or_else(|| {
-                EngineError::Memory(format!(
-                    "{} bytes fetched for pages needing more",
-                    buf.len()
-                ))
-            })?;
+            let data = if self.landed {
+                &[][..]
+            } else {
+                buf.get(off..off + n).ok_or_else(|| {
+                    EngineError::Memory(format!(
+                        "{} bytes fetched for pages needing more",
+                        buf.len()
+                    ))
+                })?
+            };
             // Sub-runs of equal removed-ness: removed pages are never
             // installed from the source.
             let mut start = piece.first;
@@ -276,20 +315,25 @@ impl Shared {
                     Metrics::add(&self.metrics.removed_pages, u64::from(sub.count));
                     self.mark_present(sub, PageOrigin::Removed);
                 } else {
-                    let from = (start - piece.first) as usize * ps;
-                    let data = &data[from..from + sub.count as usize * ps];
                     // The owner may remove pages while the install waits
                     // for its events to be read: then stop, and split
                     // again, so removed pages get zeros, never this data.
                     let mut removed_meanwhile = false;
-                    let r = self.installer.install_with(sub, data, true, &mut || {
+                    let mut check = || {
                         busy()?;
                         if (sub.first..sub.end()).any(|p| self.states.removed_while_claimed(p)) {
                             removed_meanwhile = true;
                             return Err(EngineError::Aborted);
                         }
                         Ok(())
-                    });
+                    };
+                    let r = if self.landed {
+                        self.installer.install_landed_with(sub, true, &mut check)
+                    } else {
+                        let from = (start - piece.first) as usize * ps;
+                        let data = &data[from..from + sub.count as usize * ps];
+                        self.installer.install_with(sub, data, true, &mut check)
+                    };
                     match r {
                         Ok(done) => {
                             Metrics::add(&self.metrics.install_conflicts, done.already_present);

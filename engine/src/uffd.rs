@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use pagewire_transport::{PageRange, PAGE_SIZE};
 pub use userfaultfd::EventBuffer;
-use userfaultfd::{Event, FeatureFlags, Uffd, UffdBuilder};
+use userfaultfd::{Event, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 
 use crate::error::{EngineError, RegionError};
 use crate::memory::DestMemory;
@@ -64,12 +64,20 @@ pub struct PageInstaller {
     zeros: OnceLock<Vec<u8>>,
 }
 
-fn builder(user_mode_only: bool) -> UffdBuilder {
+/// `UFFD_FEATURE_MINOR_SHMEM` (Linux 5.14): minor faults on shared memory,
+/// resolved with `UFFDIO_CONTINUE`.
+const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
+
+fn builder(user_mode_only: bool, shared: bool) -> UffdBuilder {
+    let mut features = FeatureFlags::EVENT_REMOVE;
+    if shared {
+        features |= FeatureFlags::from_bits_retain(FEATURE_MINOR_SHMEM);
+    }
     let mut b = UffdBuilder::new();
     b.close_on_exec(true)
         .non_blocking(true)
         .user_mode_only(user_mode_only)
-        .require_features(FeatureFlags::EVENT_REMOVE);
+        .require_features(features);
     b
 }
 
@@ -80,11 +88,12 @@ impl PageInstaller {
     /// see them it falls back to user-mode-only faults, and logs so. A VMM
     /// whose guest runs under KVM uses [`Self::create_for_kvm`] instead.
     pub fn register(mem: Arc<DestMemory>) -> Result<Self, EngineError> {
-        let uffd = match builder(false).create() {
+        let shared = mem.is_shared();
+        let uffd = match builder(false, shared).create() {
             Ok(u) => u,
             Err(e) => {
                 tracing::info!("kernel-mode userfaultfd refused ({e:?}): user-mode faults only");
-                builder(true).create().map_err(uffd_err("create"))?
+                builder(true, shared).create().map_err(uffd_err("create"))?
             }
         };
         Self::register_regions(uffd, mem)
@@ -96,7 +105,7 @@ impl PageInstaller {
     /// [`crate::RegionError::KernelFaultsRefused`] rather than fall back to
     /// user-mode-only faults, under which KVM's accesses fail with EFAULT.
     pub fn create_for_kvm(mem: Arc<DestMemory>) -> Result<Self, EngineError> {
-        let uffd = builder(false)
+        let uffd = builder(false, mem.is_shared())
             .create()
             .map_err(|e| RegionError::KernelFaultsRefused(format!("{e:?}")))?;
         Self::register_regions(uffd, mem)
@@ -108,8 +117,16 @@ impl PageInstaller {
                 "memory of another process can only be reached through its own userfaultfd".into(),
             ));
         }
+        // Shared memory: a page in the file but not yet mapped here faults
+        // as MINOR (it is written through the second mapping, then mapped
+        // with UFFDIO_CONTINUE); one not in the file yet as MISSING.
+        let mode = if mem.is_shared() {
+            RegisterMode::MISSING | RegisterMode::MINOR
+        } else {
+            RegisterMode::MISSING
+        };
         for (start, len) in mem.host_ranges() {
-            uffd.register(start as *mut libc::c_void, len)
+            uffd.register_with_mode(start as *mut libc::c_void, len, mode)
                 .map_err(uffd_err("register guest region"))?;
         }
         Ok(Self {
@@ -124,6 +141,14 @@ impl PageInstaller {
     /// registration is checked against the owner's mappings where they can
     /// be read.
     pub fn with_uffd(mem: Arc<DestMemory>, fd: OwnedFd) -> Result<Self, EngineError> {
+        if mem.is_shared() {
+            return Err(RegionError::BadUffd(
+                "zero-copy installs need a userfaultfd registered for minor faults: let pagewire \
+                 create it"
+                    .into(),
+            )
+            .into());
+        }
         let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
             .map_err(|e| RegionError::BadUffd(format!("cannot inspect fd: {e}")))?;
         if link.to_string_lossy() != "anon_inode:[userfaultfd]" {
@@ -170,7 +195,9 @@ impl PageInstaller {
 
     /// Copies `data` into the pages of `range` with UFFDIO_COPY. Pages that
     /// are already mapped (EEXIST) are skipped and counted, never
-    /// overwritten. With `wake`, threads blocked on these pages resume.
+    /// overwritten. The caller must hold the pages (claimed, not
+    /// installed): in shared memory the bytes are written into the file
+    /// and the pages mapped with UFFDIO_CONTINUE. With `wake`, threads blocked on these pages resume.
     /// While the owner changes its mappings it yields and retries; use
     /// [`Self::install_with`] on the thread that reads the events.
     pub fn install(
@@ -197,6 +224,12 @@ impl PageInstaller {
                 "{} bytes of data for {len} bytes of pages",
                 data.len()
             )));
+        }
+        if self.mem.is_shared() {
+            // Shared memory: the bytes go into the file through the second
+            // mapping (the caller holds these pages), then get mapped.
+            self.mem.write_alias(range, data)?;
+            return self.install_landed_with(range, wake, busy);
         }
         let ps = self.mem.layout().page_size();
         let mut done = Installed::default();
@@ -249,7 +282,9 @@ impl PageInstaller {
     }
 
     /// Maps the pages of `range` as zero pages with UFFDIO_ZEROPAGE, no
-    /// data needed. Already-mapped pages are skipped and counted.
+    /// data needed. Already-mapped pages are skipped and counted. The
+    /// caller must hold the pages (claimed, not installed): in shared
+    /// memory their bytes in the file are zeroed, then mapped.
     pub fn install_zero(&self, range: PageRange, wake: bool) -> Result<Installed, EngineError> {
         self.install_zero_with(range, wake, &mut yield_busy)
     }
@@ -265,6 +300,12 @@ impl PageInstaller {
     ) -> Result<Installed, EngineError> {
         let (addr, len) = self.span(range)?;
         let ps = self.mem.layout().page_size();
+        if self.mem.is_shared() {
+            // The pages are claimed and not mapped in the guest: zero their
+            // bytes in the file, then map them.
+            self.mem.zero_alias(range)?;
+            return self.install_landed_with(range, wake, busy);
+        }
         if ps > PAGE_SIZE {
             let zeros = self.zeros.get_or_init(|| vec![0u8; ps]);
             let mut done = Installed::default();
@@ -275,6 +316,20 @@ impl PageInstaller {
             }
             return Ok(done);
         }
+        self.zeropage_with(range, busy, wake, addr, len)
+    }
+
+    /// UFFDIO_ZEROPAGE over `addr..addr + len`, the span of `range`.
+    fn zeropage_with(
+        &self,
+        range: PageRange,
+        busy: OnBusy<'_>,
+        wake: bool,
+        addr: usize,
+        len: usize,
+    ) -> Result<Installed, EngineError> {
+        debug_assert_eq!(self.span(range).ok(), Some((addr, len)));
+        let ps = self.mem.layout().page_size();
         let mut done = Installed::default();
         let mut off = 0;
         while off < len {
@@ -327,6 +382,107 @@ impl PageInstaller {
             }
         }
         Ok(done)
+    }
+
+    /// Maps pages `range` of shared memory whose bytes are already in the
+    /// file (written through the second mapping) into the guest with
+    /// UFFDIO_CONTINUE. Pages already mapped (EEXIST) are skipped and
+    /// counted. A page missing from the file (the owner punched it out
+    /// meanwhile) or a change of mappings (EAGAIN) calls `busy`, which
+    /// must read the pending events (and may give up), then retries.
+    pub fn install_landed_with(
+        &self,
+        range: PageRange,
+        wake: bool,
+        busy: OnBusy<'_>,
+    ) -> Result<Installed, EngineError> {
+        let (addr, len) = self.span(range)?;
+        let ps = self.mem.layout().page_size();
+        let mut done = Installed::default();
+        let mut off = 0;
+        let mut gone = 0u32;
+        while off < len {
+            // CONTINUE only maps pages already in the file into the span
+            // (inside a region registered for minor faults: `span`).
+            let r = self
+                .uffd
+                .r#continue((addr + off) as *mut libc::c_void, len - off, wake);
+            match r {
+                Ok(n) if n > 0 && n as usize <= len - off => {
+                    done.pages += n / ps as u64;
+                    off += n as usize;
+                }
+                Ok(_) => {
+                    return Err(EngineError::Memory(format!(
+                        "UFFDIO_CONTINUE made no progress at {:#x}",
+                        addr + off
+                    )))
+                }
+                Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EEXIST => {
+                    done.already_present += 1;
+                    self.wake_span(addr + off, ps)?;
+                    off += ps;
+                }
+                Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EAGAIN => busy()?,
+                Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EFAULT => {
+                    // Not in the file: removed by the owner since it was
+                    // written. Its REMOVE event is pending; past a bound it
+                    // is something else.
+                    gone += 1;
+                    if gone > 1000 {
+                        return Err(EngineError::Memory(format!(
+                            "UFFDIO_CONTINUE: page at {:#x} is not in the memory file",
+                            addr + off
+                        )));
+                    }
+                    busy()?
+                }
+                Err(e) => return Err(uffd_err("UFFDIO_CONTINUE")(e)),
+            }
+        }
+        Ok(done)
+    }
+
+    /// Maps pages `range`, which the state map has as present, for a
+    /// thread that faulted on them: installed since the fault (then they
+    /// are mapped and it is only woken), or dropped by the owner
+    /// afterwards. Dropped private memory reads as zeros; dropped shared
+    /// memory maps what its file holds (zeros where it was punched out).
+    pub fn map_present_with(
+        &self,
+        range: PageRange,
+        busy: OnBusy<'_>,
+    ) -> Result<Installed, EngineError> {
+        if !self.mem.is_shared() {
+            return self.install_zero_with(range, true, busy);
+        }
+        let (addr, _) = self.span(range)?;
+        let len = range.count as usize * self.mem.layout().page_size();
+        let r = self.uffd.r#continue(addr as *mut libc::c_void, len, true);
+        match r {
+            Ok(n) => Ok(Installed {
+                pages: n / self.mem.layout().page_size() as u64,
+                already_present: 0,
+            }),
+            Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EEXIST => {
+                self.wake(range)?;
+                Ok(Installed {
+                    pages: 0,
+                    already_present: u64::from(range.count),
+                })
+            }
+            Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EAGAIN => {
+                busy()?;
+                self.map_present_with(range, busy)
+            }
+            // Not in the file: punched out, reads as zeros (the kernel
+            // allocates a zeroed page).
+            Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EFAULT => {
+                let (addr, len) = self.span(range)?;
+                self.zeropage_with(range, busy, true, addr, len)
+            }
+            Err(e) => Err(uffd_err("UFFDIO_CONTINUE")(e)),
+        }
     }
 
     fn wake_span(&self, addr: usize, len: usize) -> Result<(), EngineError> {

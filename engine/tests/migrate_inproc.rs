@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use pagewire_engine::{Migration, MigrationConfig, PageOrigin};
+use pagewire_engine::{DestMemory, Migration, MigrationConfig, PageOrigin};
 use pagewire_transport::inproc::InProcTransport;
 use pagewire_transport::{page_checksum, MemoryLayout, PageRange, SourceMemory, Transport};
 
@@ -20,10 +20,26 @@ fn source(pages: u64) -> Arc<SourceMemory> {
 }
 
 fn run(config: MigrationConfig, touch: impl Fn(u64) -> u64) -> pagewire_engine::EngineReport {
+    run_on(false, config, touch)
+}
+
+/// A migration into private anonymous memory (UFFDIO_COPY) or, with
+/// `shared`, into a memfd whose pages land in a second mapping and are
+/// mapped with UFFDIO_CONTINUE.
+fn run_on(
+    shared: bool,
+    config: MigrationConfig,
+    touch: impl Fn(u64) -> u64,
+) -> pagewire_engine::EngineReport {
     let pages = 2048;
     let src = source(pages);
     let t: Arc<dyn Transport> = Arc::new(InProcTransport::new(src.clone()));
-    let h = Migration::start(t.clone(), config).unwrap();
+    let h = if shared {
+        let mem = DestMemory::new_shared(&t.info().layout).unwrap();
+        Migration::start_with_memory(t.clone(), Arc::new(mem), config).unwrap()
+    } else {
+        Migration::start(t.clone(), config).unwrap()
+    };
     let mem = h.memory().clone();
     // The "vCPU": touches pages in the order `touch` gives.
     let mut seen = 0u64;
@@ -157,4 +173,77 @@ fn the_sweep_pushes_the_block_the_guest_faults_in_first() {
         "{pushed_elsewhere} pages pushed outside the hot block first"
     );
     assert!(h.abort().is_none());
+}
+
+#[test]
+fn shared_memory_is_filled_zero_copy_every_page_once() {
+    for (push, bubble) in [(true, 64), (false, 0)] {
+        let cfg = MigrationConfig {
+            push,
+            bubble,
+            ..MigrationConfig::default()
+        };
+        let r = run_on(true, cfg, |i| i * 7);
+        assert_eq!(r.install_path, "landed");
+        assert_eq!(r.duplicate_pages, 0);
+        assert_eq!(r.install_conflicts, 0);
+        assert_eq!(
+            r.network_faults + r.prepaged_pages + r.pushed_pages + r.zero_pages,
+            r.pages_total
+        );
+        assert_eq!(r.bytes_received, (r.pages_total - r.zero_pages) * 4096);
+        if !push {
+            assert_eq!(r.network_faults, 2048 - (2048 / 5 + 1));
+        }
+    }
+}
+
+/// `madvise(advice)` over page `p` of `mem`.
+fn advise(mem: &DestMemory, p: u64, advice: libc::c_int) {
+    let addr = mem.host_addr(p).unwrap();
+    // SAFETY: one page of guest memory this test mapped; dropping it is
+    // what a balloon does, and the engine is told through userfaultfd.
+    let r = unsafe { libc::madvise(addr as *mut libc::c_void, 4096, advice) };
+    assert_eq!(r, 0, "madvise: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn shared_memory_dropped_by_its_owner_reads_as_its_file_says() {
+    let pages = 2048u64;
+    let src = source(pages);
+    let t: Arc<dyn Transport> = Arc::new(InProcTransport::new(src.clone()));
+    let mem = Arc::new(DestMemory::new_shared(&t.info().layout).unwrap());
+    let cfg = MigrationConfig {
+        push: false,
+        bubble: 0,
+        ..MigrationConfig::default()
+    };
+    let h = Migration::start_with_memory(t.clone(), mem.clone(), cfg).unwrap();
+    let first = |p: u64| u64::from_le_bytes(mem.page(p).unwrap()[..8].try_into().unwrap());
+    // Fetched, then dropped from the guest's mapping only (DONTNEED): the
+    // file keeps the bytes, the next touch maps them again.
+    assert_eq!(first(11), 12);
+    advise(&mem, 11, libc::MADV_DONTNEED);
+    assert_eq!(first(11), 12);
+    // Fetched, then punched out of the file (REMOVE): zeros.
+    assert_eq!(first(12), 13);
+    advise(&mem, 12, libc::MADV_REMOVE);
+    assert_eq!(first(12), 0);
+    // Punched out before it arrived: never fetched, zeros.
+    advise(&mem, 13, libc::MADV_REMOVE);
+    assert_eq!(first(13), 0);
+    assert_eq!(mem.page(13).unwrap()[4000], 0);
+    h.release_push();
+    let r = h.wait().unwrap();
+    assert_eq!(r.install_path, "landed");
+    assert_eq!(r.removed_pages, 1);
+    assert_eq!(r.duplicate_pages, 0);
+    let sums = t.checksums(PageRange::new(0, pages as u32)).unwrap();
+    for p in (0..pages).filter(|p| ![12, 13].contains(p)) {
+        assert_eq!(
+            page_checksum(mem.page(p).unwrap()),
+            sums[p as usize],
+            "page {p}"
+        );
+    }
 }

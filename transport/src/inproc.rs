@@ -2,10 +2,11 @@
 //! transports are measured against; not a way to migrate between hosts.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::dirty::PageSet;
 use crate::error::{RemoteCode, TransportError};
+use crate::landing::Landing;
 use crate::layout::{PageRange, SourceInfo};
 use crate::source::SourceMemory;
 use crate::wire::SourceStats;
@@ -15,6 +16,7 @@ use crate::{check_buffer, ChannelClass, FetchLimits, PageChannel, Transport};
 #[derive(Debug, Clone)]
 pub struct InProcTransport {
     source: Arc<SourceMemory>,
+    landing: OnceLock<Arc<Landing>>,
     /// What the handshake would have said when this transport was made.
     info: SourceInfo,
 }
@@ -23,7 +25,11 @@ impl InProcTransport {
     /// Serves pages from `source`.
     pub fn new(source: Arc<SourceMemory>) -> Self {
         let info = source.handshake_info();
-        Self { source, info }
+        Self {
+            source,
+            info,
+            landing: OnceLock::new(),
+        }
     }
 }
 
@@ -32,7 +38,9 @@ const INPROC_MAX_OUTSTANDING: usize = 64;
 
 struct InProcChannel {
     source: Arc<SourceMemory>,
-    outstanding: VecDeque<Vec<PageRange>>,
+    /// Requests not received yet, and whether each lands its pages.
+    outstanding: VecDeque<(Vec<PageRange>, bool)>,
+    landing: Option<Arc<Landing>>,
 }
 
 impl PageChannel for InProcChannel {
@@ -41,16 +49,68 @@ impl PageChannel for InProcChannel {
             return Err(TransportError::Misuse("too many requests outstanding"));
         }
         FetchLimits::WIRE.check(ranges)?;
-        self.outstanding.push_back(ranges.to_vec());
+        self.outstanding.push_back((ranges.to_vec(), false));
         Ok(())
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
-        let ranges = self
-            .outstanding
-            .pop_front()
-            .ok_or(TransportError::Misuse("recv with no request outstanding"))?;
-        copy_ranges(&self.source, &ranges, buf)
+        match self.outstanding.pop_front() {
+            Some((ranges, false)) => copy_ranges(&self.source, &ranges, buf),
+            Some(_) => Err(TransportError::Misuse("recv of a request sent to land")),
+            None => Err(TransportError::Misuse("recv with no request outstanding")),
+        }
+    }
+
+    fn send_landed(&mut self, ranges: &[PageRange]) -> Result<(), TransportError> {
+        let landing = self
+            .landing
+            .as_ref()
+            .ok_or(TransportError::Misuse("this channel has no landing memory"))?;
+        if ranges.iter().any(|r| landing.locate(*r).is_none()) {
+            return Err(TransportError::Misuse("a range outside the landing memory"));
+        }
+        if self.outstanding.len() >= INPROC_MAX_OUTSTANDING {
+            return Err(TransportError::Misuse("too many requests outstanding"));
+        }
+        FetchLimits::WIRE.check(ranges)?;
+        self.outstanding.push_back((ranges.to_vec(), true));
+        Ok(())
+    }
+
+    fn recv_landed(&mut self) -> Result<(), TransportError> {
+        let landing = self
+            .landing
+            .clone()
+            .ok_or(TransportError::Misuse("this channel has no landing memory"))?;
+        let ranges = match self.outstanding.pop_front() {
+            Some((ranges, true)) => ranges,
+            Some(_) => {
+                return Err(TransportError::Misuse(
+                    "recv_landed of a request sent to a buffer",
+                ))
+            }
+            None => return Err(TransportError::Misuse("recv with no request outstanding")),
+        };
+        let mut pages = 0;
+        for r in &ranges {
+            let src = self.source.pages(*r)?;
+            // SAFETY: this channel's request holds these pages (their
+            // fetcher claimed them, see `Landing::new`); the slice lives
+            // for this copy only.
+            let dst = unsafe { landing.bytes_mut(*r) }.ok_or(TransportError::Misuse(
+                "a landed range outside the landing memory",
+            ))?;
+            if dst.len() != src.len() {
+                return Err(TransportError::BufferSize {
+                    want: src.len(),
+                    got: dst.len(),
+                });
+            }
+            dst.copy_from_slice(src);
+            pages += u64::from(r.count);
+        }
+        self.source.count_served(pages);
+        Ok(())
     }
 
     fn reply_ready(&mut self) -> Result<bool, TransportError> {
@@ -98,7 +158,15 @@ impl Transport for InProcTransport {
         Ok(Box::new(InProcChannel {
             source: self.source.clone(),
             outstanding: VecDeque::new(),
+            landing: self.landing.get().cloned(),
         }))
+    }
+
+    fn set_landing(&self, landing: Arc<Landing>) -> Result<bool, TransportError> {
+        if landing.page_size() != self.info.layout.page_size() {
+            return Ok(false);
+        }
+        Ok(self.landing.set(landing).is_ok())
     }
 
     fn dirty_round(&self, round: u32, pause: bool) -> Result<PageSet, TransportError> {

@@ -16,6 +16,7 @@ pub mod auth;
 pub mod dirty;
 pub mod error;
 pub mod inproc;
+pub mod landing;
 pub mod layout;
 #[cfg(feature = "rdma")]
 pub mod rdma;
@@ -26,6 +27,7 @@ pub mod wire;
 pub use auth::AuthKey;
 pub use dirty::{DirtyError, DirtyLog, PageSet};
 pub use error::{LayoutError, RdmaError, RemoteCode, TransportError};
+pub use landing::{Landing, LandingSpan};
 pub use layout::{MemoryLayout, PageRange, RegionInfo, SourceInfo, ZeroMap, PAGE_SIZE};
 pub use source::{page_checksum, SourceMemory};
 pub use wire::SourceStats;
@@ -78,6 +80,16 @@ pub trait Transport: Send + Sync {
             code: RemoteCode::Unsupported,
             message: format!("the {} transport carries no pre-copy rounds", self.name()),
         })
+    }
+
+    /// Offers destination memory to land pages in directly (see
+    /// [`landing`]). Returns whether this transport will: channels opened
+    /// afterwards then take [`PageChannel::send_landed`]. A transport that
+    /// cannot (the default) answers false and the caller receives into
+    /// buffers.
+    fn set_landing(&self, landing: std::sync::Arc<Landing>) -> Result<bool, TransportError> {
+        let _ = landing;
+        Ok(false)
     }
 
     /// Tells the source this destination has every page (and has
@@ -151,6 +163,21 @@ pub trait PageChannel: Send {
 
     /// Most requests this channel keeps outstanding.
     fn max_outstanding(&self) -> usize;
+
+    /// Sends a request whose pages the channel writes itself, each to its
+    /// place in the landing memory the transport accepted
+    /// ([`Transport::set_landing`]); every range must lie in one landing
+    /// span. Its reply is taken with [`PageChannel::recv_landed`].
+    fn send_landed(&mut self, ranges: &[PageRange]) -> Result<(), TransportError> {
+        let _ = ranges;
+        Err(TransportError::Misuse("this channel has no landing memory"))
+    }
+
+    /// Waits for the oldest outstanding request, sent with
+    /// [`PageChannel::send_landed`], to have landed its pages.
+    fn recv_landed(&mut self) -> Result<(), TransportError> {
+        Err(TransportError::Misuse("this channel has no landing memory"))
+    }
 
     /// Fetches `ranges` into `buf`, one after another: range `i` lands right
     /// after range `i - 1`. Only valid with nothing outstanding.

@@ -312,6 +312,13 @@ struct EngineArgs {
     /// Pusher lanes, each with its own bulk connection (default: one per core).
     #[arg(long)]
     lanes: Option<usize>,
+    /// What backs the destination's guest memory: `anon`, private
+    /// anonymous memory filled with UFFDIO_COPY (what most VMMs use), or
+    /// `memfd`, shared memory whose pages are received (or RDMA-read)
+    /// straight into a second mapping of the memfd and mapped with
+    /// UFFDIO_CONTINUE: nothing is copied on the destination's CPU.
+    #[arg(long, value_enum, default_value = "anon")]
+    memory_backend: MemoryBackend,
     /// Bubble radius: pages prepaged each way around the last fault.
     #[arg(long, default_value_t = 64)]
     bubble: u64,
@@ -408,6 +415,15 @@ struct TransportArgs {
     /// busy-poll).
     #[arg(long, value_enum, default_value = "poll")]
     rdma_bulk_wait: BulkWait,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum MemoryBackend {
+    /// Private anonymous memory, pages installed with UFFDIO_COPY.
+    Anon,
+    /// A memfd, pages landed in a second mapping and mapped with
+    /// UFFDIO_CONTINUE (zero-copy).
+    Memfd,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -512,6 +528,7 @@ impl EngineArgs {
             config: self.config()?,
             workload: w.workload()?,
             progress: self.progress(),
+            shared_memory: self.memory_backend == MemoryBackend::Memfd,
         })
     }
 

@@ -188,6 +188,9 @@ pub struct RunOptions {
     pub precopy: Option<PrecopyConfig>,
     /// Show a progress bar on stderr.
     pub progress: bool,
+    /// Back guest memory with a memfd (shared memory) and install pages
+    /// zero-copy, instead of private anonymous memory and UFFDIO_COPY.
+    pub shared_memory: bool,
 }
 
 /// Migrates from `transport` while running the workload, then verifies
@@ -215,7 +218,12 @@ pub fn run_destination(
         converge_pages: 0,
         switch_over: SwitchOver::PostCopy,
     });
-    let mem = Arc::new(DestMemory::new(&transport.info().layout)?);
+    let layout = &transport.info().layout;
+    let mem = Arc::new(if opts.shared_memory {
+        DestMemory::new_shared(layout)?
+    } else {
+        DestMemory::new(layout)?
+    });
     let outcome = precopy(&transport, &mem, &cfg, &mut |round, pages| {
         bar.set_position(0);
         bar.set_message(if round == 0 {

@@ -3,11 +3,12 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crate::dirty::PageSet;
 use crate::error::TransportError;
+use crate::landing::Landing;
 use crate::layout::{PageRange, SourceInfo};
 use crate::tcp::TcpTransport;
 use crate::wire::{RemoteRegion, SourceStats};
@@ -23,6 +24,16 @@ pub struct RdmaTransport {
     device: Arc<Device>,
     next_psn: AtomicU32,
     bulk_wait: CompletionWait,
+    /// Landing memory registered with the device, once offered.
+    landing: OnceLock<Arc<RdmaLanding>>,
+}
+
+/// Landing memory registered for local writes: READs land in it directly.
+struct RdmaLanding {
+    // Declared first so they are dropped (deregistered) before the
+    // landing memory's owner may unmap it.
+    mrs: Vec<Mr>,
+    landing: Arc<Landing>,
 }
 
 impl std::fmt::Debug for RdmaTransport {
@@ -41,6 +52,7 @@ impl RdmaTransport {
             device,
             next_psn: AtomicU32::new(std::process::id().wrapping_mul(7919)),
             bulk_wait: CompletionWait::Poll,
+            landing: OnceLock::new(),
         }
     }
 
@@ -92,7 +104,8 @@ impl Staging {
 
 /// A request posted and not yet received.
 struct Posted {
-    slot: usize,
+    /// Its staging slot; `None` when it lands in landing memory.
+    slot: Option<usize>,
     reads: usize,
     len: usize,
 }
@@ -108,12 +121,50 @@ struct RdmaChannel {
     /// Completions polled and not yet consumed by `recv`.
     completions: usize,
     timeout: Duration,
+    landing: Option<Arc<RdmaLanding>>,
+}
+
+impl RdmaChannel {
+    /// The READs of one request for `ranges`, the `i`-th landing at
+    /// `local(i, range)`.
+    fn reads(
+        &self,
+        ranges: &[PageRange],
+        mut local: impl FnMut(PageRange) -> Result<(u64, u32), TransportError>,
+    ) -> Result<(Vec<Read>, usize), TransportError> {
+        RDMA_LIMITS.check(ranges)?;
+        let ps = self.info.layout.page_size();
+        let mut reads = Vec::with_capacity(ranges.len());
+        let mut total = 0usize;
+        for r in ranges {
+            let (region, roff) = self.info.layout.locate(*r)?;
+            let remote = self.regions[region];
+            // Bounded by SLOT_PAGES pages: fits u32.
+            let len = r.count as usize * ps;
+            let (addr, lkey) = local(*r)?;
+            reads.push(Read {
+                local: addr,
+                lkey,
+                len: len as u32,
+                remote: remote.addr + roff as u64,
+                rkey: remote.rkey,
+            });
+            total += len;
+        }
+        Ok((reads, total))
+    }
+
+    /// Waits for the oldest request's READs.
+    fn complete(&mut self, p: &Posted) -> Result<(), TransportError> {
+        self.qp
+            .poll_until(p.reads, &mut self.completions, self.timeout)?;
+        self.completions -= p.reads;
+        Ok(())
+    }
 }
 
 impl PageChannel for RdmaChannel {
     fn send(&mut self, ranges: &[PageRange]) -> Result<(), TransportError> {
-        RDMA_LIMITS.check(ranges)?;
-        let ps = self.info.layout.page_size();
         // Taken off the free list only once the READs are posted.
         let slot = *self
             .free_slots
@@ -121,22 +172,12 @@ impl PageChannel for RdmaChannel {
             .ok_or(TransportError::Misuse("too many requests outstanding"))?;
         let base = self.staging.buf.as_mut_ptr() as u64 + (slot * self.slot_len) as u64;
         let lkey = self.staging.mr.lkey();
-        let mut reads = Vec::with_capacity(ranges.len());
         let mut off = 0u64;
-        for r in ranges {
-            let (region, roff) = self.info.layout.locate(*r)?;
-            let remote = self.regions[region];
-            // Bounded by SLOT_PAGES pages: fits u32.
-            let len = r.count as usize * ps;
-            reads.push(Read {
-                local: base + off,
-                lkey,
-                len: len as u32,
-                remote: remote.addr + roff as u64,
-                rkey: remote.rkey,
-            });
-            off += len as u64;
-        }
+        let (reads, len) = self.reads(ranges, |r| {
+            let at = base + off;
+            off += u64::from(r.count) * self.info.layout.page_size() as u64;
+            Ok((at, lkey))
+        })?;
         // SAFETY: every read lands inside this request's slot of `staging`,
         // registered for local write, which lives as long as the channel
         // (and so past every completion); the slot is not handed out again
@@ -144,9 +185,9 @@ impl PageChannel for RdmaChannel {
         unsafe { self.qp.post_reads(&reads) }?;
         self.free_slots.pop();
         self.posted.push_back(Posted {
-            slot,
+            slot: Some(slot),
             reads: reads.len(),
-            len: off as usize,
+            len,
         });
         Ok(())
     }
@@ -156,19 +197,63 @@ impl PageChannel for RdmaChannel {
             .posted
             .pop_front()
             .ok_or(TransportError::Misuse("recv with no request outstanding"))?;
+        let Some(slot) = p.slot else {
+            return Err(TransportError::Misuse("recv of a request sent to land"));
+        };
         if buf.len() != p.len {
             return Err(TransportError::BufferSize {
                 want: p.len,
                 got: buf.len(),
             });
         }
-        self.qp
-            .poll_until(p.reads, &mut self.completions, self.timeout)?;
-        self.completions -= p.reads;
-        let start = p.slot * self.slot_len;
+        self.complete(&p)?;
+        let start = slot * self.slot_len;
         buf.copy_from_slice(&self.staging.buf[start..start + p.len]);
-        self.free_slots.push(p.slot);
+        self.free_slots.push(slot);
         Ok(())
+    }
+
+    fn send_landed(&mut self, ranges: &[PageRange]) -> Result<(), TransportError> {
+        let landing = self
+            .landing
+            .clone()
+            .ok_or(TransportError::Misuse("this channel has no landing memory"))?;
+        if self.posted.len() >= SLOTS {
+            return Err(TransportError::Misuse("too many requests outstanding"));
+        }
+        let (reads, len) = self.reads(ranges, |r| {
+            let (span, addr) = landing
+                .landing
+                .locate_span(r)
+                .ok_or(TransportError::Misuse("a range outside the landing memory"))?;
+            Ok((addr as u64, landing.mrs[span].lkey()))
+        })?;
+        // SAFETY: every read lands inside one span of the landing memory,
+        // registered for local write by the transport (the MR and the
+        // memory outlive the channel, which holds the Arc); the caller
+        // holds these pages until `recv_landed` (see `Landing::new`).
+        unsafe { self.qp.post_reads(&reads) }?;
+        self.posted.push_back(Posted {
+            slot: None,
+            reads: reads.len(),
+            len,
+        });
+        Ok(())
+    }
+
+    fn recv_landed(&mut self) -> Result<(), TransportError> {
+        let p = self
+            .posted
+            .pop_front()
+            .ok_or(TransportError::Misuse("recv with no request outstanding"))?;
+        if p.slot.is_some() {
+            // Put it back: the caller asked for the wrong kind of reply.
+            self.posted.push_front(p);
+            return Err(TransportError::Misuse(
+                "recv_landed of a request sent to a buffer",
+            ));
+        }
+        self.complete(&p)
     }
 
     fn reply_ready(&mut self) -> Result<bool, TransportError> {
@@ -221,11 +306,31 @@ impl Transport for RdmaTransport {
             completions: 0,
             info,
             timeout: self.control.io_timeout(),
+            landing: self.landing.get().cloned(),
         }))
     }
 
     fn limits(&self) -> FetchLimits {
         RDMA_LIMITS
+    }
+
+    fn set_landing(&self, landing: Arc<Landing>) -> Result<bool, TransportError> {
+        if landing.page_size() != self.control.info().layout.page_size() {
+            return Ok(false);
+        }
+        let mut mrs = Vec::with_capacity(landing.spans().len());
+        for s in landing.spans() {
+            let len = s.pages as usize * landing.page_size();
+            // SAFETY: the span is memory of this process mapped and
+            // writable for `len` bytes while `landing` lives (its
+            // contract); the MR is stored beside the Arc and dropped
+            // first, so it never outlives the memory.
+            mrs.push(unsafe { self.device.register_local_write(s.addr as *mut u8, len) }?);
+        }
+        Ok(self
+            .landing
+            .set(Arc::new(RdmaLanding { mrs, landing }))
+            .is_ok())
     }
 
     fn checksums(&self, range: PageRange) -> Result<Vec<u64>, TransportError> {

@@ -4,11 +4,12 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::dirty::PageSet;
 use crate::error::TransportError;
+use crate::landing::Landing;
 use crate::layout::{PageRange, SourceInfo};
 use crate::wire::{self, ChannelKind, Hello, QpEndpoint, RdmaAccept, Request, SourceStats};
 use crate::{ChannelClass, FetchLimits, PageChannel, Transport};
@@ -58,13 +59,21 @@ const REPLY_HEAD: usize = 4 + wire::PAGES_HEADER;
 /// frame with the longest message a source sends.
 const MAX_ERROR_REPLY: usize = REPLY_HEAD + 1024;
 
+/// A fetch on the wire.
+struct Sent {
+    id: u64,
+    pages: u64,
+    /// The ranges, when the reply lands in landing memory.
+    landed: Option<Vec<PageRange>>,
+}
+
 /// One connection to the source, handshake done.
 struct Conn {
     stream: TcpStream,
     next_id: u64,
     timeout: f64,
-    /// Requests sent and not answered yet: (id, pages), oldest first.
-    outstanding: VecDeque<(u64, u64)>,
+    /// Requests sent and not answered yet, oldest first.
+    outstanding: VecDeque<Sent>,
 }
 
 impl Conn {
@@ -200,8 +209,9 @@ impl Conn {
         Ok(())
     }
 
-    /// Sends a fetch without waiting for its reply.
-    fn send_fetch(&mut self, ranges: &[PageRange]) -> Result<(), TransportError> {
+    /// Sends a fetch without waiting for its reply; with `landed`, its
+    /// reply is to land in landing memory.
+    fn send_fetch(&mut self, ranges: &[PageRange], landed: bool) -> Result<(), TransportError> {
         if self.outstanding.len() >= TCP_MAX_OUTSTANDING {
             return Err(TransportError::Misuse("too many requests outstanding"));
         }
@@ -210,26 +220,72 @@ impl Conn {
             id,
             ranges: ranges.to_vec(),
         })?;
-        self.outstanding.push_back((id, pages));
+        self.outstanding.push_back(Sent {
+            id,
+            pages,
+            landed: landed.then(|| ranges.to_vec()),
+        });
         Ok(())
     }
 
     /// Receives the reply to the oldest outstanding fetch into `buf`.
     fn recv_fetch(&mut self, buf: &mut [u8], page_size: usize) -> Result<(), TransportError> {
-        let &(id, want_pages) = self
+        let front = self
             .outstanding
             .front()
             .ok_or(TransportError::Misuse("recv with no request outstanding"))?;
-        let want_len = want_pages as usize * page_size;
+        if front.landed.is_some() {
+            return Err(TransportError::Misuse("recv of a request sent to land"));
+        }
+        let want_len = front.pages as usize * page_size;
         if buf.len() != want_len {
             return Err(TransportError::BufferSize {
                 want: want_len,
                 got: buf.len(),
             });
         }
+        self.reply_head(want_len)?;
+        self.stream.read_exact(buf).map_err(|e| self.read_err(e))
+    }
+
+    /// Receives the reply to the oldest outstanding fetch, sent to land,
+    /// straight into `landing`: each range's bytes at its own place.
+    fn recv_fetch_landed(&mut self, landing: &Landing) -> Result<(), TransportError> {
+        let front = self
+            .outstanding
+            .front()
+            .ok_or(TransportError::Misuse("recv with no request outstanding"))?;
+        let Some(ranges) = front.landed.clone() else {
+            return Err(TransportError::Misuse(
+                "recv_landed of a request sent to a buffer",
+            ));
+        };
+        self.reply_head(front.pages as usize * landing.page_size())?;
+        for r in ranges {
+            // SAFETY: this channel sent the request for these pages (their
+            // fetcher holds them, see `Landing::new`) and no other slice
+            // over them is live: each range is read, then dropped.
+            let dst = unsafe { landing.bytes_mut(r) }.ok_or(TransportError::Misuse(
+                "a landed range outside the landing memory",
+            ))?;
+            self.stream.read_exact(dst).map_err(|e| self.read_err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Reads and checks the head of the reply to the oldest outstanding
+    /// fetch, which must carry `want_len` bytes of pages; they follow.
+    fn reply_head(&mut self, want_len: usize) -> Result<(), TransportError> {
+        let Some(Sent {
+            id,
+            pages: want_pages,
+            ..
+        }) = self.outstanding.pop_front()
+        else {
+            return Err(TransportError::Misuse("recv with no request outstanding"));
+        };
         // Whatever happens next, this request is answered or the channel
         // is broken.
-        self.outstanding.pop_front();
         let mut head = [0u8; REPLY_HEAD];
         self.stream
             .read_exact(&mut head)
@@ -254,7 +310,7 @@ impl Conn {
                         "pages reply (request {got_id}, {pages} pages, {len} bytes) does not match request {id} for {want_pages} pages"
                     )));
                 }
-                self.stream.read_exact(buf).map_err(|e| self.read_err(e))
+                Ok(())
             }
             ty => {
                 // An error reply (or a stray message): its body is small;
@@ -284,6 +340,8 @@ pub struct TcpTransport {
     /// The source's session: every later connection must reach the same.
     session: u64,
     control: Mutex<Conn>,
+    /// Where channels may land pages, once the engine offered it.
+    landing: OnceLock<Arc<Landing>>,
 }
 
 impl std::fmt::Debug for TcpTransport {
@@ -310,6 +368,7 @@ impl TcpTransport {
             info,
             session,
             control: Mutex::new(control),
+            landing: OnceLock::new(),
         })
     }
 
@@ -421,15 +480,35 @@ impl TcpTransport {
 struct TcpChannel {
     conn: Conn,
     page_size: usize,
+    landing: Option<Arc<Landing>>,
 }
 
 impl PageChannel for TcpChannel {
     fn send(&mut self, ranges: &[PageRange]) -> Result<(), TransportError> {
-        self.conn.send_fetch(ranges)
+        self.conn.send_fetch(ranges, false)
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
         self.conn.recv_fetch(buf, self.page_size)
+    }
+
+    fn send_landed(&mut self, ranges: &[PageRange]) -> Result<(), TransportError> {
+        let landing = self
+            .landing
+            .as_ref()
+            .ok_or(TransportError::Misuse("this channel has no landing memory"))?;
+        if ranges.iter().any(|r| landing.locate(*r).is_none()) {
+            return Err(TransportError::Misuse("a range outside the landing memory"));
+        }
+        self.conn.send_fetch(ranges, true)
+    }
+
+    fn recv_landed(&mut self) -> Result<(), TransportError> {
+        let landing = self
+            .landing
+            .clone()
+            .ok_or(TransportError::Misuse("this channel has no landing memory"))?;
+        self.conn.recv_fetch_landed(&landing)
     }
 
     fn reply_ready(&mut self) -> Result<bool, TransportError> {
@@ -468,6 +547,7 @@ impl Transport for TcpTransport {
         Ok(Box::new(TcpChannel {
             conn,
             page_size: self.info.layout.page_size(),
+            landing: self.landing.get().cloned(),
         }))
     }
 
@@ -489,6 +569,13 @@ impl Transport for TcpTransport {
 
     fn session(&self) -> Option<u64> {
         Some(self.session)
+    }
+
+    fn set_landing(&self, landing: Arc<Landing>) -> Result<bool, TransportError> {
+        if landing.page_size() != self.info.layout.page_size() {
+            return Ok(false);
+        }
+        Ok(self.landing.set(landing).is_ok())
     }
 
     fn dirty_round(&self, round: u32, pause: bool) -> Result<PageSet, TransportError> {

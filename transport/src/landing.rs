@@ -1,0 +1,182 @@
+//! Landing memory: destination memory a transport writes pages into
+//! itself, each page at its own place, instead of into a buffer the caller
+//! then copies from.
+//!
+//! A destination whose guest memory is shared memory (a memfd) maps it a
+//! second time, where the guest cannot see it, and hands that mapping to
+//! the transport as a [`Landing`]: TCP receives page bytes straight into
+//! it, RDMA READs land in it directly (it is registered as a memory
+//! region). The engine then maps each page into the guest with
+//! `UFFDIO_CONTINUE`; no byte is copied on the destination's CPU.
+
+use std::sync::Arc;
+
+use crate::error::TransportError;
+use crate::layout::PageRange;
+
+/// One stretch of landing memory: pages `first_page..first_page + pages`
+/// at host address `addr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LandingSpan {
+    /// Global index of the first page.
+    pub first_page: u64,
+    /// Pages in the span.
+    pub pages: u64,
+    /// Host address of the first byte.
+    pub addr: usize,
+}
+
+/// Destination memory pages may be written into directly, in spans sorted
+/// by page.
+pub struct Landing {
+    page_size: usize,
+    spans: Vec<LandingSpan>,
+    /// Whatever owns the mapping; kept alive as long as this value.
+    _owner: Arc<dyn Send + Sync>,
+}
+
+impl std::fmt::Debug for Landing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Landing")
+            .field("page_size", &self.page_size)
+            .field("spans", &self.spans)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Landing {
+    /// Landing memory made of `spans` of `page_size` pages, kept mapped by
+    /// `owner`.
+    ///
+    /// # Safety
+    /// Every span must be memory of this process, readable and writable
+    /// for `pages * page_size` bytes, that stays mapped as long as `owner`
+    /// lives. While a request landing pages is outstanding nothing else
+    /// may read or write those pages' bytes (the engine claims a page
+    /// before asking for it, and the guest cannot see this mapping).
+    pub unsafe fn new(
+        page_size: usize,
+        mut spans: Vec<LandingSpan>,
+        owner: Arc<dyn Send + Sync>,
+    ) -> Result<Self, TransportError> {
+        spans.sort_by_key(|s| s.first_page);
+        let bad = |why| Err(TransportError::Misuse(why));
+        if page_size == 0 || spans.is_empty() {
+            return bad("landing memory without pages");
+        }
+        for (i, s) in spans.iter().enumerate() {
+            let end = s.first_page.checked_add(s.pages);
+            let bytes = (s.pages as usize).checked_mul(page_size);
+            if s.pages == 0
+                || end.is_none()
+                || bytes.is_none_or(|b| s.addr.checked_add(b).is_none())
+            {
+                return bad("landing span empty or overflowing");
+            }
+            if i > 0 && spans[i - 1].first_page + spans[i - 1].pages > s.first_page {
+                return bad("landing spans overlap");
+            }
+        }
+        Ok(Self {
+            page_size,
+            spans,
+            _owner: owner,
+        })
+    }
+
+    /// The spans, sorted by page.
+    pub fn spans(&self) -> &[LandingSpan] {
+        &self.spans
+    }
+
+    /// The page size.
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    /// Host address of the first byte of `range`, when the whole range
+    /// lies in one span.
+    pub fn locate(&self, range: PageRange) -> Option<usize> {
+        self.locate_span(range).map(|(_, addr)| addr)
+    }
+
+    /// The span holding all of `range` (its index) and the host address of
+    /// the range's first byte.
+    pub fn locate_span(&self, range: PageRange) -> Option<(usize, usize)> {
+        let i = self
+            .spans
+            .partition_point(|s| s.first_page <= range.first)
+            .checked_sub(1)?;
+        let s = self.spans[i];
+        let end = range.first.checked_add(u64::from(range.count))?;
+        (range.count > 0 && end <= s.first_page + s.pages).then(|| {
+            (
+                i,
+                s.addr + (range.first - s.first_page) as usize * self.page_size,
+            )
+        })
+    }
+
+    /// The bytes of `range` to write into, when it lies in one span.
+    ///
+    /// # Safety
+    /// The caller must hold the pages of `range` (a request landing them
+    /// is outstanding on its channel, see [`Landing::new`]) and must not
+    /// make two live slices over the same pages.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn bytes_mut(&self, range: PageRange) -> Option<&mut [u8]> {
+        let addr = self.locate(range)?;
+        let len = range.count as usize * self.page_size;
+        // SAFETY: `addr..addr + len` lies in one span, which the contract
+        // of `new` keeps mapped and writable while `self` (and its owner)
+        // lives; the caller holds the pages and makes no other slice over
+        // them.
+        Some(unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_land_inside_one_span_or_nowhere() {
+        let mem = Arc::new(vec![0u8; 8 * 4096]);
+        let base = mem.as_ptr() as usize;
+        let spans = vec![
+            LandingSpan {
+                first_page: 4,
+                pages: 4,
+                addr: base + 4 * 4096,
+            },
+            LandingSpan {
+                first_page: 0,
+                pages: 4,
+                addr: base,
+            },
+        ];
+        // SAFETY: both spans lie in `mem`, which the landing keeps alive.
+        let l = unsafe { Landing::new(4096, spans, mem.clone()) }.unwrap();
+        assert_eq!(l.locate(PageRange::new(0, 4)), Some(base));
+        assert_eq!(l.locate(PageRange::new(5, 2)), Some(base + 5 * 4096));
+        assert_eq!(l.locate(PageRange::new(3, 2)), None, "across two spans");
+        assert_eq!(l.locate(PageRange::new(7, 2)), None, "past the end");
+        assert_eq!(l.locate(PageRange::new(8, 1)), None);
+        let over = vec![
+            LandingSpan {
+                first_page: 0,
+                pages: 4,
+                addr: base,
+            },
+            LandingSpan {
+                first_page: 3,
+                pages: 1,
+                addr: base,
+            },
+        ];
+        // SAFETY: refused before use.
+        assert!(unsafe { Landing::new(4096, over, mem.clone()) }.is_err());
+        // SAFETY: refused before use.
+        assert!(unsafe { Landing::new(4096, vec![], mem) }.is_err());
+    }
+}
