@@ -301,10 +301,7 @@ impl PageInstaller {
         let (addr, len) = self.span(range)?;
         let ps = self.mem.layout().page_size();
         if self.mem.is_shared() {
-            // The pages are claimed and not mapped in the guest: zero their
-            // bytes in the file, then map them.
-            self.mem.zero_alias(range)?;
-            return self.install_landed_with(range, wake, busy);
+            return self.install_zero_shared(range, wake, busy);
         }
         if ps > PAGE_SIZE {
             let zeros = self.zeros.get_or_init(|| vec![0u8; ps]);
@@ -317,6 +314,52 @@ impl PageInstaller {
             return Ok(done);
         }
         self.zeropage_with(range, busy, wake, addr, len)
+    }
+
+    /// Zero pages of shared memory, one page at a time: UFFDIO_ZEROPAGE
+    /// puts a zeroed page in the file and maps it; a page the file holds
+    /// already (EEXIST: stale bytes of a pre-copied page dropped since, or
+    /// pages pinned by an RDMA registration) gets its bytes zeroed through
+    /// the second mapping and is mapped with UFFDIO_CONTINUE. One page per
+    /// call, so an EEXIST always means "in the file, not mapped": the
+    /// caller holds the pages, nothing else maps them.
+    fn install_zero_shared(
+        &self,
+        range: PageRange,
+        wake: bool,
+        busy: OnBusy<'_>,
+    ) -> Result<Installed, EngineError> {
+        let mut done = Installed::default();
+        let mut p = range.first;
+        while p < range.end() {
+            let one = PageRange::new(p, 1);
+            let (addr, len) = self.span(one)?;
+            // SAFETY: one page inside a region of `self.mem` registered
+            // with this uffd (checked by `span`); ZEROPAGE only fills a
+            // page that is neither mapped nor in the file.
+            let r = unsafe { self.uffd.zeropage(addr as *mut libc::c_void, len, wake) };
+            match r {
+                Ok(n) if n as usize == len => {
+                    done.pages += 1;
+                    p += 1;
+                }
+                Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EEXIST => {
+                    self.mem.zero_alias(one)?;
+                    let d = self.install_landed_with(one, wake, busy)?;
+                    done.pages += d.pages;
+                    done.already_present += d.already_present;
+                    p += 1;
+                }
+                Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EAGAIN => busy()?,
+                Ok(_) => {
+                    return Err(EngineError::Memory(format!(
+                        "UFFDIO_ZEROPAGE made no progress at {addr:#x}"
+                    )))
+                }
+                Err(e) => return Err(uffd_err("UFFDIO_ZEROPAGE")(e)),
+            }
+        }
+        Ok(done)
     }
 
     /// UFFDIO_ZEROPAGE over `addr..addr + len`, the span of `range`.
