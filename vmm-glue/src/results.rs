@@ -503,8 +503,11 @@ pub fn render(runs: &[Run], out: &Path, command: &str) -> Result<PathBuf, Result
          as a share of the pages the workload touched; pages moved count pages sent (pre-copy \
          rounds included) plus zero pages installed, as a multiple of the guest. Downtime runs \
          from the source pausing its guest to the destination resuming it (shown when the \
-         guest kept running at the source until the switch-over). Times and latencies are \
-         compared with demand-only paging on the same link in the same run.\n",
+         guest kept running at the source until the switch-over). Fault latency is the \
+         engine's (from reading the fault to installing the page); a guest stall is a touch \
+         as the workload thread saw it (every touch that blocked at least 2 µs, from the \
+         touch to running again, waking included). Times and latencies are compared with \
+         demand-only paging on the same link in the same run.\n",
         runs.len()
     );
     for ((size, rate), per_workload) in medians(&matrix) {
@@ -517,7 +520,7 @@ pub fn render(runs: &[Run], out: &Path, command: &str) -> Result<PathBuf, Result
         let _ = writeln!(md, "## {size} MiB guest, link {rate}{iperf}\n");
         let _ = writeln!(
             md,
-            "| workload | mode | network faults | % of touched | fault p50 µs | fault p99 µs | p99 vs demand | workload ms | vs demand | total ms | downtime ms | pages moved (× guest) |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+            "| workload | mode | network faults | % of touched | fault p50 µs | fault p99 µs | p99 vs demand | guest stall p99 µs | vs demand | workload ms | vs demand | total ms | downtime ms | pages moved (× guest) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for (workload, modes) in &per_workload {
             let base = modes
@@ -532,12 +535,14 @@ pub fn render(runs: &[Run], out: &Path, command: &str) -> Result<PathBuf, Result
                 let touched = r.num(&["workload", "distinct_pages"]).max(1.0);
                 let _ = writeln!(
                     md,
-                    "| {workload} | {mode} | {:.0} | {:.1} % | {:.0} | {:.0} | {} | {:.0} | {} | {:.0} | {} | {:.2} |",
+                    "| {workload} | {mode} | {:.0} | {:.1} % | {:.0} | {:.0} | {} | {:.0} | {} | {:.0} | {} | {:.0} | {} | {:.2} |",
                     r.num(&["network_faults"]),
                     100.0 * r.num(&["network_faults"]) / touched,
                     r.num(&["fault_latency_us", "p50"]),
                     r.num(&["fault_latency_us", "p99"]),
                     rel(r.num(&["fault_latency_us", "p99"]), base.map(|b| b.num(&["fault_latency_us", "p99"]))),
+                    r.num(&["workload", "stalls", "p99"]),
+                    rel(r.num(&["workload", "stalls", "p99"]), base.map(|b| b.num(&["workload", "stalls", "p99"]))),
                     r.workload_ms(),
                     rel(r.workload_ms(), base.map(Run::workload_ms)),
                     r.num(&["total_ms"]),
