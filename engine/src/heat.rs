@@ -28,6 +28,8 @@ pub(crate) struct HeatMap {
     /// Blocks the sweep has finished (no missing page left when it looked).
     done: Box<[AtomicBool]>,
     queue: Mutex<Queue>,
+    /// Blocks with faults the sweep has not finished.
+    live: std::sync::atomic::AtomicUsize,
     pages: u64,
 }
 
@@ -48,6 +50,7 @@ impl HeatMap {
             counts: (0..blocks).map(|_| AtomicU32::new(0)).collect(),
             done: (0..blocks).map(|_| AtomicBool::new(false)).collect(),
             queue: Mutex::new(Queue::default()),
+            live: std::sync::atomic::AtomicUsize::new(0),
             pages,
         }
     }
@@ -63,6 +66,9 @@ impl HeatMap {
             return;
         }
         let n = count.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        if n == 1 {
+            self.live.fetch_add(1, Ordering::AcqRel);
+        }
         if n.is_power_of_two() {
             self.queue().heap.push((n, Reverse(b)));
         }
@@ -70,8 +76,7 @@ impl HeatMap {
 
     /// Whether some block with faults may still have missing pages.
     pub fn pending(&self) -> bool {
-        let q = self.queue();
-        q.current.is_some() || !q.heap.is_empty()
+        self.live.load(Ordering::Acquire) > 0
     }
 
     fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -121,7 +126,9 @@ impl HeatMap {
                 at += n.max(1);
             }
             if at >= end {
-                self.done[block as usize].store(true, Ordering::Relaxed);
+                if !self.done[block as usize].swap(true, Ordering::Relaxed) {
+                    self.live.fetch_sub(1, Ordering::AcqRel);
+                }
                 q.current = None;
             } else {
                 q.current = Some((block, at));

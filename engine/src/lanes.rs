@@ -147,10 +147,14 @@ pub(crate) fn lane_main(
             let ticket = match shared.governor.acquire_for(None, bubble) {
                 Some(t) => t,
                 None => {
-                    // No room for a request: map zero pages meanwhile
-                    // (no network needed), a slice at a time.
+                    // No room for a request: map a slice of zero pages
+                    // meanwhile (no network needed), then take the replies
+                    // this lane waits for (a fault may wait on one).
                     if zeros_left && shared.push_allowed() {
                         zeros_left = fill_zeros(shared)?;
+                        if !pending.is_empty() {
+                            break;
+                        }
                         continue;
                     }
                     match wait.and_then(|w| shared.governor.acquire_for(Some(w), bubble)) {

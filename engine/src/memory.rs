@@ -576,6 +576,23 @@ impl DestMemory {
         self.alias.as_ref().map(|a| a.landing.clone())
     }
 
+    /// Whether the guest's mapping of `page` has it mapped (a page table
+    /// entry present or swapped), from `/proc/self/pagemap`; memory in this
+    /// process only.
+    pub(crate) fn is_mapped(&self, page: u64) -> Result<bool, EngineError> {
+        use std::os::unix::fs::FileExt;
+        let addr = self
+            .host_addr(page)
+            .filter(|_| self.is_local())
+            .ok_or_else(|| EngineError::Memory(format!("page {page} is not local guest memory")))?;
+        let f = std::fs::File::open("/proc/self/pagemap")
+            .map_err(|e| EngineError::Memory(format!("open pagemap: {e}")))?;
+        let mut entry = [0u8; 8];
+        f.read_exact_at(&mut entry, (addr / PAGE_SIZE) as u64 * 8)
+            .map_err(|e| EngineError::Memory(format!("read pagemap: {e}")))?;
+        Ok(u64::from_le_bytes(entry) & (3 << 62) != 0)
+    }
+
     /// Writes `data` into pages `range` of the second mapping (shared
     /// memory only); the caller holds the pages, as for
     /// [`Self::zero_alias`].
@@ -621,9 +638,6 @@ impl DestMemory {
     /// again, before the memory is registered with userfaultfd: pre-copied
     /// pages the guest wrote at the source after they were copied.
     pub(crate) fn discard_unregistered(&self, range: PageRange) -> Result<(), EngineError> {
-        // Shared memory keeps the stale bytes in its file, but the guest's
-        // mapping loses the page: the next touch faults (MINOR), and the
-        // page is fetched into the second mapping and mapped again.
         if !self.can_discard() {
             return Err(EngineError::Memory(
                 "a hybrid migration needs guest memory mapped by pagewire (DestMemory::new) or \
@@ -632,12 +646,21 @@ impl DestMemory {
             ));
         }
         let (addr, len) = self.host_span(range)?;
-        // SAFETY: `addr..addr + len` lies inside one private anonymous
-        // region of this process (checked by host_span and `guest`);
-        // MADV_DONTNEED only drops its pages, which read as missing
-        // afterwards; no reference into them is held (nothing runs on the
-        // memory before the migration starts).
-        let r = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+        // Private memory: DONTNEED frees the pages. Shared memory: the
+        // stale bytes must leave the file too (DONTNEED would only unmap
+        // them here, and a page later marked removed would map them):
+        // REMOVE punches them out; the next touch faults either way.
+        let advice = if self.alias.is_some() {
+            libc::MADV_REMOVE
+        } else {
+            libc::MADV_DONTNEED
+        };
+        // SAFETY: `addr..addr + len` lies inside one region of this
+        // process that pagewire mapped (checked by host_span and
+        // `can_discard`); the advice only drops its pages, which read as
+        // missing afterwards; no reference into them is held (nothing runs
+        // on the memory before the migration starts).
+        let r = unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) };
         if r != 0 {
             return Err(EngineError::Memory(format!(
                 "discard stale pre-copied pages: {}",

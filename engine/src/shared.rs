@@ -98,7 +98,19 @@ impl Shared {
     /// died with its threads are released and fetched first, the sweep
     /// starts over (skipping what is here) and is let run.
     pub fn resumed(self, transport: Arc<dyn Transport>, limits: FetchLimits) -> Self {
-        let (released, settled) = self.states.release_claimed();
+        let (mut released, mut settled) = self.states.release_claimed();
+        // Shared memory: a page an install had already mapped when the
+        // migration stopped must not be written again through the second
+        // mapping (the guest may have written it since): it is present.
+        if self.installer.memory().is_shared() {
+            let mem = self.installer.memory().clone();
+            let mapped = |p: &u64| mem.is_mapped(*p).unwrap_or(false);
+            for p in released.iter().filter(|p| mapped(p)) {
+                self.states.preset_present(*p, PageOrigin::Fault);
+            }
+            released.retain(|p| !self.states.is_present(*p));
+            settled.retain(|p| !mapped(p));
+        }
         // Removed while being fetched: zeros, and their threads woken.
         for p in settled {
             if let Err(e) = self.installer.install_zero(PageRange::new(p, 1), true) {
@@ -327,20 +339,42 @@ impl Shared {
                         }
                         Ok(())
                     };
+                    // Pages from `start` mapped in the guest so far: on a
+                    // retry or an error they are present, never written
+                    // again (in shared memory a write would reach the
+                    // guest's page).
+                    let mut mapped = 0u64;
                     let r = if self.landed {
-                        self.installer.install_landed_with(sub, true, &mut check)
+                        self.installer
+                            .install_landed_progress(sub, true, &mut check, &mut mapped)
                     } else {
                         let from = (start - piece.first) as usize * ps;
                         let data = &data[from..from + sub.count as usize * ps];
-                        self.installer.install_with(sub, data, true, &mut check)
+                        self.installer.install_with_progress(
+                            sub,
+                            data,
+                            true,
+                            &mut check,
+                            &mut mapped,
+                        )
                     };
                     match r {
                         Ok(done) => {
                             Metrics::add(&self.metrics.install_conflicts, done.already_present);
                             self.mark_present(sub, origin);
                         }
-                        Err(EngineError::Aborted) if removed_meanwhile => continue,
-                        Err(e) => return Err(e),
+                        Err(e) => {
+                            let mapped = mapped.min(u64::from(sub.count));
+                            if mapped > 0 {
+                                // Fits: at most the sub-run's u32 count.
+                                self.mark_present(PageRange::new(start, mapped as u32), origin);
+                            }
+                            if matches!(e, EngineError::Aborted) && removed_meanwhile {
+                                start += mapped;
+                                continue;
+                            }
+                            return Err(e);
+                        }
                     }
                 }
                 start = end;

@@ -218,6 +218,21 @@ impl PageInstaller {
         wake: bool,
         busy: OnBusy<'_>,
     ) -> Result<Installed, EngineError> {
+        self.install_with_progress(range, data, wake, busy, &mut 0)
+    }
+
+    /// [`Self::install_with`], keeping in `mapped` how many pages from the
+    /// start of `range` are mapped in the guest so far, also when it
+    /// fails: a caller that retries must never write those again.
+    pub(crate) fn install_with_progress(
+        &self,
+        range: PageRange,
+        data: &[u8],
+        wake: bool,
+        busy: OnBusy<'_>,
+        mapped: &mut u64,
+    ) -> Result<Installed, EngineError> {
+        *mapped = 0;
         let (addr, len) = self.span(range)?;
         if data.len() != len {
             return Err(EngineError::Memory(format!(
@@ -229,7 +244,7 @@ impl PageInstaller {
             // Shared memory: the bytes go into the file through the second
             // mapping (the caller holds these pages), then get mapped.
             self.mem.write_alias(range, data)?;
-            return self.install_landed_with(range, wake, busy);
+            return self.install_landed_progress(range, wake, busy, mapped);
         }
         let ps = self.mem.layout().page_size();
         let mut done = Installed::default();
@@ -253,12 +268,14 @@ impl PageInstaller {
                 Ok(n) if n > 0 && n <= len - off => {
                     done.pages += (n / ps) as u64;
                     off += n;
+                    *mapped = (off / ps) as u64;
                 }
                 // EAGAIN: a partial copy, or (a negative count read as a
                 // huge one) none because the mappings are changing.
                 Err(userfaultfd::Error::PartiallyCopied(n)) if n > 0 && n <= len - off => {
                     done.pages += (n / ps) as u64;
                     off += n;
+                    *mapped = (off / ps) as u64;
                 }
                 Err(userfaultfd::Error::PartiallyCopied(_)) => busy()?,
                 Ok(_) => {
@@ -271,6 +288,7 @@ impl PageInstaller {
                     done.already_present += 1;
                     self.wake_span(addr + off, ps)?;
                     off += ps;
+                    *mapped = (off / ps) as u64;
                 }
                 Err(userfaultfd::Error::CopyFailed(errno)) if errno as i32 == libc::EAGAIN => {
                     busy()?
@@ -321,8 +339,9 @@ impl PageInstaller {
     /// already (EEXIST: stale bytes of a pre-copied page dropped since, or
     /// pages pinned by an RDMA registration) gets its bytes zeroed through
     /// the second mapping and is mapped with UFFDIO_CONTINUE. One page per
-    /// call, so an EEXIST always means "in the file, not mapped": the
-    /// caller holds the pages, nothing else maps them.
+    /// call, and pages are left once mapped, so an EEXIST means "in the
+    /// file, not mapped": the caller holds the pages (callers that retry
+    /// start after what was mapped), nothing else maps them.
     fn install_zero_shared(
         &self,
         range: PageRange,
@@ -339,7 +358,7 @@ impl PageInstaller {
             // page that is neither mapped nor in the file.
             let r = unsafe { self.uffd.zeropage(addr as *mut libc::c_void, len, wake) };
             match r {
-                Ok(n) if n as usize == len => {
+                Ok(n) if n == len => {
                     done.pages += 1;
                     p += 1;
                 }
@@ -439,6 +458,20 @@ impl PageInstaller {
         wake: bool,
         busy: OnBusy<'_>,
     ) -> Result<Installed, EngineError> {
+        self.install_landed_progress(range, wake, busy, &mut 0)
+    }
+
+    /// [`Self::install_landed_with`], keeping in `mapped` how many pages
+    /// from the start of `range` are mapped in the guest so far, also when
+    /// it fails (see [`Self::install_with_progress`]).
+    pub(crate) fn install_landed_progress(
+        &self,
+        range: PageRange,
+        wake: bool,
+        busy: OnBusy<'_>,
+        mapped: &mut u64,
+    ) -> Result<Installed, EngineError> {
+        *mapped = 0;
         let (addr, len) = self.span(range)?;
         let ps = self.mem.layout().page_size();
         let mut done = Installed::default();
@@ -454,6 +487,7 @@ impl PageInstaller {
                 Ok(n) if n > 0 && n as usize <= len - off => {
                     done.pages += n / ps as u64;
                     off += n as usize;
+                    *mapped = (off / ps) as u64;
                 }
                 Ok(_) => {
                     return Err(EngineError::Memory(format!(
@@ -462,9 +496,16 @@ impl PageInstaller {
                     )))
                 }
                 Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EEXIST => {
+                    // The caller holds these pages: none should be mapped
+                    // yet. Its bytes were written before this was seen.
+                    tracing::warn!(
+                        addr = addr + off,
+                        "UFFDIO_CONTINUE: a page being installed was mapped already"
+                    );
                     done.already_present += 1;
                     self.wake_span(addr + off, ps)?;
                     off += ps;
+                    *mapped = (off / ps) as u64;
                 }
                 Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EAGAIN => busy()?,
                 Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EFAULT => {
