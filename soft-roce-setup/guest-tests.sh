@@ -94,5 +94,32 @@ for t in rdma tcp; do
     done
 done
 
+# RDMA taken away mid-migration while TCP stays (last: it breaks ::1).
+# RDMA runs over lo's IPv6 address (GID ::1), TCP over 127.0.0.1; deleting
+# ::1 from lo takes RDMA's route away: READs fail, new queue pairs cannot
+# reach RTR, and the migration goes on over TCP, saying so.
+gid=""
+for f in /sys/class/infiniband/rxe0/ports/1/gids/*; do
+    [ "$(cat "$f" 2>/dev/null)" = "0000:0000:0000:0000:0000:0000:0000:0001" ] && gid=${f##*/}
+done
+echo "GID ::1 on rxe0: index ${gid:-none}"
+pagewire source --listen 127.0.0.1:7072 --synthetic 64MiB --gid-index "${gid:-2}" -v > /tmp/src7072.out 2> /tmp/src7072.err &
+fb_src=$!
+for _ in $(seq 50); do grep -q listening /tmp/src7072.out 2>/dev/null && break; sleep 0.2; done
+grep -q "serving RDMA READs" /tmp/src7072.err || { echo "source on 7072 has no RDMA:"; cat /tmp/src7072.err; }
+(sleep 2; ip -6 addr del ::1/128 dev lo) &
+timeout 300 pagewire dest --connect 127.0.0.1:7072 --transport rdma --gid-index "${gid:-2}" --workload random \
+    --think-us 300 --no-push --io-timeout 2 --json > /tmp/fb.json 2> /tmp/fb.err
+rc=$?
+[ $rc -eq 0 ] || tail -n 5 /tmp/fb.err
+grep -a "falling back" /tmp/fb.err | head -n 1 | cut -c1-300
+grep -o '"transport": "[^"]*"' /tmp/fb.json
+check "RDMA route removed mid-migration: falls back to TCP, verified, 0 duplicates" \
+    sh -c "[ -n '$gid' ] && [ $rc -eq 0 ] && grep -q '\"transport\": \"rdma, fell back to tcp\"' /tmp/fb.json \
+        && grep -q '\"checksum_mismatches\": 0' /tmp/fb.json && grep -q '\"duplicate_pages\": 0' /tmp/fb.json \
+        && grep -q '\"pages_verified\": 16384' /tmp/fb.json && ! grep -q '\"link_losses\": 0,' /tmp/fb.json \
+        && ! grep -q '\"source_pages_served\": 0,' /tmp/fb.json"
+kill "$fb_src" 2>/dev/null
+
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]

@@ -415,6 +415,11 @@ struct TransportArgs {
     /// busy-poll).
     #[arg(long, value_enum, default_value = "poll")]
     rdma_bulk_wait: BulkWait,
+    /// When RDMA stops working mid-migration (the device or its address
+    /// goes away, links keep failing while TCP works), fail instead of
+    /// going on over TCP.
+    #[arg(long)]
+    rdma_no_fallback: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -673,6 +678,7 @@ impl TransportArgs {
                 BulkWait::Poll => CompletionWait::Poll,
                 BulkWait::Event => CompletionWait::Event,
             },
+            no_tcp_fallback: self.rdma_no_fallback,
         };
         Ok(match self.transport {
             TransportKind::Tcp => TransportChoice::Tcp,

@@ -2,7 +2,7 @@
 //! registered staging buffer.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -19,11 +19,25 @@ use super::verbs::{CompletionWait, Device, Mr, Qp, Read};
 /// Pages from a pagewire source by one-sided RDMA READ. The TCP control
 /// connection carries the handshake, queue pair set-up, checksums and
 /// counters; page data never touches the source's CPU.
+///
+/// When RDMA stops working while TCP still does, the migration goes on
+/// over TCP instead of failing (and [`Transport::name`] says so: `rdma,
+/// fell back to tcp`): once a READ has completed, a channel that cannot
+/// be set up over RDMA for a reason other than a lost link (the device or
+/// its address went away, the queue pair will not connect), or READs
+/// failing for [`FALLBACK_AFTER`] (at least twice the I/O timeout) with
+/// none completing, opens that channel and every later one over TCP. A
+/// shorter outage reconnects over RDMA.
 pub struct RdmaTransport {
     control: TcpTransport,
     device: Arc<Device>,
     next_psn: AtomicU32,
     bulk_wait: CompletionWait,
+    tcp_fallback: bool,
+    /// RDMA's health, shared with every channel: whether a READ ever
+    /// completed, and since when READs have been failing.
+    health: Arc<Health>,
+    fell_back: AtomicBool,
     /// Landing memory registered with the device, once offered.
     landing: OnceLock<Arc<RdmaLanding>>,
 }
@@ -52,8 +66,69 @@ impl RdmaTransport {
             device,
             next_psn: AtomicU32::new(std::process::id().wrapping_mul(7919)),
             bulk_wait: CompletionWait::Poll,
+            tcp_fallback: true,
+            health: Arc::new(Health::default()),
+            fell_back: AtomicBool::new(false),
             landing: OnceLock::new(),
         }
+    }
+
+    /// Whether channels RDMA cannot carry any more are opened over TCP
+    /// (the default) or the error is returned.
+    pub fn with_tcp_fallback(mut self, on: bool) -> Self {
+        self.tcp_fallback = on;
+        self
+    }
+
+    /// Whether this transport fell back to TCP.
+    pub fn fell_back(&self) -> bool {
+        self.fell_back.load(Ordering::Acquire)
+    }
+
+    /// Opens `class` over TCP for the rest of the migration.
+    fn fall_back(
+        &self,
+        class: ChannelClass,
+        why: &dyn std::fmt::Display,
+    ) -> Result<Box<dyn PageChannel>, TransportError> {
+        // Only once TCP carries this channel: a link that is down for
+        // both is a lost link, retried by the caller, not a reason.
+        let ch = self.control.open(class)?;
+        if !self.fell_back.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                "RDMA cannot carry pages any more ({why}): falling back to TCP for the rest \
+                 of this migration"
+            );
+        }
+        Ok(ch)
+    }
+
+    /// A channel over a new queue pair, connected through the control
+    /// connection.
+    fn open_rdma(&self, class: ChannelClass) -> Result<Box<dyn PageChannel>, TransportError> {
+        let wait = match class {
+            ChannelClass::Urgent => CompletionWait::Poll,
+            ChannelClass::Bulk(_) => self.bulk_wait,
+        };
+        let mut qp = self.device.create_qp((SLOTS * SLOT_RANGES) as u32, wait)?;
+        let psn = self.next_psn.fetch_add(1_000_003, Ordering::Relaxed) & 0xff_ffff;
+        let accept = self.control.rdma_connect(qp.endpoint(psn))?;
+        qp.connect(psn, &accept.ep, false)?;
+        let info = self.control.info().clone();
+        let slot_len = SLOT_PAGES as usize * info.layout.page_size();
+        Ok(Box::new(RdmaChannel {
+            qp,
+            regions: accept.regions,
+            staging: Staging::new(&self.device, SLOTS * slot_len)?,
+            slot_len,
+            free_slots: (0..SLOTS).rev().collect(),
+            posted: VecDeque::new(),
+            completions: 0,
+            info,
+            timeout: self.control.io_timeout(),
+            landing: self.landing.get().cloned(),
+            health: self.health.clone(),
+        }))
     }
 
     /// How bulk (lane) channels wait for completions; the urgent channel
@@ -66,6 +141,39 @@ impl RdmaTransport {
     /// The device in use.
     pub fn device(&self) -> &Arc<Device> {
         &self.device
+    }
+}
+
+/// How long READs may keep failing, with none completing (while the TCP
+/// control connection answers), before channels fall back to TCP; at least
+/// twice the I/O timeout. A short outage reconnects over RDMA instead.
+pub const FALLBACK_AFTER: Duration = Duration::from_secs(3);
+
+/// Whether RDMA works, as every channel of one transport sees it.
+#[derive(Debug, Default)]
+struct Health {
+    /// A READ completed once: RDMA works here, so failing later is RDMA
+    /// failing, not a configuration to fix.
+    worked: AtomicBool,
+    /// Since when READs fail with none completing (a lost link).
+    failing_since: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Health {
+    fn completed(&self) {
+        self.worked.store(true, Ordering::Release);
+        let mut f = self.failing_since.lock().unwrap_or_else(|p| p.into_inner());
+        *f = None;
+    }
+
+    fn lost(&self) {
+        let mut f = self.failing_since.lock().unwrap_or_else(|p| p.into_inner());
+        f.get_or_insert_with(std::time::Instant::now);
+    }
+
+    fn failing_for(&self) -> Option<Duration> {
+        let f = self.failing_since.lock().unwrap_or_else(|p| p.into_inner());
+        f.map(|t| t.elapsed())
     }
 }
 
@@ -122,6 +230,8 @@ struct RdmaChannel {
     completions: usize,
     timeout: Duration,
     landing: Option<Arc<RdmaLanding>>,
+    /// The transport's view of whether RDMA works.
+    health: Arc<Health>,
 }
 
 impl RdmaChannel {
@@ -156,10 +266,22 @@ impl RdmaChannel {
 
     /// Waits for the oldest request's READs.
     fn complete(&mut self, p: &Posted) -> Result<(), TransportError> {
-        self.qp
-            .poll_until(p.reads, &mut self.completions, self.timeout)?;
-        self.completions -= p.reads;
-        Ok(())
+        match self
+            .qp
+            .poll_until(p.reads, &mut self.completions, self.timeout)
+        {
+            Ok(()) => {
+                self.health.completed();
+                self.completions -= p.reads;
+                Ok(())
+            }
+            Err(e) => {
+                if e.is_link_loss() {
+                    self.health.lost();
+                }
+                Err(e)
+            }
+        }
     }
 }
 
@@ -262,7 +384,12 @@ impl PageChannel for RdmaChannel {
         };
         let need = p.reads;
         if self.completions < need {
-            self.qp.poll_ready(&mut self.completions)?;
+            if let Err(e) = self.qp.poll_ready(&mut self.completions) {
+                if e.is_link_loss() {
+                    self.health.lost();
+                }
+                return Err(e);
+            }
         }
         Ok(self.completions >= need)
     }
@@ -277,37 +404,38 @@ impl PageChannel for RdmaChannel {
 }
 
 impl Transport for RdmaTransport {
-    fn name(&self) -> &'static str {
-        "rdma"
-    }
-
     fn info(&self) -> &SourceInfo {
         self.control.info()
     }
 
+    fn name(&self) -> &'static str {
+        if self.fell_back() {
+            "rdma, fell back to tcp"
+        } else {
+            "rdma"
+        }
+    }
+
     fn open(&self, class: ChannelClass) -> Result<Box<dyn PageChannel>, TransportError> {
-        let wait = match class {
-            ChannelClass::Urgent => CompletionWait::Poll,
-            ChannelClass::Bulk(_) => self.bulk_wait,
-        };
-        let mut qp = self.device.create_qp((SLOTS * SLOT_RANGES) as u32, wait)?;
-        let psn = self.next_psn.fetch_add(1_000_003, Ordering::Relaxed) & 0xff_ffff;
-        let accept = self.control.rdma_connect(qp.endpoint(psn))?;
-        qp.connect(psn, &accept.ep, false)?;
-        let info = self.control.info().clone();
-        let slot_len = SLOT_PAGES as usize * info.layout.page_size();
-        Ok(Box::new(RdmaChannel {
-            qp,
-            regions: accept.regions,
-            staging: Staging::new(&self.device, SLOTS * slot_len)?,
-            slot_len,
-            free_slots: (0..SLOTS).rev().collect(),
-            posted: VecDeque::new(),
-            completions: 0,
-            info,
-            timeout: self.control.io_timeout(),
-            landing: self.landing.get().cloned(),
-        }))
+        if self.fell_back() {
+            return self.control.open(class);
+        }
+        let worked = self.health.worked.load(Ordering::Acquire);
+        let patience = FALLBACK_AFTER.max(2 * self.control.io_timeout());
+        if let Some(failing) = self.health.failing_for() {
+            if worked && self.tcp_fallback && failing >= patience {
+                return self.fall_back(
+                    class,
+                    &format_args!("no RDMA READ completed for {:.1} s", failing.as_secs_f64()),
+                );
+            }
+        }
+        match self.open_rdma(class) {
+            Ok(ch) => Ok(ch),
+            // Never worked: a configuration to fix, not to hide.
+            Err(e) if !worked || !self.tcp_fallback || e.is_link_loss() => Err(e),
+            Err(e) => self.fall_back(class, &e),
+        }
     }
 
     fn limits(&self) -> FetchLimits {
@@ -318,6 +446,10 @@ impl Transport for RdmaTransport {
         if landing.page_size() != self.control.info().layout.page_size() {
             return Ok(false);
         }
+        // Channels that fall back to TCP land their pages as well.
+        if !self.control.set_landing(landing.clone())? {
+            return Ok(false);
+        }
         let mut mrs = Vec::with_capacity(landing.spans().len());
         for s in landing.spans() {
             let len = s.pages as usize * landing.page_size();
@@ -325,7 +457,18 @@ impl Transport for RdmaTransport {
             // writable for `len` bytes while `landing` lives (its
             // contract); the MR is stored beside the Arc and dropped
             // first, so it never outlives the memory.
-            mrs.push(unsafe { self.device.register_local_write(s.addr as *mut u8, len) }?);
+            match unsafe { self.device.register_local_write(s.addr as *mut u8, len) } {
+                Ok(mr) => mrs.push(mr),
+                Err(e) => {
+                    // Registering pins the whole mapping (memlock limits,
+                    // memory): without it READs go through staging.
+                    tracing::warn!(
+                        "cannot register guest memory for RDMA READs to land in ({e}): pages go \
+                         through staging buffers"
+                    );
+                    return Ok(false);
+                }
+            }
         }
         Ok(self
             .landing

@@ -568,9 +568,13 @@ impl Qp {
                 let status = why.to_string_lossy().into_owned();
                 use ibv_wc_status as st;
                 return Err(match wc.status {
+                    // The path is gone: retries ran out, the queue pair
+                    // was flushed, or (Soft-RoCE) the route to the peer's
+                    // address vanished under a request being sent.
                     st::IBV_WC_RETRY_EXC_ERR
                     | st::IBV_WC_RNR_RETRY_EXC_ERR
-                    | st::IBV_WC_WR_FLUSH_ERR => RdmaError::QpError { status },
+                    | st::IBV_WC_WR_FLUSH_ERR
+                    | st::IBV_WC_LOC_QP_OP_ERR => RdmaError::QpError { status },
                     st::IBV_WC_REM_ACCESS_ERR | st::IBV_WC_REM_INV_REQ_ERR => {
                         RdmaError::RemoteAccess { status }
                     }

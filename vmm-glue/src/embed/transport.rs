@@ -17,6 +17,9 @@ pub struct RdmaOptions {
     pub gid_index: Option<u8>,
     /// How pusher lanes wait for READ completions (faults always poll).
     pub bulk_wait: CompletionWait,
+    /// Fail rather than go on over TCP when RDMA stops working mid-way
+    /// (see [`RdmaTransport`]).
+    pub no_tcp_fallback: bool,
 }
 
 /// Which transport moves the pages.
@@ -44,22 +47,26 @@ pub fn connect(
     opts: TcpOptions,
 ) -> Result<Arc<dyn Transport>, EmbedError> {
     let tcp = TcpTransport::connect(addr, opts).map_err(EmbedError::Connect)?;
-    let rdma = |dev: Arc<Device>, tcp, wait, how: &str| -> Arc<dyn Transport> {
+    let rdma = |dev: Arc<Device>, tcp, o: &RdmaOptions, how: &str| -> Arc<dyn Transport> {
         tracing::info!(
             device = dev.name(),
             gid_index = dev.gid_index(),
             "{how}: using RDMA"
         );
-        Arc::new(RdmaTransport::new(tcp, dev).with_bulk_wait(wait))
+        Arc::new(
+            RdmaTransport::new(tcp, dev)
+                .with_bulk_wait(o.bulk_wait)
+                .with_tcp_fallback(!o.no_tcp_fallback),
+        )
     };
     match choice {
         TransportChoice::Tcp => Ok(Arc::new(tcp)),
         TransportChoice::Rdma(o) => {
             let dev = Device::open(o.device.as_deref(), o.gid_index).map_err(EmbedError::Rdma)?;
-            Ok(rdma(dev, tcp, o.bulk_wait, "rdma"))
+            Ok(rdma(dev, tcp, &o, "rdma"))
         }
         TransportChoice::Auto(o) => match Device::open(o.device.as_deref(), o.gid_index) {
-            Ok(dev) => Ok(rdma(dev, tcp, o.bulk_wait, "auto")),
+            Ok(dev) => Ok(rdma(dev, tcp, &o, "auto")),
             Err(e) => {
                 tracing::info!("auto: using TCP ({e})");
                 Ok(Arc::new(tcp))
