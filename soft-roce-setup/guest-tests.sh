@@ -42,6 +42,12 @@ for w in random seq; do
             && grep -q '\"pages_verified\": 8192' /tmp/memfd-$w.json && grep -q '\"source_pages_served\": 0' /tmp/memfd-$w.json"
 done
 
+# The source registers guest memory while destinations hold queue pairs
+# and deregisters it when the last one is done.
+check "source deregisters guest memory between destinations" \
+    sh -c "[ \$(grep -c 'guest memory deregistered' /tmp/src7070.err) -ge 5 ] \
+        && [ \$(grep -c 'guest memory registered for RDMA READs' /tmp/src7070.err) -ge 6 ]"
+
 # Bulk lanes sleeping on completion events instead of busy-polling.
 timeout 120 pagewire dest --connect 127.0.0.1:7070 --transport rdma --rdma-bulk-wait event \
     --workload random --json > /tmp/event.json 2> /tmp/event.err

@@ -1,7 +1,7 @@
 //! The source side: guest regions registered for remote reads, and a queue
 //! pair per destination channel.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use crate::error::TransportError;
 use crate::source::SourceMemory;
@@ -14,11 +14,53 @@ use super::verbs::{CompletionWait, Device, Mr};
 const SOURCE_QP_DEPTH: u32 = 16;
 
 /// Guest memory exported over RDMA.
+///
+/// The regions stay registered only while some destination holds a queue
+/// pair: every accepted queue pair keeps the registration alive, and when
+/// the last one goes (its destination finished or left), the memory
+/// regions are deregistered; the next destination registers them again.
 pub struct RdmaExport {
     device: Arc<Device>,
+    source: Arc<SourceMemory>,
+    /// The registration while queue pairs use it.
+    live: Mutex<Weak<Registration>>,
+    /// The registration made at start (which checks that registering
+    /// works), handed to the first destination.
+    first: Mutex<Option<Arc<Registration>>>,
+}
+
+/// Every region registered for remote reads.
+struct Registration {
     regions: Vec<Mr>,
     // Keeps the registered memory mapped for as long as the MRs live.
-    source: Arc<SourceMemory>,
+    _source: Arc<SourceMemory>,
+}
+
+impl Registration {
+    fn new(device: &Arc<Device>, source: &Arc<SourceMemory>) -> Result<Self, TransportError> {
+        let mut regions = Vec::new();
+        for i in 0..source.info().layout.regions().len() {
+            let bytes = source.region(i);
+            // SAFETY: `source` keeps the region's memory mapped and
+            // unchanged for as long as this registration (which holds it)
+            // and so the MR lives.
+            regions.push(unsafe { device.register_remote_read(bytes.as_ptr(), bytes.len()) }?);
+        }
+        tracing::info!(
+            regions = regions.len(),
+            "guest memory registered for RDMA READs"
+        );
+        Ok(Self {
+            regions,
+            _source: source.clone(),
+        })
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        tracing::info!("no destination holds a queue pair: guest memory deregistered");
+    }
 }
 
 impl std::fmt::Debug for RdmaExport {
@@ -32,18 +74,35 @@ impl std::fmt::Debug for RdmaExport {
 impl RdmaExport {
     /// Registers every region of `source` on `device` for remote reads.
     pub fn new(device: Arc<Device>, source: Arc<SourceMemory>) -> Result<Self, TransportError> {
-        let mut regions = Vec::new();
-        for i in 0..source.info().layout.regions().len() {
-            let bytes = source.region(i);
-            // SAFETY: `source` keeps the region's memory mapped and
-            // unchanged for as long as this export (and so the MR) lives.
-            regions.push(unsafe { device.register_remote_read(bytes.as_ptr(), bytes.len()) }?);
-        }
+        let first = Arc::new(Registration::new(&device, &source)?);
         Ok(Self {
             device,
-            regions,
             source,
+            live: Mutex::new(Arc::downgrade(&first)),
+            first: Mutex::new(Some(first)),
         })
+    }
+
+    /// The live registration, made again if every destination let go.
+    fn registration(&self) -> Result<Arc<Registration>, TransportError> {
+        let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = live.upgrade() {
+            drop(first);
+            return Ok(r);
+        }
+        let r = Arc::new(Registration::new(&self.device, &self.source)?);
+        *live = Arc::downgrade(&r);
+        Ok(r)
+    }
+
+    /// Whether guest memory is registered now.
+    pub fn is_registered(&self) -> bool {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .strong_count()
+            > 0
     }
 
     /// The device in use.
@@ -54,6 +113,7 @@ impl RdmaExport {
 
 impl RdmaAcceptor for RdmaExport {
     fn accept(&self, ep: QpEndpoint) -> Result<(RdmaAccept, Box<dyn Send>), TransportError> {
+        let reg = self.registration()?;
         let mut qp = self
             .device
             .create_qp(SOURCE_QP_DEPTH, CompletionWait::Poll)?;
@@ -61,7 +121,7 @@ impl RdmaAcceptor for RdmaExport {
         qp.connect(psn, &ep, true)?;
         let accept = RdmaAccept {
             ep: qp.endpoint(psn),
-            regions: self
+            regions: reg
                 .regions
                 .iter()
                 .zip(self.source.info().layout.regions())
@@ -77,6 +137,8 @@ impl RdmaAcceptor for RdmaExport {
             peer_qpn = ep.qpn,
             "RDMA queue pair connected"
         );
-        Ok((accept, Box::new(qp)))
+        // The queue pair is dropped (destroyed) before the registration
+        // it reads from: tuple fields drop in order.
+        Ok((accept, Box::new((qp, reg))))
     }
 }

@@ -85,9 +85,16 @@ impl Drop for Live {
     }
 }
 
+/// Queue pairs one control connection keeps: far more than a destination's
+/// channels (one per lane plus the urgent one); each reconnect of a
+/// channel makes a new one, and the oldest go first.
+const MAX_QUEUE_PAIRS: usize = 64;
+
 /// Sets up RDMA queue pairs for destinations that ask (the source side of
 /// the RDMA backend). The returned guard keeps the queue pair alive; it is
-/// dropped when the control connection that asked for it closes.
+/// dropped when the control connection that asked for it closes, when the
+/// destination says it is done, or when newer queue pairs of the same
+/// connection push it past [`MAX_QUEUE_PAIRS`].
 pub trait RdmaAcceptor: Send + Sync {
     /// Creates a queue pair connected to `ep` and says where memory is.
     fn accept(&self, ep: QpEndpoint) -> Result<(RdmaAccept, Box<dyn Send>), TransportError>;
@@ -404,6 +411,11 @@ fn serve_connection(mut stream: TcpStream, ctx: &Ctx) -> Result<(), TransportErr
         if let Request::RdmaConnect { id, ep } = req {
             match rdma.map(|r| r.accept(ep)) {
                 Some(Ok((accept, qp))) => {
+                    // A destination uses its newest queue pair per channel;
+                    // older ones (channels reconnected) go past a bound.
+                    if queue_pairs.len() >= MAX_QUEUE_PAIRS {
+                        queue_pairs.remove(0);
+                    }
                     queue_pairs.push(qp);
                     stream
                         .write_all(&wire::encode_rdma_accept(id, &accept))
@@ -421,6 +433,9 @@ fn serve_connection(mut stream: TcpStream, ctx: &Ctx) -> Result<(), TransportErr
         }
         if let Request::Done { .. } = req {
             tracing::info!(stats = ?source.stats(), "the destination has every page");
+            // Its queue pairs (and, with the last, the memory
+            // registration) are not needed any more.
+            queue_pairs.clear();
             if let Some(hook) = &ctx.on_done {
                 hook();
             }
