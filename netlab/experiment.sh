@@ -71,6 +71,7 @@ if [ "$radii" != none ]; then
         --out "$out/raw/sweep-$size-$rate.jsonl" --workloads "$sweep_workloads" \
         --bubble-sweep "$radii" > "$out/raw/sweep-$size-$rate.md"
 fi
-echo "$(date -u +%Y-%m-%d) netlab/experiment.sh $all_args  # $(( ($(date +%s) - started) / 60 )) min" >> "$out/raw/COMMANDS"
+commit=$(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo unknown)
+echo "$(date -u +%Y-%m-%d) netlab/experiment.sh $all_args  # $(( ($(date +%s) - started) / 60 )) min, commit $commit" >> "$out/raw/COMMANDS"
 PAGEWIRE_RESULTS_COMMAND="netlab/experiment.sh (the runs in raw/COMMANDS)" \
     "$bin" results --out "$out" "$out"/raw/*.jsonl

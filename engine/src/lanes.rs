@@ -130,7 +130,6 @@ pub(crate) fn lane_main(
     let mut pool: Vec<Vec<u8>> = Vec::new();
     let mut fetch = Vec::new();
     let mut sweep_done = false;
-    let mut zeros_left = true;
     let ps = shared.page_size();
     loop {
         if shared.aborted() {
@@ -144,24 +143,8 @@ pub(crate) fn lane_main(
             let bubble = shared.prepager.has_open_bubble(true)
                 || (shared.prepager.has_open_bubble(false)
                     && !(shared.heat_sweep() && shared.push_allowed() && shared.heat.pending()));
-            let ticket = match shared.governor.acquire_for(None, bubble) {
-                Some(t) => t,
-                None => {
-                    // No room for a request: map a slice of zero pages
-                    // meanwhile (no network needed), then take the replies
-                    // this lane waits for (a fault may wait on one).
-                    if zeros_left && shared.push_allowed() {
-                        zeros_left = fill_zeros(shared)?;
-                        if !pending.is_empty() {
-                            break;
-                        }
-                        continue;
-                    }
-                    match wait.and_then(|w| shared.governor.acquire_for(Some(w), bubble)) {
-                        Some(t) => t,
-                        None => break,
-                    }
-                }
+            let Some(ticket) = shared.governor.acquire_for(wait, bubble) else {
+                break;
             };
             let Some(c) = claim(shared, u64::from(ticket.pages), &mut sweep_done, bubble) else {
                 shared.governor.release(ticket);
@@ -229,55 +212,6 @@ pub(crate) fn lane_main(
         }
         receive_one(shared, lane, channel, &mut pending, &mut pool, &mut outage)?;
     }
-}
-
-/// Pages of the zero map one call of [`fill_zeros`] looks at.
-const ZERO_SLICE: u64 = 1024;
-
-/// Maps the zero pages (as the source's zero map has them) of the next
-/// slice of memory that are still missing. Returns false once the whole
-/// memory has been looked at.
-fn fill_zeros(shared: &Shared) -> Result<bool, EngineError> {
-    let layout = shared.installer.memory().layout();
-    let total = layout.total_pages();
-    let start = shared
-        .zero_cursor
-        .fetch_add(ZERO_SLICE, std::sync::atomic::Ordering::Relaxed);
-    if start >= total {
-        return Ok(false);
-    }
-    let end = (start + ZERO_SLICE).min(total);
-    let zero = &shared.transport.info().zero;
-    let mut runs = Vec::new();
-    let mut p = start;
-    while p < end {
-        if !zero.is_zero(p) {
-            p += 1;
-            continue;
-        }
-        let Some(region) = layout.region_of(p) else {
-            break;
-        };
-        let limit = end.min(layout.region_pages(region).end);
-        let mut n = 0;
-        while p + n < limit
-            && zero.is_zero(p + n)
-            && shared.states.try_claim(p + n) == crate::state::Claim::Won
-        {
-            n += 1;
-        }
-        if n > 0 {
-            // At most ZERO_SLICE pages: fits the u32 count.
-            runs.push(PageRange::new(p, n as u32));
-        }
-        p += n.max(1);
-    }
-    let mut fetch = Vec::new();
-    shared.split_claimed(&runs, PageOrigin::Push, &mut fetch, &mut || {
-        shared.lane_busy()
-    })?;
-    debug_assert!(fetch.is_empty());
-    Ok(end < total)
 }
 
 /// The lane's link broke: reopen the channel and send again every request

@@ -31,6 +31,7 @@ pub mod state;
 pub mod uffd;
 mod vma;
 pub mod write_tracker;
+mod zeros;
 
 pub use config::MigrationConfig;
 pub use error::{EngineError, RegionError};

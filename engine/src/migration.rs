@@ -210,7 +210,8 @@ pub(crate) fn view_for(
 
 /// Starts the fault service and the lanes over open channels.
 /// Gives the calling thread nice value `nice`, so that the guest's vCPUs
-/// (and the fault service) win the CPU over the push when they compete.
+/// (and the fault service) win the CPU over background work (lanes, the
+/// zero filler) when they compete.
 fn set_thread_nice(nice: i32) {
     // SAFETY: setpriority only reads its integer arguments; with
     // PRIO_PROCESS and 0 it changes the calling thread alone (Linux keeps
@@ -219,7 +220,7 @@ fn set_thread_nice(nice: i32) {
     if r != 0 {
         tracing::warn!(
             nice,
-            "cannot set the lane's nice value: {}",
+            "cannot set a thread's nice value: {}",
             std::io::Error::last_os_error()
         );
     }
@@ -267,6 +268,17 @@ pub(crate) fn launch(
             }),
         ));
     }
+    let s = shared.clone();
+    threads.push(spawn(
+        "pw-zero".into(),
+        Box::new(move || {
+            let _guard = FailOnPanic(&s, "pw-zero");
+            set_thread_nice(19);
+            if let Err(e) = crate::zeros::zero_main(&s) {
+                s.fail(e);
+            }
+        }),
+    ));
     let mut handle = MigrationHandle {
         shared,
         threads: Vec::new(),
