@@ -16,6 +16,9 @@ start_source() { # port size; leaves the source's pid in $!
     grep -q "serving RDMA READs" "/tmp/src$1.err" || { echo "source on $1 has no RDMA:"; cat "/tmp/src$1.err"; }
 }
 num() { sed -n "s/.*\"$1\": \([0-9.]*\).*/\1/p" "$2" | head -n1; }
+# A field of the workload's guest stalls (a touch as the guest saw it).
+stall() { sed -n '/"stalls"/,/}/p' "$2" | sed -n "s/.*\"$1\": \([0-9.]*\).*/\1/p" | head -n1; }
+wl_ms() { sed -n '/"workload"/,/"stalls"/p' "$1" | sed -n 's/.*"ms": \([0-9.]*\).*/\1/p' | head -n1; }
 
 start_source 7070 32MiB
 for w in seq random hotset stride; do
@@ -93,11 +96,18 @@ for t in rdma tcp; do
     for b in anon memfd; do
         pagewire dest --connect 127.0.0.1:7070 --transport $t --memory-backend $b --workload random --no-push --no-bubble \
             --json > /tmp/f$t.json 2>/dev/null
-        echo "PERF pagewire $t $b demand fault latency us: p50 $(num p50 /tmp/f$t.json) p99 $(num p99 /tmp/f$t.json) (faults $(num network_faults /tmp/f$t.json))"
+        echo "PERF pagewire $t $b demand fault latency us: p50 $(num p50 /tmp/f$t.json) p99 $(num p99 /tmp/f$t.json) (faults $(num network_faults /tmp/f$t.json)); guest stall p50 $(stall p50 /tmp/f$t.json) p99 $(stall p99 /tmp/f$t.json)"
         pagewire dest --connect 127.0.0.1:7070 --transport $t --memory-backend $b --workload seq --touches 1 \
             --json > /tmp/p$t.json 2>/dev/null
         echo "PERF pagewire $t $b push: $(num bytes_received /tmp/p$t.json) bytes in $(num total_ms /tmp/p$t.json) ms"
     done
+done
+
+# The fault service polling for the next fault instead of sleeping.
+for spin in 0 100; do
+    pagewire dest --connect 127.0.0.1:7070 --transport rdma --fault-spin-us $spin --workload random --no-push --no-bubble \
+        --json > /tmp/spin.json 2>/dev/null
+    echo "PERF pagewire rdma --fault-spin-us $spin demand faults: engine p50 $(num p50 /tmp/spin.json) us; guest stall p50 $(stall p50 /tmp/spin.json) p99 $(stall p99 /tmp/spin.json) us; workload $(wl_ms /tmp/spin.json) ms"
 done
 
 # RDMA taken away mid-migration while TCP stays (last: it breaks ::1).

@@ -36,6 +36,11 @@ pub struct MigrationConfig {
     pub push: bool,
     /// Pin lane `i` to core `i % cores`.
     pub pin_lanes: bool,
+    /// After each fault, how long the fault service keeps polling the
+    /// userfaultfd without sleeping, so the next fault of a burst is read
+    /// without a wake-up (zero: sleep at once). Costs a core while it
+    /// spins; pays where wake-ups are slow and cores are spare.
+    pub fault_spin: Duration,
     /// Nice value of the lane threads (0 leaves it as inherited): above
     /// the vCPUs', so that on a busy host a vCPU woken from a fault, or the
     /// fault service, does not wait for a lane's time slice. The push still
@@ -68,6 +73,7 @@ impl Default for MigrationConfig {
             push: true,
             pin_lanes: true,
             lane_nice: 10,
+            fault_spin: Duration::ZERO,
             flow_control: true,
             push_rate: None,
             recover_timeout: DEFAULT_RECOVER_TIMEOUT,

@@ -84,6 +84,9 @@ fn fault_loop(
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut buf = vec![0u8; shared.page_size()];
     let max = channel.max_outstanding().max(1);
+    let spin = shared.config.fault_spin;
+    // When the loop last had a fault or a reply to handle.
+    let mut active = Instant::now();
     // Since when the urgent link has been lost with no reply since.
     let mut outage: Option<Instant> = None;
     loop {
@@ -93,6 +96,11 @@ fn fault_loop(
         // Wait for a fault, or for a reply when requests are outstanding.
         let (faults, mut reply) = if !ev.faults.is_empty() {
             (false, false)
+        } else if pending.is_empty() && active.elapsed() < spin {
+            // Just served a fault: the next of a burst comes soon; look
+            // for it without sleeping (no wake-up to pay).
+            std::hint::spin_loop();
+            shared.installer.wait_with(None, 0)?
         } else if pending.is_empty() {
             shared.installer.wait_with(None, IDLE_POLL_MS)?
         } else if let Some(fd) = channel.ready_fd() {
@@ -103,6 +111,7 @@ fn fault_loop(
         };
         if faults {
             ev.drain(shared)?;
+            active = Instant::now();
         }
         while let Some((addr, t0)) = ev.faults.pop_front() {
             let page = serve_fault(shared, addr, t0, &mut || ev.drain(shared))?;
@@ -138,6 +147,7 @@ fn fault_loop(
         {
             receive_one(shared, channel, &mut pending, &mut buf, ev, &mut outage)?;
             reply = false;
+            active = Instant::now();
         }
         // A reply this late means a stalled or dead source: wait for it in
         // the channel's own receive, which gives up after the I/O timeout

@@ -367,6 +367,12 @@ struct EngineArgs {
     /// the push when they compete for it.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(-20..=19))]
     lane_nice: i32,
+    /// Microseconds the fault service keeps polling for the next fault
+    /// after each one before it sleeps (0: sleep at once): the next fault
+    /// of a burst is then read without a wake-up, at the cost of a core
+    /// while it spins.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    fault_spin_us: u64,
     /// Seconds any network read or write may block before the migration
     /// fails (a hung source must not hang the VM forever).
     #[arg(long, default_value_t = 10.0)]
@@ -521,6 +527,7 @@ impl EngineArgs {
             push: !self.no_push,
             pin_lanes: !self.no_pin,
             lane_nice: self.lane_nice,
+            fault_spin: std::time::Duration::from_micros(self.fault_spin_us),
             flow_control: !self.no_flow_control,
             push_rate: self.push_rate,
             recover_timeout: self.recover_timeout()?,
