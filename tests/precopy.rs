@@ -15,6 +15,25 @@ fn running_source(pattern: &str) -> Source {
     spawn_source(&mut cmd)
 }
 
+/// Runs a destination asking for pre-copy rounds, which must fail; returns
+/// what it said.
+fn precopy_refused(addr: &str) -> String {
+    let (out, _) = run_bounded(
+        pagewire().args([
+            "dest",
+            "--connect",
+            addr,
+            "--transport",
+            "tcp",
+            "--precopy-rounds",
+            "2",
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 fn check_clean(r: &serde_json::Value) {
     assert_eq!(u(r, "checksum_mismatches"), 0, "{r}");
     assert_eq!(u(r, "duplicate_pages"), 0, "{r}");
@@ -95,20 +114,7 @@ fn a_running_guest_is_paused_at_the_switch_over_even_without_rounds() {
 #[test]
 fn pre_copy_from_a_static_source_is_refused_clearly() {
     let src = start_source("8MiB", 3);
-    let (out, _) = run_bounded(
-        pagewire().args([
-            "dest",
-            "--connect",
-            &src.addr,
-            "--transport",
-            "tcp",
-            "--precopy-rounds",
-            "2",
-        ]),
-        Duration::from_secs(60),
-    );
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = precopy_refused(&src.addr);
     assert!(err.contains("does not track guest writes"), "{err}");
     // A static source still serves plain post-copy.
     let r = dest_json(&src.addr, &["--transport", "tcp"]);
@@ -128,20 +134,7 @@ fn after_the_switch_over_a_new_destination_takes_the_paused_memory_as_static() {
     assert_eq!(u(&again, "pages_verified"), u(&again, "pages_total"));
     assert!(again["precopy"].is_null(), "{again}");
     // Pre-copy from a paused guest is refused with a clear error.
-    let (out, _) = run_bounded(
-        pagewire().args([
-            "dest",
-            "--connect",
-            &src.addr,
-            "--transport",
-            "tcp",
-            "--precopy-rounds",
-            "2",
-        ]),
-        Duration::from_secs(60),
-    );
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = precopy_refused(&src.addr);
     assert!(err.contains("paused"), "{err}");
 }
 

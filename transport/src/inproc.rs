@@ -62,13 +62,7 @@ impl PageChannel for InProcChannel {
     }
 
     fn send_landed(&mut self, ranges: &[PageRange]) -> Result<(), TransportError> {
-        let landing = self
-            .landing
-            .as_ref()
-            .ok_or(TransportError::Misuse("this channel has no landing memory"))?;
-        if ranges.iter().any(|r| landing.locate(*r).is_none()) {
-            return Err(TransportError::Misuse("a range outside the landing memory"));
-        }
+        Landing::of(&self.landing)?.check(ranges)?;
         if self.outstanding.len() >= INPROC_MAX_OUTSTANDING {
             return Err(TransportError::Misuse("too many requests outstanding"));
         }
@@ -78,10 +72,7 @@ impl PageChannel for InProcChannel {
     }
 
     fn recv_landed(&mut self) -> Result<(), TransportError> {
-        let landing = self
-            .landing
-            .clone()
-            .ok_or(TransportError::Misuse("this channel has no landing memory"))?;
+        let landing = Landing::of(&self.landing)?.clone();
         let ranges = match self.outstanding.pop_front() {
             Some((ranges, true)) => ranges,
             Some(_) => {

@@ -117,6 +117,22 @@ impl Landing {
         })
     }
 
+    /// Checks that every range of a request lies in one span.
+    pub fn check(&self, ranges: &[PageRange]) -> Result<(), TransportError> {
+        if ranges.iter().any(|r| self.locate(*r).is_none()) {
+            return Err(TransportError::Misuse("a range outside the landing memory"));
+        }
+        Ok(())
+    }
+
+    /// The landing memory a channel was opened with, or the error for a
+    /// channel opened before any was offered.
+    pub(crate) fn of(landing: &Option<Arc<Landing>>) -> Result<&Arc<Landing>, TransportError> {
+        landing
+            .as_ref()
+            .ok_or(TransportError::Misuse("this channel has no landing memory"))
+    }
+
     /// The bytes of `range` to write into, when it lies in one span.
     ///
     /// # Safety

@@ -493,21 +493,12 @@ impl PageChannel for TcpChannel {
     }
 
     fn send_landed(&mut self, ranges: &[PageRange]) -> Result<(), TransportError> {
-        let landing = self
-            .landing
-            .as_ref()
-            .ok_or(TransportError::Misuse("this channel has no landing memory"))?;
-        if ranges.iter().any(|r| landing.locate(*r).is_none()) {
-            return Err(TransportError::Misuse("a range outside the landing memory"));
-        }
+        Landing::of(&self.landing)?.check(ranges)?;
         self.conn.send_fetch(ranges, true)
     }
 
     fn recv_landed(&mut self) -> Result<(), TransportError> {
-        let landing = self
-            .landing
-            .clone()
-            .ok_or(TransportError::Misuse("this channel has no landing memory"))?;
+        let landing = Landing::of(&self.landing)?.clone();
         self.conn.recv_fetch_landed(&landing)
     }
 
