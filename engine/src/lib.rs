@@ -18,6 +18,7 @@ pub mod governor;
 pub mod heat;
 mod lanes;
 mod link;
+mod madvise;
 pub mod memory;
 pub mod metrics;
 pub mod migration;

@@ -221,9 +221,7 @@ pub fn precopy(
             let t = Instant::now();
             let spans = runs(&stale, u64::from(u32::MAX), mem);
             discard_runs = spans.len() as u64;
-            for run in spans {
-                mem.discard_unregistered(run)?;
-            }
+            mem.discard_unregistered(&spans)?;
             discard_ms = t.elapsed().as_secs_f64() * 1000.0;
             let mut kept = PageSet::new(pages);
             for p in present.iter().filter(|&p| !last.contains(p)) {
