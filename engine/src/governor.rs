@@ -70,6 +70,8 @@ pub struct Sent {
     bytes: u64,
     at: Instant,
     inflight: u64,
+    /// Whether its round trip is a sample of the path.
+    sample: bool,
 }
 
 /// What the flow control settled on, for the report.
@@ -311,15 +313,21 @@ impl Governor {
             bytes,
             at: Instant::now(),
             inflight: st.inflight,
+            sample: true,
         }
     }
 
-    /// Forgets a request whose reply was lost with its link: its bytes leave
-    /// the window, and it teaches nothing about round trips.
-    pub fn abandon(&self, sent: Sent) {
-        let mut st = self.lock();
-        st.inflight -= sent.bytes.min(st.inflight);
-        self.cv.notify_all();
+    /// A request whose reply was lost with its link, sent again on the new
+    /// connection: its bytes stay in the window (they are in flight again)
+    /// until [`Self::complete`], which then teaches nothing about round
+    /// trips (a fresh connection's first exchange is no measure of the
+    /// path).
+    pub fn resend(&self, sent: Sent) -> Sent {
+        Sent {
+            at: Instant::now(),
+            sample: false,
+            ..sent
+        }
     }
 
     /// Reports that the reply to `sent` has fully arrived, and adapts the
@@ -330,7 +338,7 @@ impl Governor {
         let mut st = self.lock();
         st.inflight -= sent.bytes.min(st.inflight);
         self.cv.notify_all();
-        if !self.enabled {
+        if !self.enabled || !sent.sample {
             return;
         }
         st.epoch_bytes += sent.bytes;
@@ -515,6 +523,25 @@ mod tests {
         let c = g.acquire(None).expect("room again after a completion");
         g.release(c);
         g.complete(sb);
+    }
+
+    #[test]
+    fn requests_sent_again_after_a_lost_link_stay_in_the_window() {
+        let g = Governor::new(4096, 64, true, None);
+        let sa = g.commit(g.acquire(None).unwrap(), 1);
+        let sb = g.commit(g.acquire(None).unwrap(), 1);
+        assert!(g.acquire(None).is_none(), "window full");
+        // The link broke; both go out again on the new connection.
+        let (ra, rb) = (g.resend(sa), g.resend(sb));
+        assert!(
+            g.acquire(None).is_none(),
+            "still in flight: the window stays full"
+        );
+        g.complete(ra);
+        g.complete(rb);
+        assert!(g.acquire(None).is_some(), "room once they arrived");
+        // Neither taught a round trip (an outage is no measure of the path).
+        assert!(g.stats().min_rtt_by_size_us.is_empty(), "{:?}", g.stats());
     }
 
     #[test]

@@ -227,10 +227,10 @@ fn recover(
     let mut lost = lost;
     loop {
         *channel = reconnect(shared, ChannelClass::Bulk(lane as u16), lost, outage)?;
-        // Lost requests say nothing about the path's round trip.
+        // Sent again: still in the window, no round-trip sample.
         for p in pending.iter_mut() {
             if let Some(s) = p.sent.take() {
-                shared.governor.abandon(s);
+                p.sent = Some(shared.governor.resend(s));
             }
         }
         let resend = pending.iter().try_for_each(|p| {
