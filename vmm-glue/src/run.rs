@@ -81,10 +81,11 @@ impl RunReport {
         };
         let l = &e.fault_latency_us;
         format!(
-            "pagewire post-copy migration over {transport}\n\
+            "pagewire post-copy migration over {transport}, pages installed with {install}\n\
              \x20 memory            {pages} pages ({mem:.1} MiB), {zero} zero pages never sent\n\
              \x20 total time        {total:.1} ms (resume to last page), {recv:.1} MiB received, {gbps:.2} GB/s\n\
              \x20 workload          {pattern:?}: {touches} touches of {distinct} pages in {wms:.1} ms\n\
+             \x20 guest stalls      {stalls} touches blocked, p50 {sp50:.1} us, p99 {sp99:.1} us, {stalled:.1} ms in all\n\
              \x20 faults            {faults} ({nf} network, {inflight} waited on a lane, {zf} zero)\n\
              \x20 fault latency     p50 {p50:.1} us, p99 {p99:.1} us, max {max:.1} us (all faults)\n\
              \x20   network         p50 {np50:.1} us, p99 {np99:.1} us ({ncount})\n\
@@ -97,6 +98,15 @@ impl RunReport {
              \x20 source data path  {sreq} requests, {spages} pages\n\
              \x20 verified          {ver}/{pages} pages, {mis} mismatches, {dup} duplicates -> {verdict}{precopy}",
             transport = e.transport,
+            install = match e.install_path {
+                "landed" => "UFFDIO_CONTINUE after landing in shared memory (zero-copy)",
+                "copy+continue" => "UFFDIO_CONTINUE after a copy into shared memory",
+                _ => "UFFDIO_COPY",
+            },
+            stalls = self.workload.stalls.count,
+            sp50 = self.workload.stalls.p50,
+            sp99 = self.workload.stalls.p99,
+            stalled = self.workload.stalled_ms,
             pages = e.pages_total,
             mem = mib(e.pages_total * 4096),
             zero = e.zero_pages,
