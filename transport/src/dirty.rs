@@ -148,6 +148,19 @@ pub enum DirtyError {
     Paused,
 }
 
+impl DirtyError {
+    /// The code a source answers with. Only "no pre-copy here" (no
+    /// tracking, or a paused guest) is `Unsupported`: a destination takes
+    /// that for static memory and migrates without a switch-over, which
+    /// must never happen to a running guest.
+    pub fn remote_code(&self) -> crate::error::RemoteCode {
+        match self {
+            Self::Unsupported | Self::Paused => crate::error::RemoteCode::Unsupported,
+            Self::Round { .. } | Self::Log(_) => crate::error::RemoteCode::Other,
+        }
+    }
+}
+
 impl DirtyRounds {
     /// Rounds over `log`; the first round asked must be 1.
     pub fn new(log: Arc<dyn DirtyLog>) -> Self {

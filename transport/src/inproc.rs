@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, OnceLock};
 
 use crate::dirty::PageSet;
-use crate::error::{RemoteCode, TransportError};
+use crate::error::TransportError;
 use crate::landing::Landing;
 use crate::layout::{PageRange, SourceInfo};
 use crate::source::SourceMemory;
@@ -164,12 +164,7 @@ impl Transport for InProcTransport {
         self.source
             .dirty_round(round, pause)
             .map_err(|e| TransportError::Remote {
-                code: match e {
-                    crate::dirty::DirtyError::Unsupported | crate::dirty::DirtyError::Paused => {
-                        RemoteCode::Unsupported
-                    }
-                    _ => RemoteCode::Other,
-                },
+                code: e.remote_code(),
                 message: e.to_string(),
             })
     }

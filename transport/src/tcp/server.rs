@@ -10,7 +10,6 @@ use std::time::Duration;
 use tracing::{debug, warn};
 
 use crate::auth::{self, AuthKey, Side};
-use crate::dirty::DirtyError;
 use crate::error::{LayoutError, RemoteCode, TransportError};
 use crate::source::SourceMemory;
 use crate::wire::{self, ChannelKind, QpEndpoint, RdmaAccept, Request, Welcome};
@@ -508,18 +507,11 @@ fn serve_request(
                 .write_all(&wire::encode_dirty_map(id, &set))
                 .map_err(io_err("send dirty map"))?,
             Err(e) => {
-                // Only "no pre-copy here" is Unsupported: a destination
-                // takes that for static memory and migrates without a
-                // switch-over, which must never happen to a running guest.
-                let code = match e {
-                    DirtyError::Unsupported | DirtyError::Paused => RemoteCode::Unsupported,
-                    DirtyError::Round { .. } | DirtyError::Log(_) => RemoteCode::Other,
-                };
-                match e {
-                    DirtyError::Unsupported | DirtyError::Paused => {
-                        debug!(request = id, "no pre-copy here: {e}")
-                    }
-                    _ => warn!(request = id, round, "pre-copy round refused: {e}"),
+                let code = e.remote_code();
+                if code == RemoteCode::Unsupported {
+                    debug!(request = id, "no pre-copy here: {e}")
+                } else {
+                    warn!(request = id, round, "pre-copy round refused: {e}")
                 }
                 reply_error(stream, id, code, &e.to_string());
             }
