@@ -96,15 +96,6 @@ impl RdmaExport {
         Ok(r)
     }
 
-    /// Whether guest memory is registered now.
-    pub fn is_registered(&self) -> bool {
-        self.live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .strong_count()
-            > 0
-    }
-
     /// The device in use.
     pub fn device(&self) -> &Arc<Device> {
         &self.device
