@@ -7,11 +7,12 @@
 //! hot set). Here every fault warms its block; the sweep takes the hottest
 //! block that still has missing pages, whole, before anything colder, and
 //! walks memory in address order only when no block with faults is left.
-//! Bubbles (the pages right around the last fault) still come first.
+//! Bubbles of streams that have shown a pattern come first; bubbles around
+//! faults with no pattern yet come after the hot blocks.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use pagewire_transport::{MemoryLayout, PageRange};
@@ -29,7 +30,7 @@ pub(crate) struct HeatMap {
     done: Box<[AtomicBool]>,
     queue: Mutex<Queue>,
     /// Blocks with faults the sweep has not finished.
-    live: std::sync::atomic::AtomicUsize,
+    live: AtomicUsize,
     pages: u64,
 }
 
@@ -50,7 +51,7 @@ impl HeatMap {
             counts: (0..blocks).map(|_| AtomicU32::new(0)).collect(),
             done: (0..blocks).map(|_| AtomicBool::new(false)).collect(),
             queue: Mutex::new(Queue::default()),
-            live: std::sync::atomic::AtomicUsize::new(0),
+            live: AtomicUsize::new(0),
             pages,
         }
     }
@@ -111,20 +112,7 @@ impl HeatMap {
                 }
             };
             let end = ((block + 1) * BLOCK_PAGES).min(self.pages);
-            while left > 0 && at < end {
-                let Some(region) = layout.region_of(at) else {
-                    at = end;
-                    break;
-                };
-                let limit = end.min(layout.region_pages(region).end);
-                let n = states.claim_up(at, left.min(limit - at), limit);
-                if n > 0 {
-                    // At most `max` pages: fits the u32 count.
-                    runs.push(PageRange::new(at, n as u32));
-                    left -= n;
-                }
-                at += n.max(1);
-            }
+            left -= states.claim_runs(layout, &mut at, end, left, runs);
             if at >= end {
                 if !self.done[block as usize].swap(true, Ordering::Relaxed) {
                     self.live.fetch_sub(1, Ordering::AcqRel);

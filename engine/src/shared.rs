@@ -440,19 +440,9 @@ impl Shared {
             }
             scanned += window;
             let end = (start + window).min(total);
-            let mut p = start;
-            while p < end {
-                let Some(region) = layout.region_of(p) else {
-                    break;
-                };
-                let limit = end.min(layout.region_pages(region).end);
-                let n = self.states.claim_up(p, limit - p, limit);
-                if n > 0 {
-                    // At most `window` pages: fits the u32 count.
-                    runs.push(PageRange::new(p, n as u32));
-                }
-                p += n.max(1);
-            }
+            // At most `window` pages (a request's): fits the u32 count.
+            let mut at = start;
+            self.states.claim_runs(layout, &mut at, end, window, runs);
             if !runs.is_empty() {
                 return true;
             }

@@ -7,6 +7,8 @@
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
+use pagewire_transport::{MemoryLayout, PageRange};
+
 const MISSING: u8 = 0;
 const CLAIMED: u8 = 1;
 const PRESENT: u8 = 2;
@@ -130,6 +132,35 @@ impl PageStateMap {
             n += 1;
         }
         n
+    }
+
+    /// Claims the missing pages of `*at..end`, at most `max`, as runs
+    /// that never cross a region of `layout`, appended to `runs`; `*at`
+    /// moves past what was looked at. Returns how many it claimed.
+    pub fn claim_runs(
+        &self,
+        layout: &MemoryLayout,
+        at: &mut u64,
+        end: u64,
+        max: u64,
+        runs: &mut Vec<PageRange>,
+    ) -> u64 {
+        let mut claimed = 0;
+        while claimed < max && *at < end {
+            let Some(region) = layout.region_of(*at) else {
+                *at = end;
+                break;
+            };
+            let limit = end.min(layout.region_pages(region).end);
+            let n = self.claim_up(*at, (max - claimed).min(limit - *at), limit);
+            if n > 0 {
+                // At most `max` pages, which callers keep within a u32.
+                runs.push(PageRange::new(*at, n as u32));
+                claimed += n;
+            }
+            *at += n.max(1);
+        }
+        claimed
     }
 
     /// Claims up to `max` pages downwards from `end - 1`, stopping at the
