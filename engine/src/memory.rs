@@ -151,28 +151,18 @@ pub struct DestMemory {
     /// Mapped by [`DestMemory::new`]: private anonymous memory, which
     /// `MADV_DONTNEED` empties (a VMM's shared memory it would not).
     private_anon: bool,
-    /// Shared memory only: a second mapping of the same file, where pages
-    /// are written before `UFFDIO_CONTINUE` maps them into the guest.
-    alias: Option<Alias>,
-}
-
-/// A second mapping of file-backed (shared) guest memory that the guest
-/// cannot see: pages arrive there (received or RDMA-read straight into it)
-/// and are then mapped into the guest's own mapping with
-/// `UFFDIO_CONTINUE`, so no page is copied on this host's CPU.
-#[derive(Debug)]
-struct Alias {
-    /// Host address of each region's alias, in region order.
-    addrs: Vec<usize>,
-    /// The same memory for the transport to land pages in.
-    landing: Arc<Landing>,
+    /// Shared memory only: a second mapping of the same file that the
+    /// guest cannot see, where pages arrive (received or RDMA-read straight
+    /// into it, as landing memory) before `UFFDIO_CONTINUE` maps them into
+    /// the guest, so no page is copied on this host's CPU.
+    alias: Option<Arc<Landing>>,
 }
 
 /// The alias mappings, unmapped when the last holder (the memory or a
 /// transport's landing) lets go.
 struct AliasMaps(#[allow(dead_code)] Vec<MmapRegion>);
 
-fn alias_of(layout: &MemoryLayout, files: Vec<FileOffset>) -> Result<Alias, EngineError> {
+fn alias_of(layout: &MemoryLayout, files: Vec<FileOffset>) -> Result<Arc<Landing>, EngineError> {
     let ps = layout.page_size();
     if ps != PAGE_SIZE {
         return Err(EngineError::Memory(format!(
@@ -191,7 +181,6 @@ fn alias_of(layout: &MemoryLayout, files: Vec<FileOffset>) -> Result<Alias, Engi
         });
         maps.push(m);
     }
-    let addrs = spans.iter().map(|s| s.addr).collect();
     // SAFETY: each span is one of `maps`, a shared read-write mapping of
     // the region's bytes owned by the landing's owner below, so it stays
     // mapped as long as the landing. Pages are written there only by
@@ -199,10 +188,7 @@ fn alias_of(layout: &MemoryLayout, files: Vec<FileOffset>) -> Result<Alias, Engi
     // keeps), and the guest sees a page only once UFFDIO_CONTINUE maps it.
     let landing = unsafe { Landing::new(ps, spans, Arc::new(AliasMaps(maps))) }
         .map_err(|e| EngineError::Memory(e.to_string()))?;
-    Ok(Alias {
-        addrs,
-        landing: Arc::new(landing),
-    })
+    Ok(Arc::new(landing))
 }
 
 impl DestMemory {
@@ -218,13 +204,7 @@ impl DestMemory {
             .map_err(|e| EngineError::Memory(e.to_string()))?;
         let mut m = Self::from_guest(guest, layout)?;
         m.private_anon = true;
-        for &(addr, len) in m
-            .regions
-            .iter()
-            .map(|r| (r.host, r.len))
-            .collect::<Vec<_>>()
-            .iter()
-        {
+        for (addr, len) in m.host_ranges() {
             // Pages are filled one by one (UFFDIO_COPY, or plain writes
             // during pre-copy): a transparent huge page would map 511
             // zero-filled neighbours with the first write, which then
@@ -573,7 +553,7 @@ impl DestMemory {
     /// The second mapping as landing memory for a transport, for shared
     /// memory.
     pub fn landing(&self) -> Option<Arc<Landing>> {
-        self.alias.as_ref().map(|a| a.landing.clone())
+        self.alias.clone()
     }
 
     /// Whether the guest's mapping of `page` has it mapped (a page table
@@ -593,18 +573,30 @@ impl DestMemory {
         Ok(u64::from_le_bytes(entry) & (3 << 62) != 0)
     }
 
-    /// Writes `data` into pages `range` of the second mapping (shared
-    /// memory only); the caller holds the pages, as for
-    /// [`Self::zero_alias`].
-    pub(crate) fn write_alias(&self, range: PageRange, data: &[u8]) -> Result<(), EngineError> {
-        let landing = self
-            .landing()
+    /// The bytes of pages `range` in the second mapping (shared memory
+    /// only), to write into.
+    ///
+    /// # Safety
+    /// The caller holds the pages (claimed, not mapped in the guest), so
+    /// no other reference to their bytes exists while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn alias_bytes(&self, range: PageRange) -> Result<&mut [u8], EngineError> {
+        let alias = self
+            .alias
+            .as_ref()
             .ok_or_else(|| EngineError::Memory("no second mapping: memory is not shared".into()))?;
-        // SAFETY: the caller holds these pages (claimed, not mapped in the
-        // guest), so no other reference to their bytes exists; the slice
-        // lives for this copy only.
-        let dst = unsafe { landing.bytes_mut(range) }
-            .ok_or_else(|| EngineError::Memory(format!("pages {range:?} are not guest memory")))?;
+        // SAFETY: forwarded to the caller.
+        unsafe { alias.bytes_mut(range) }
+            .ok_or_else(|| EngineError::Memory(format!("pages {range:?} are not guest memory")))
+    }
+
+    /// Writes `data` into pages `range` of the second mapping (shared
+    /// memory only); the caller holds the pages (claimed, not mapped in
+    /// the guest).
+    pub(crate) fn write_alias(&self, range: PageRange, data: &[u8]) -> Result<(), EngineError> {
+        // SAFETY: the caller holds these pages; the slice lives for this
+        // copy only.
+        let dst = unsafe { self.alias_bytes(range) }?;
         if dst.len() != data.len() {
             return Err(EngineError::Memory(format!(
                 "{} bytes of data for {} bytes of pages",
@@ -620,17 +612,9 @@ impl DestMemory {
     /// memory only): the caller holds them (claimed, not mapped in the
     /// guest), so nobody else reads or writes them meanwhile.
     pub(crate) fn zero_alias(&self, range: PageRange) -> Result<(), EngineError> {
-        let alias = self
-            .alias
-            .as_ref()
-            .ok_or_else(|| EngineError::Memory("no second mapping: memory is not shared".into()))?;
-        let (region, off) = self.layout.locate(range)?;
-        let len = range.count as usize * self.layout.page_size();
-        // SAFETY: `off..off + len` lies in region `region` (checked by
-        // `locate`), whose alias mapping is `len` bytes or more at
-        // `addrs[region]` and lives as long as `self`; the caller holds
-        // these pages, so no other reference to their bytes exists.
-        unsafe { std::ptr::write_bytes((alias.addrs[region] + off) as *mut u8, 0, len) };
+        // SAFETY: the caller holds these pages; the slice lives for this
+        // fill only.
+        unsafe { self.alias_bytes(range) }?.fill(0);
         Ok(())
     }
 

@@ -197,7 +197,8 @@ impl PageInstaller {
     /// are already mapped (EEXIST) are skipped and counted, never
     /// overwritten. The caller must hold the pages (claimed, not
     /// installed): in shared memory the bytes are written into the file
-    /// and the pages mapped with UFFDIO_CONTINUE. With `wake`, threads blocked on these pages resume.
+    /// and the pages mapped with UFFDIO_CONTINUE. With `wake`, threads
+    /// blocked on these pages resume.
     /// While the owner changes its mappings it yields and retries; use
     /// [`Self::install_with`] on the thread that reads the events.
     pub fn install(
@@ -316,7 +317,6 @@ impl PageInstaller {
         wake: bool,
         busy: OnBusy<'_>,
     ) -> Result<Installed, EngineError> {
-        let (addr, len) = self.span(range)?;
         let ps = self.mem.layout().page_size();
         if self.mem.is_shared() {
             return self.install_zero_shared(range, wake, busy);
@@ -331,7 +331,7 @@ impl PageInstaller {
             }
             return Ok(done);
         }
-        self.zeropage_with(range, busy, wake, addr, len)
+        self.zeropage_with(range, wake, busy)
     }
 
     /// Zero pages of shared memory, one page at a time: UFFDIO_ZEROPAGE
@@ -381,16 +381,14 @@ impl PageInstaller {
         Ok(done)
     }
 
-    /// UFFDIO_ZEROPAGE over `addr..addr + len`, the span of `range`.
+    /// UFFDIO_ZEROPAGE over the pages of `range` (4 KiB pages).
     fn zeropage_with(
         &self,
         range: PageRange,
-        busy: OnBusy<'_>,
         wake: bool,
-        addr: usize,
-        len: usize,
+        busy: OnBusy<'_>,
     ) -> Result<Installed, EngineError> {
-        debug_assert_eq!(self.span(range).ok(), Some((addr, len)));
+        let (addr, len) = self.span(range)?;
         let ps = self.mem.layout().page_size();
         let mut done = Installed::default();
         let mut off = 0;
@@ -540,8 +538,7 @@ impl PageInstaller {
         if !self.mem.is_shared() {
             return self.install_zero_with(range, true, busy);
         }
-        let (addr, _) = self.span(range)?;
-        let len = range.count as usize * self.mem.layout().page_size();
+        let (addr, len) = self.span(range)?;
         let r = self.uffd.r#continue(addr as *mut libc::c_void, len, true);
         match r {
             Ok(n) => Ok(Installed {
@@ -562,8 +559,7 @@ impl PageInstaller {
             // Not in the file: punched out, reads as zeros (the kernel
             // allocates a zeroed page).
             Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EFAULT => {
-                let (addr, len) = self.span(range)?;
-                self.zeropage_with(range, busy, true, addr, len)
+                self.zeropage_with(range, true, busy)
             }
             Err(e) => Err(uffd_err("UFFDIO_CONTINUE")(e)),
         }
