@@ -1,7 +1,8 @@
-//! Pusher lanes: each takes runs from the bubble around the last fault,
-//! then from the linear sweep, and keeps several requests outstanding on
-//! its own bulk channel, within what the [`crate::governor::Governor`]
-//! allows.
+//! Pusher lanes: each takes runs from the bubbles around recent faults
+//! that have shown a pattern, then from the blocks the guest faults in
+//! most ([`crate::heat`]), then from other bubbles, then from the sweep in
+//! address order, and keeps several requests outstanding on its own bulk
+//! channel, within what the [`crate::governor::Governor`] allows.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -68,9 +69,8 @@ fn claim(shared: &Shared, max: u64, sweep_done: &mut bool, bubble_only: bool) ->
     }
     // Bubbles that have shown they pay, then the blocks the guest faults
     // in most, then other bubbles.
-    let heat = shared.heat_sweep() && shared.push_allowed();
     for confident_only in [true, false] {
-        if !confident_only && heat && !bubble_only {
+        if !confident_only && shared.heat_active() && !bubble_only {
             let layout = shared.installer.memory().layout();
             if shared
                 .heat
@@ -142,7 +142,7 @@ pub(crate) fn lane_main(
             // outstanding; the sweep's (hot blocks first) waits.
             let bubble = shared.prepager.has_open_bubble(true)
                 || (shared.prepager.has_open_bubble(false)
-                    && !(shared.heat_sweep() && shared.push_allowed() && shared.heat.pending()));
+                    && !(shared.heat_active() && shared.heat.pending()));
             let Some(ticket) = shared.governor.acquire_for(wait, bubble) else {
                 break;
             };

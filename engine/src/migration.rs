@@ -208,7 +208,6 @@ pub(crate) fn view_for(
     )
 }
 
-/// Starts the fault service and the lanes over open channels.
 /// Gives the calling thread nice value `nice`, so that the guest's vCPUs
 /// (and the fault service) win the CPU over background work (lanes, the
 /// zero filler) when they compete.
@@ -226,6 +225,8 @@ fn set_thread_nice(nice: i32) {
     }
 }
 
+/// Starts the fault service, the lanes and the zero filler over open
+/// channels.
 pub(crate) fn launch(
     shared: Arc<Shared>,
     urgent: Box<dyn PageChannel>,

@@ -331,13 +331,11 @@ impl Prepager {
         if self.radius == 0 || max == 0 {
             return None;
         }
-        let r = self.radius;
-        let paper = self.kind == PrepagerKind::Paper;
         let mut streams = self.lock();
         streams
             .list
             .iter_mut()
-            .filter(|s| !confident_only || paper || s.confident(r))
+            .filter(|s| self.counts(s, confident_only))
             .find_map(|s| Self::bubble_run(&mut s.bubble, states, max))
     }
 
@@ -398,14 +396,18 @@ impl Prepager {
     /// bubbles always count). The others, around faults with no pattern
     /// yet, come after the blocks the guest faults in most.
     pub fn has_open_bubble(&self, confident_only: bool) -> bool {
-        let r = self.radius;
-        let paper = self.kind == PrepagerKind::Paper;
-        r > 0
+        self.radius > 0
             && self
                 .lock()
                 .list
                 .iter()
-                .any(|s| s.bubble.open() && (!confident_only || paper || s.confident(r)))
+                .any(|s| s.bubble.open() && self.counts(s, confident_only))
+    }
+
+    /// Whether `stream`'s bubble counts: any does unless `confident_only`;
+    /// then one that has shown it pays (the paper's bubbles always count).
+    fn counts(&self, stream: &Stream, confident_only: bool) -> bool {
+        !confident_only || self.kind == PrepagerKind::Paper || stream.confident(self.radius)
     }
 
     /// Waits up to `timeout` for a new pivot; used by idle lanes.

@@ -104,12 +104,9 @@ impl Shared {
         // mapping (the guest may have written it since): it is present.
         if self.installer.memory().is_shared() {
             let mem = self.installer.memory().clone();
-            let mapped = |p: &u64| mem.is_mapped(*p).unwrap_or(false);
-            for p in released.iter().filter(|p| mapped(p)) {
-                self.states.preset_present(*p, PageOrigin::Fault);
-            }
-            released.retain(|p| !self.states.is_present(*p));
-            settled.retain(|p| !mapped(p));
+            let mapped = |p: u64| mem.is_mapped(p).unwrap_or(false);
+            released.retain(|&p| !(mapped(p) && self.states.preset_present(p, PageOrigin::Fault)));
+            settled.retain(|&p| !mapped(p));
         }
         // Removed while being fetched: zeros, and their threads woken.
         for p in settled {
@@ -172,6 +169,12 @@ impl Shared {
     /// Whether the sweep pushes the blocks the guest faults in most first.
     pub fn heat_sweep(&self) -> bool {
         self.config.heat_sweep && !self.config.sweep_from_fault
+    }
+
+    /// Whether hot blocks are pushed now: the heat-ordered sweep, and the
+    /// push let run.
+    pub fn heat_active(&self) -> bool {
+        self.heat_sweep() && self.push_allowed()
     }
 
     /// Whether the background sweep may run.

@@ -113,8 +113,8 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 
 #[test]
 fn zero_pages_are_mapped_while_the_push_waits_for_the_link() {
-    // A push capped far below what the path carries: lanes wait for room
-    // most of the time, and map the zero pages meanwhile.
+    // A push capped far below what the path carries: the non-zero pages
+    // trickle in while the zero filler maps every zero page.
     let pages = 2048u64;
     let src = source(pages);
     let t: Arc<dyn Transport> = Arc::new(InProcTransport::new(src.clone()));
