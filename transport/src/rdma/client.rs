@@ -235,8 +235,8 @@ struct RdmaChannel {
 }
 
 impl RdmaChannel {
-    /// The READs of one request for `ranges`, the `i`-th landing at
-    /// `local(i, range)`.
+    /// The READs of one request for `ranges`, each landing at the local
+    /// address and key `local(range)` gives, and their total length.
     fn reads(
         &self,
         ranges: &[PageRange],
@@ -338,7 +338,7 @@ impl PageChannel for RdmaChannel {
     fn send_landed(&mut self, ranges: &[PageRange]) -> Result<(), TransportError> {
         let landing = self
             .landing
-            .clone()
+            .as_ref()
             .ok_or(TransportError::Misuse("this channel has no landing memory"))?;
         if self.posted.len() >= SLOTS {
             return Err(TransportError::Misuse("too many requests outstanding"));
@@ -364,17 +364,19 @@ impl PageChannel for RdmaChannel {
     }
 
     fn recv_landed(&mut self) -> Result<(), TransportError> {
+        match self.posted.front() {
+            None => return Err(TransportError::Misuse("recv with no request outstanding")),
+            Some(p) if p.slot.is_some() => {
+                return Err(TransportError::Misuse(
+                    "recv_landed of a request sent to a buffer",
+                ))
+            }
+            Some(_) => {}
+        }
         let p = self
             .posted
             .pop_front()
             .ok_or(TransportError::Misuse("recv with no request outstanding"))?;
-        if p.slot.is_some() {
-            // Put it back: the caller asked for the wrong kind of reply.
-            self.posted.push_front(p);
-            return Err(TransportError::Misuse(
-                "recv_landed of a request sent to a buffer",
-            ));
-        }
         self.complete(&p)
     }
 

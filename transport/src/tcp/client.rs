@@ -255,12 +255,13 @@ impl Conn {
             .outstanding
             .front()
             .ok_or(TransportError::Misuse("recv with no request outstanding"))?;
-        let Some(ranges) = front.landed.clone() else {
+        if front.landed.is_none() {
             return Err(TransportError::Misuse(
                 "recv_landed of a request sent to a buffer",
             ));
-        };
-        self.reply_head(front.pages as usize * landing.page_size())?;
+        }
+        let want_len = front.pages as usize * landing.page_size();
+        let ranges = self.reply_head(want_len)?.landed.unwrap_or_default();
         for r in ranges {
             // SAFETY: this channel sent the request for these pages (their
             // fetcher holds them, see `Landing::new`) and no other slice
@@ -275,15 +276,13 @@ impl Conn {
 
     /// Reads and checks the head of the reply to the oldest outstanding
     /// fetch, which must carry `want_len` bytes of pages; they follow.
-    fn reply_head(&mut self, want_len: usize) -> Result<(), TransportError> {
-        let Some(Sent {
-            id,
-            pages: want_pages,
-            ..
-        }) = self.outstanding.pop_front()
-        else {
-            return Err(TransportError::Misuse("recv with no request outstanding"));
-        };
+    /// Returns the fetch, answered now (or the channel is broken).
+    fn reply_head(&mut self, want_len: usize) -> Result<Sent, TransportError> {
+        let sent = self
+            .outstanding
+            .pop_front()
+            .ok_or(TransportError::Misuse("recv with no request outstanding"))?;
+        let (id, want_pages) = (sent.id, sent.pages);
         // Whatever happens next, this request is answered or the channel
         // is broken.
         let mut head = [0u8; REPLY_HEAD];
@@ -310,7 +309,7 @@ impl Conn {
                         "pages reply (request {got_id}, {pages} pages, {len} bytes) does not match request {id} for {want_pages} pages"
                     )));
                 }
-                Ok(())
+                Ok(sent)
             }
             ty => {
                 // An error reply (or a stray message): its body is small;
