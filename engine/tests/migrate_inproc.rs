@@ -111,19 +111,24 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// A migration of `pages` pages without bubbles, its push capped at
+/// `push_rate` bytes a second.
+fn start_capped(pages: u64, push_rate: u64) -> pagewire_engine::MigrationHandle {
+    let t: Arc<dyn Transport> = Arc::new(InProcTransport::new(source(pages)));
+    let cfg = MigrationConfig {
+        bubble: 0,
+        push_rate: Some(push_rate),
+        ..MigrationConfig::default()
+    };
+    Migration::start(t, cfg).unwrap()
+}
+
 #[test]
 fn zero_pages_are_mapped_while_the_push_waits_for_the_link() {
     // A push capped far below what the path carries: the non-zero pages
     // trickle in while the zero filler maps every zero page.
     let pages = 2048u64;
-    let src = source(pages);
-    let t: Arc<dyn Transport> = Arc::new(InProcTransport::new(src.clone()));
-    let cfg = MigrationConfig {
-        bubble: 0,
-        push_rate: Some(64 << 10),
-        ..MigrationConfig::default()
-    };
-    let h = Migration::start(t, cfg).unwrap();
+    let h = start_capped(pages, 64 << 10);
     let zero: Vec<u64> = (0..pages).filter(|p| p % 5 == 0).collect();
     wait_until("every zero page mapped", || {
         zero.iter().all(|&p| h.origin(p) != PageOrigin::None)
@@ -146,14 +151,7 @@ fn the_sweep_pushes_the_block_the_guest_faults_in_first() {
     // from page 0 (which would reach block 12 last).
     let pages = 2048u64;
     let block = pagewire_engine::heat::BLOCK_PAGES;
-    let src = source(pages);
-    let t: Arc<dyn Transport> = Arc::new(InProcTransport::new(src.clone()));
-    let cfg = MigrationConfig {
-        bubble: 0,
-        push_rate: Some(1 << 20),
-        ..MigrationConfig::default()
-    };
-    let h = Migration::start(t, cfg).unwrap();
+    let h = start_capped(pages, 1 << 20);
     let mem = h.memory().clone();
     let hot = 12 * block..13 * block;
     for p in [hot.start + 4, hot.start + 50, hot.start + 99] {
