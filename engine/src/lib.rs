@@ -43,6 +43,6 @@ pub use migration::{Migration, MigrationHandle};
 pub use parked::ParkedMigration;
 pub use precopy::{precopy, Precopied, PrecopyConfig, PrecopyReport, SwitchOver};
 pub use prepager::PrepagerKind;
-pub use report::{EngineReport, LiveMetrics};
+pub use report::{EngineReport, InstallPath, LiveMetrics};
 pub use state::PageOrigin;
 pub use write_tracker::WriteTracker;

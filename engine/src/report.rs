@@ -9,16 +9,39 @@ use crate::governor::FlowStats;
 use crate::metrics::{LatencyUs, Metrics};
 use crate::shared::Shared;
 
+/// How a migration installed pages (`install_path` in the report).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum InstallPath {
+    /// UFFDIO_COPY from a buffer: private memory.
+    #[serde(rename = "copy")]
+    Copy,
+    /// Received or RDMA-read straight into shared memory's file, then
+    /// UFFDIO_CONTINUE: nothing copied on this CPU.
+    #[serde(rename = "landed")]
+    Landed,
+    /// Shared memory whose transport cannot land pages: copied into the
+    /// file, then UFFDIO_CONTINUE.
+    #[serde(rename = "copy+continue")]
+    CopyContinue,
+}
+
+impl std::fmt::Display for InstallPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Copy => "UFFDIO_COPY",
+            Self::Landed => "UFFDIO_CONTINUE after landing in shared memory (zero-copy)",
+            Self::CopyContinue => "UFFDIO_CONTINUE after a copy into shared memory",
+        })
+    }
+}
+
 /// What a migration did, in the paper's terms.
 #[derive(Debug, Clone, Serialize)]
 pub struct EngineReport {
     /// Transport that moved the pages.
     pub transport: String,
-    /// How pages were installed: `copy` (UFFDIO_COPY from a buffer, private
-    /// memory), `landed` (received or RDMA-read straight into shared
-    /// memory's file, then UFFDIO_CONTINUE: nothing copied on this CPU) or
-    /// `copy+continue` (shared memory whose transport cannot land pages).
-    pub install_path: &'static str,
+    /// How pages were installed.
+    pub install_path: InstallPath,
     /// Pages in guest memory.
     pub pages_total: u64,
     /// Fault events handled.
@@ -130,9 +153,9 @@ pub(crate) fn build(s: &Shared) -> EngineReport {
     EngineReport {
         transport: s.transport.name().to_string(),
         install_path: match (s.installer.memory().is_shared(), s.landed) {
-            (false, _) => "copy",
-            (true, true) => "landed",
-            (true, false) => "copy+continue",
+            (false, _) => InstallPath::Copy,
+            (true, true) => InstallPath::Landed,
+            (true, false) => InstallPath::CopyContinue,
         },
         pages_total: s.states.len(),
         faults: Metrics::get(&m.faults),

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use pagewire_engine::{DestMemory, Migration, MigrationConfig, PageOrigin};
+use pagewire_engine::{DestMemory, InstallPath, Migration, MigrationConfig, PageOrigin};
 use pagewire_transport::inproc::InProcTransport;
 use pagewire_transport::{page_checksum, MemoryLayout, PageRange, SourceMemory, Transport};
 
@@ -182,7 +182,7 @@ fn shared_memory_is_filled_zero_copy_every_page_once() {
             ..MigrationConfig::default()
         };
         let r = run_on(true, cfg, |i| i * 7);
-        assert_eq!(r.install_path, "landed");
+        assert_eq!(r.install_path, InstallPath::Landed);
         assert_eq!(r.duplicate_pages, 0);
         assert_eq!(r.install_conflicts, 0);
         assert_eq!(
@@ -233,7 +233,7 @@ fn shared_memory_dropped_by_its_owner_reads_as_its_file_says() {
     assert_eq!(mem.page(13).unwrap()[4000], 0);
     h.release_push();
     let r = h.wait().unwrap();
-    assert_eq!(r.install_path, "landed");
+    assert_eq!(r.install_path, InstallPath::Landed);
     assert_eq!(r.removed_pages, 1);
     assert_eq!(r.duplicate_pages, 0);
     let sums = t.checksums(PageRange::new(0, pages as u32)).unwrap();

@@ -98,11 +98,7 @@ impl RunReport {
              \x20 source data path  {sreq} requests, {spages} pages\n\
              \x20 verified          {ver}/{pages} pages, {mis} mismatches, {dup} duplicates -> {verdict}{precopy}",
             transport = e.transport,
-            install = match e.install_path {
-                "landed" => "UFFDIO_CONTINUE after landing in shared memory (zero-copy)",
-                "copy+continue" => "UFFDIO_CONTINUE after a copy into shared memory",
-                _ => "UFFDIO_COPY",
-            },
+            install = e.install_path,
             stalls = self.workload.stalls.count,
             sp50 = self.workload.stalls.p50,
             sp99 = self.workload.stalls.p99,
