@@ -283,3 +283,62 @@ fn tcp_nonzero_page(m: &pagewire_engine::MigrationHandle) -> u64 {
         .find(|&p| !info.zero.is_zero(p))
         .unwrap()
 }
+
+/// A VMM's guest memory in a memfd, mapped shared: filled zero-copy
+/// through pagewire's uffd (MISSING and MINOR); files that do not match
+/// the regions, and a uffd of the VMM's (which cannot have minor faults
+/// registered for pagewire), are refused with typed errors.
+#[test]
+fn a_vmm_s_shared_memory_is_filled_zero_copy_and_bad_files_are_refused() {
+    let (addr, _server) = source(8 << 20);
+    let fd =
+        nix::sys::memfd::memfd_create(c"vmm-guest", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+            .expect("memfd");
+    let file = Arc::new(std::fs::File::from(fd));
+    file.set_len(8 << 20).unwrap();
+    // SAFETY: the file is ours and outlives the mapping; nothing else
+    // resizes it.
+    let shared = unsafe { MmapMut::map_mut(&*file) }.expect("map the memfd");
+    let regions = [region(0, &shared)];
+    let files = [pagewire_engine::FileOffset::from_arc(file.clone(), 0)];
+    // SAFETY: refused before anything is mapped or registered.
+    match unsafe { DestMemory::from_vmm_shared(&regions, &[]) } {
+        Err(EngineError::Region(RegionError::FileCount {
+            files: 0,
+            regions: 1,
+        })) => {}
+        other => panic!("no file accepted: {other:?}"),
+    }
+    // SAFETY: `shared` outlives every migration started here.
+    let memory = unsafe { DestMemory::from_vmm_shared(&regions, &files) }.expect("regions");
+    let u = UffdBuilder::new().user_mode_only(true).create().unwrap();
+    let fd = u.as_fd().try_clone_to_owned().unwrap();
+    match Destination::start_over(
+        tcp(&addr),
+        memory,
+        UffdSetup::Existing(fd),
+        MigrationConfig::default(),
+    ) {
+        Err(EmbedError::Region(RegionError::BadUffd(_))) => {}
+        other => panic!("a VMM's uffd accepted for zero-copy: {other:?}"),
+    }
+    // SAFETY: as above; this migration is waited on below.
+    let memory = unsafe { DestMemory::from_vmm_shared(&regions, &files) }.expect("regions");
+    let m = Destination::new(addr.clone())
+        .transport(TransportChoice::Tcp)
+        .start(memory, UffdSetup::Create)
+        .expect("start");
+    let base = shared.as_ptr() as usize;
+    let len = shared.len();
+    let sum = std::thread::spawn(move || {
+        (0..len).step_by(4096 * 5).fold(0u64, |s, o| {
+            // SAFETY: inside a mapping that outlives the thread (joined).
+            s.wrapping_add(u64::from(unsafe { *((base + o) as *const u8) }))
+        })
+    });
+    sum.join().unwrap();
+    let report = m.wait().expect("migration");
+    assert_eq!(report.install_path, pagewire_engine::InstallPath::Landed);
+    assert_eq!(report.duplicate_pages, 0);
+    verify(&tcp(&addr), &[&shared]);
+}

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use pagewire_engine::{Migration, MigrationConfig};
+use pagewire_engine::{DestMemory, Migration, MigrationConfig};
 use pagewire_transport::tcp::{TcpOptions, TcpTransport};
 use pagewire_transport::{page_checksum, PageRange, Transport};
 use std::io::{Read, Write};
@@ -158,7 +158,7 @@ fn batches_past_the_request_limits_are_split() {
 
 /// Runs `threads` threads that each touch a missing non-zero page after
 /// the source died, and returns how many ever came back.
-fn blocked_threads_after_source_death(drop_instead_of_wait: bool) -> usize {
+fn blocked_threads_after_source_death(drop_instead_of_wait: bool, shared: bool) -> usize {
     let mut src = start_source("16MiB", 9);
     let t = connect(&src.addr, Duration::from_secs(2));
     let pages = nonzero_pages(&t, 0, 40);
@@ -166,7 +166,13 @@ fn blocked_threads_after_source_death(drop_instead_of_wait: bool) -> usize {
         .iter()
         .map(|&p| t.checksums(PageRange::new(p, 1)).unwrap()[0])
         .collect();
-    let h = Migration::start(t.clone(), demand_only()).expect("start");
+    let h = if shared {
+        // Zero-copy into a memfd: registered for MISSING and MINOR faults.
+        let m = DestMemory::new_shared(&t.info().layout).expect("memfd");
+        Migration::start_with_memory(t.clone(), Arc::new(m), demand_only()).expect("start")
+    } else {
+        Migration::start(t.clone(), demand_only()).expect("start")
+    };
     let mem = h.memory().clone();
     // A few pages arrive while the source lives.
     for (p, want) in pages.iter().zip(&sums).take(4) {
@@ -202,16 +208,25 @@ fn blocked_threads_after_source_death(drop_instead_of_wait: bool) -> usize {
 #[test]
 fn a_failed_migration_never_hands_the_guest_zero_pages() {
     assert_eq!(
-        blocked_threads_after_source_death(false),
+        blocked_threads_after_source_death(false, false),
         0,
         "a thread blocked on a missing page returned after the migration failed"
     );
 }
 
 #[test]
+fn a_failed_migration_into_shared_memory_never_hands_the_guest_its_file_pages() {
+    assert_eq!(
+        blocked_threads_after_source_death(false, true),
+        0,
+        "a thread blocked on a missing page of a memfd returned after the migration failed"
+    );
+}
+
+#[test]
 fn an_abandoned_migration_never_hands_the_guest_zero_pages() {
     assert_eq!(
-        blocked_threads_after_source_death(true),
+        blocked_threads_after_source_death(true, false),
         0,
         "a thread blocked on a missing page returned after the handle was dropped"
     );

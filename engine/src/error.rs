@@ -179,4 +179,13 @@ pub enum RegionError {
     /// faults, which makes KVM accesses fail.
     #[error("userfaultfd for kernel-mode faults refused ({0}): run with CAP_SYS_PTRACE or set vm.unprivileged_userfaultfd=1")]
     KernelFaultsRefused(String),
+    /// Shared memory handed in with a file for each region: not as many
+    /// files as regions.
+    #[error("{files} files for {regions} regions: shared memory needs one file per region")]
+    FileCount {
+        /// Files handed in.
+        files: usize,
+        /// Regions handed in.
+        regions: usize,
+    },
 }

@@ -45,4 +45,7 @@ pub use precopy::{precopy, Precopied, PrecopyConfig, PrecopyReport, SwitchOver};
 pub use prepager::PrepagerKind;
 pub use report::{EngineReport, InstallPath, LiveMetrics};
 pub use state::PageOrigin;
+/// A file and offset backing a region of shared guest memory, as
+/// [`DestMemory::from_vmm_shared`] takes it (vm-memory's own type).
+pub use vm_memory::FileOffset;
 pub use write_tracker::WriteTracker;

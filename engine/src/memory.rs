@@ -165,9 +165,13 @@ struct AliasMaps(#[allow(dead_code)] Vec<MmapRegion>);
 fn alias_of(layout: &MemoryLayout, files: Vec<FileOffset>) -> Result<Arc<Landing>, EngineError> {
     let ps = layout.page_size();
     if ps != PAGE_SIZE {
-        return Err(EngineError::Memory(format!(
-            "zero-copy installs need 4 KiB pages of shared memory, not {ps}-byte pages"
-        )));
+        // Zero-copy installs take 4 KiB pages of shared memory only.
+        return Err(RegionError::UnsupportedPageSize {
+            region: 0,
+            page_size: ps,
+            supported: &[PAGE_SIZE],
+        }
+        .into());
     }
     let mut maps = Vec::with_capacity(files.len());
     let mut spans = Vec::with_capacity(files.len());
@@ -268,11 +272,11 @@ impl DestMemory {
         files: &[FileOffset],
     ) -> Result<Self, EngineError> {
         if files.len() != regions.len() {
-            return Err(EngineError::Memory(format!(
-                "{} files for {} regions",
-                files.len(),
-                regions.len()
-            )));
+            return Err(RegionError::FileCount {
+                files: files.len(),
+                regions: regions.len(),
+            }
+            .into());
         }
         // SAFETY: forwarded to the caller.
         let mut m = unsafe { Self::from_vmm(regions) }?;
