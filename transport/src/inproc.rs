@@ -184,6 +184,50 @@ mod tests {
     use crate::layout::MemoryLayout;
 
     #[test]
+    fn landed_requests_are_checked_and_kept_apart_from_buffered_ones() {
+        let layout = MemoryLayout::single(4 * 4096).unwrap();
+        let bytes: Vec<u8> = (0..4 * 4096).map(|i| (i / 4096) as u8 + 1).collect();
+        let src = Arc::new(SourceMemory::new(layout, vec![Arc::new(bytes)]).unwrap());
+        let t = InProcTransport::new(src);
+        // No landing memory yet: landed requests are refused.
+        let mut before = t.open(ChannelClass::Urgent).unwrap();
+        let one = [PageRange::new(1, 1)];
+        assert!(matches!(
+            before.send_landed(&one),
+            Err(TransportError::Misuse(_))
+        ));
+        // Landing memory for pages 0..2 only.
+        let mem = Arc::new(std::sync::Mutex::new(vec![0u8; 2 * 4096]));
+        let addr = mem.lock().unwrap().as_mut_ptr() as usize;
+        let span = crate::landing::LandingSpan {
+            first_page: 0,
+            pages: 2,
+            addr,
+        };
+        // SAFETY: the span is `mem`'s buffer, kept alive by the landing;
+        // only this test's channel writes it, one request at a time.
+        let landing = unsafe { Landing::new(4096, vec![span], mem.clone()) }.unwrap();
+        assert!(t.set_landing(Arc::new(landing)).unwrap());
+        let mut ch = t.open(ChannelClass::Urgent).unwrap();
+        assert!(
+            matches!(
+                ch.send_landed(&[PageRange::new(1, 2)]),
+                Err(TransportError::Misuse(_))
+            ),
+            "a range past the landing memory"
+        );
+        ch.send_landed(&one).unwrap();
+        // A landed reply is not received into a buffer, nor the reverse.
+        let mut buf = vec![0u8; 4096];
+        assert!(matches!(ch.recv(&mut buf), Err(TransportError::Misuse(_))));
+        ch.send_landed(&one).unwrap();
+        ch.recv_landed().unwrap();
+        assert!(mem.lock().unwrap()[4096..].iter().all(|&b| b == 2));
+        ch.send(&one).unwrap();
+        assert!(matches!(ch.recv_landed(), Err(TransportError::Misuse(_))));
+    }
+
+    #[test]
     fn a_buffer_of_the_wrong_size_is_refused() {
         let layout = MemoryLayout::single(4 * 4096).unwrap();
         let src = SourceMemory::new(layout, vec![Arc::new(vec![1u8; 4 * 4096])]).unwrap();
