@@ -112,11 +112,13 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 /// A migration of `pages` pages without bubbles, its push capped at
-/// `push_rate` bytes a second.
-fn start_capped(pages: u64, push_rate: u64) -> pagewire_engine::MigrationHandle {
+/// `push_rate` bytes a second; with `held`, the push waits for
+/// `release_push`.
+fn start_capped(pages: u64, push_rate: u64, held: bool) -> pagewire_engine::MigrationHandle {
     let t: Arc<dyn Transport> = Arc::new(InProcTransport::new(source(pages)));
     let cfg = MigrationConfig {
         bubble: 0,
+        push: !held,
         push_rate: Some(push_rate),
         ..MigrationConfig::default()
     };
@@ -128,7 +130,7 @@ fn zero_pages_are_mapped_while_the_push_waits_for_the_link() {
     // A push capped far below what the path carries: the non-zero pages
     // trickle in while the zero filler maps every zero page.
     let pages = 2048u64;
-    let h = start_capped(pages, 64 << 10);
+    let h = start_capped(pages, 64 << 10, false);
     let zero: Vec<u64> = (0..pages).filter(|p| p % 5 == 0).collect();
     wait_until("every zero page mapped", || {
         zero.iter().all(|&p| h.origin(p) != PageOrigin::None)
@@ -146,22 +148,24 @@ fn zero_pages_are_mapped_while_the_push_waits_for_the_link() {
 
 #[test]
 fn the_sweep_pushes_the_block_the_guest_faults_in_first() {
-    // 16 blocks of 128 pages; the guest faults three times in block 12.
-    // With the push capped, the sweep must fill block 12 before it walks
-    // from page 0 (which would reach block 12 last).
+    // 16 blocks of 128 pages; the guest faults three times in block 12,
+    // then the push is let run. With it capped (128 pages a second), the
+    // sweep must fill block 12 before it walks from page 0 (which would
+    // reach block 12 last).
     let pages = 2048u64;
     let block = pagewire_engine::heat::BLOCK_PAGES;
-    let h = start_capped(pages, 1 << 20);
+    let h = start_capped(pages, 512 << 10, true);
     let mem = h.memory().clone();
     let hot = 12 * block..13 * block;
     for p in [hot.start + 4, hot.start + 50, hot.start + 99] {
         let _ = std::hint::black_box(mem.page(p).unwrap()[0]);
     }
+    h.release_push();
     wait_until("block 12 pushed", || {
         hot.clone().all(|p| h.origin(p) != PageOrigin::None)
     });
-    // Outside block 12, the linear sweep got at most what it took before
-    // the first fault (zero pages are mapped without the network).
+    // Outside block 12, the linear sweep got at most what it took since
+    // block 12 was done (zero pages are mapped without the network).
     let pushed_elsewhere = (0..pages)
         .filter(|p| !hot.contains(p) && p % 5 != 0)
         .filter(|&p| h.origin(p) == PageOrigin::Push)
