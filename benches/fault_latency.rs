@@ -15,20 +15,20 @@ fn faults(c: &mut Criterion) {
     for kind in ["inproc", "tcp"] {
         let b = transport(kind, src.clone());
         g.bench_function(format!("engine/{kind}"), |bench| {
-            bench.iter_custom(|n| time_engine_faults(&b.transport, n))
+            bench.iter_custom(|n| time_engine_faults(&b, n))
         });
         // Zero-copy: into a memfd, landed and mapped with UFFDIO_CONTINUE.
         g.bench_function(format!("engine/{kind}/memfd"), |bench| {
-            bench.iter_custom(|n| time_engine_faults_on(&b.transport, n, true))
+            bench.iter_custom(|n| time_engine_faults_on(&b, n, true))
         });
     }
     match rdma_transport(src.clone()) {
         Ok(b) => {
             g.bench_function("engine/rdma", |bench| {
-                bench.iter_custom(|n| time_engine_faults(&b.transport, n))
+                bench.iter_custom(|n| time_engine_faults(&b, n))
             });
             g.bench_function("engine/rdma/memfd", |bench| {
-                bench.iter_custom(|n| time_engine_faults_on(&b.transport, n, true))
+                bench.iter_custom(|n| time_engine_faults_on(&b, n, true))
             });
         }
         Err(why) => eprintln!("fault_latency_4k/engine/rdma: skipped ({why})"),

@@ -23,7 +23,35 @@ pub fn source(bytes: u64) -> Arc<SourceMemory> {
 pub struct Bench {
     /// The transport.
     pub transport: Arc<dyn Transport>,
+    fresh: Box<dyn Fn() -> Arc<dyn Transport>>,
     _server: Option<ServerHandle>,
+}
+
+impl Bench {
+    fn new(fresh: impl Fn() -> Arc<dyn Transport> + 'static, server: Option<ServerHandle>) -> Self {
+        Self {
+            transport: fresh(),
+            fresh: Box::new(fresh),
+            _server: server,
+        }
+    }
+
+    /// A new transport to the same source. A transport lands pages in one
+    /// memory only, so every zero-copy migration takes a fresh one (the
+    /// shared one would copy into every memory after the first).
+    pub fn fresh(&self) -> Arc<dyn Transport> {
+        (self.fresh)()
+    }
+
+    /// The transport for a migration into private memory (the shared
+    /// one) or into a memfd (`shared`: a fresh one).
+    fn for_memory(&self, shared: bool) -> Arc<dyn Transport> {
+        if shared {
+            self.fresh()
+        } else {
+            self.transport.clone()
+        }
+    }
 }
 
 /// Builds `kind` ("inproc" or "tcp") over `src`; tcp runs a page server on
@@ -35,16 +63,15 @@ pub fn transport(kind: &str, src: Arc<SourceMemory>) -> Bench {
                 .expect("bind")
                 .spawn()
                 .expect("spawn server");
-            let t = TcpTransport::connect(server.addr(), TcpOptions::default()).expect("connect");
-            Bench {
-                transport: Arc::new(t),
-                _server: Some(server),
-            }
+            let addr = server.addr();
+            Bench::new(
+                move || {
+                    Arc::new(TcpTransport::connect(addr, TcpOptions::default()).expect("connect"))
+                },
+                Some(server),
+            )
         }
-        _ => Bench {
-            transport: Arc::new(InProcTransport::new(src)),
-            _server: None,
-        },
+        _ => Bench::new(move || Arc::new(InProcTransport::new(src.clone())), None),
     }
 }
 
@@ -59,12 +86,12 @@ pub fn rdma_transport(src: Arc<SourceMemory>) -> Result<Bench, String> {
         .with_rdma(Arc::new(export))
         .spawn()
         .expect("spawn server");
-    let tcp =
-        TcpTransport::connect(server.addr(), TcpOptions::default()).map_err(|e| e.to_string())?;
-    Ok(Bench {
-        transport: Arc::new(RdmaTransport::new(tcp, dev)),
-        _server: Some(server),
-    })
+    let addr = server.addr();
+    let connect = move || -> Arc<dyn Transport> {
+        let tcp = TcpTransport::connect(addr, TcpOptions::default()).expect("connect");
+        Arc::new(RdmaTransport::new(tcp, dev.clone()))
+    };
+    Ok(Bench::new(connect, Some(server)))
 }
 
 /// Demand-paging config: no sweep, no bubbles, so every touch is a fault.
@@ -79,7 +106,7 @@ pub fn demand_only() -> MigrationConfig {
 
 /// Starts a migration over `t` into fresh private anonymous memory
 /// (UFFDIO_COPY) or, with `shared`, a memfd (pages landed, then
-/// UFFDIO_CONTINUE).
+/// UFFDIO_CONTINUE: `t` must not have landed pages in other memory).
 pub fn start(t: &Arc<dyn Transport>, cfg: MigrationConfig, shared: bool) -> MigrationHandle {
     if shared {
         let mem = DestMemory::new_shared(&t.info().layout).expect("memfd guest memory");
@@ -91,17 +118,19 @@ pub fn start(t: &Arc<dyn Transport>, cfg: MigrationConfig, shared: bool) -> Migr
 
 /// Touches `n` pages of fresh migrations (one page per fault) and returns
 /// the time spent touching, as a vCPU sees it.
-pub fn time_engine_faults(t: &Arc<dyn Transport>, n: u64) -> Duration {
-    time_engine_faults_on(t, n, false)
+pub fn time_engine_faults(b: &Bench, n: u64) -> Duration {
+    time_engine_faults_on(b, n, false)
 }
 
-/// [`time_engine_faults`] into private memory or (`shared`) a memfd.
-pub fn time_engine_faults_on(t: &Arc<dyn Transport>, n: u64, shared: bool) -> Duration {
-    let pages = t.info().layout.total_pages();
+/// [`time_engine_faults`] into private memory or (`shared`) a memfd,
+/// where every page must land zero-copy.
+pub fn time_engine_faults_on(b: &Bench, n: u64, shared: bool) -> Duration {
+    let pages = b.transport.info().layout.total_pages();
     let mut left = n;
     let mut spent = Duration::ZERO;
     while left > 0 {
-        let h = start(t, demand_only(), shared);
+        let t = b.for_memory(shared);
+        let h = start(&t, demand_only(), shared);
         let mem = h.memory().clone();
         let k = left.min(pages);
         let t0 = Instant::now();
@@ -111,9 +140,24 @@ pub fn time_engine_faults_on(t: &Arc<dyn Transport>, n: u64, shared: bool) -> Du
         spent += t0.elapsed();
         left -= k;
         h.release_push();
-        h.wait().expect("migration");
+        check_path(&h.wait().expect("migration"), shared);
     }
     spent
+}
+
+/// Panics unless a migration installed pages the way the bench claims to
+/// measure: zero-copy into a memfd, or UFFDIO_COPY into private memory.
+fn check_path(r: &pagewire_engine::EngineReport, shared: bool) {
+    use pagewire_engine::InstallPath;
+    let want = if shared {
+        InstallPath::Landed
+    } else {
+        InstallPath::Copy
+    };
+    assert_eq!(
+        r.install_path, want,
+        "the bench measured another install path"
+    );
 }
 
 /// How a raw floor handler gets one page's bytes.
@@ -242,26 +286,25 @@ pub fn time_tcp_stream(bytes: u64) -> Duration {
 }
 
 /// Runs a whole push-only migration (no workload) and returns its time.
-pub fn time_push(t: &Arc<dyn Transport>, lanes: usize, flow_control: bool) -> Duration {
-    time_push_on(t, lanes, flow_control, false)
+pub fn time_push(b: &Bench, lanes: usize, flow_control: bool) -> Duration {
+    time_push_on(b, lanes, flow_control, false)
 }
 
-/// [`time_push`] into private memory or (`shared`) a memfd.
-pub fn time_push_on(
-    t: &Arc<dyn Transport>,
-    lanes: usize,
-    flow_control: bool,
-    shared: bool,
-) -> Duration {
+/// [`time_push`] into private memory or (`shared`) a memfd, where every
+/// page must land zero-copy.
+pub fn time_push_on(b: &Bench, lanes: usize, flow_control: bool, shared: bool) -> Duration {
     let cfg = MigrationConfig {
         lanes,
         flow_control,
         ..MigrationConfig::default()
     };
+    let t = b.for_memory(shared);
     let t0 = Instant::now();
-    let h = start(t, cfg, shared);
-    h.wait().expect("migration");
-    t0.elapsed()
+    let h = start(&t, cfg, shared);
+    let r = h.wait().expect("migration");
+    let spent = t0.elapsed();
+    check_path(&r, shared);
+    spent
 }
 
 /// `threads` threads fault at once, each on its own pages, `rounds` times

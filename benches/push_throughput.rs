@@ -14,21 +14,17 @@ fn push(c: &mut Criterion) {
         let b = transport(kind, src.clone());
         for lanes in [1usize, 2] {
             g.bench_function(format!("engine/{kind}/lanes{lanes}"), |bench| {
-                bench.iter_custom(|n| (0..n).map(|_| time_push(&b.transport, lanes, true)).sum())
+                bench.iter_custom(|n| (0..n).map(|_| time_push(&b, lanes, true)).sum())
             });
         }
         g.bench_function(format!("engine/{kind}/lanes2/no_flow_control"), |bench| {
-            bench.iter_custom(|n| (0..n).map(|_| time_push(&b.transport, 2, false)).sum())
+            bench.iter_custom(|n| (0..n).map(|_| time_push(&b, 2, false)).sum())
         });
         // Zero-copy into a memfd, with and without flow control.
         for fc in [true, false] {
             let name = if fc { "memfd" } else { "memfd/no_flow_control" };
             g.bench_function(format!("engine/{kind}/lanes2/{name}"), |bench| {
-                bench.iter_custom(|n| {
-                    (0..n)
-                        .map(|_| time_push_on(&b.transport, 2, fc, true))
-                        .sum()
-                })
+                bench.iter_custom(|n| (0..n).map(|_| time_push_on(&b, 2, fc, true)).sum())
             });
         }
     }

@@ -174,7 +174,8 @@ pub(crate) fn offer_landing(
     if !took {
         tracing::info!(
             transport = transport.name(),
-            "the transport cannot land pages in guest memory: each page is copied into it"
+            "the transport does not land pages in this guest memory (it cannot, or it lands them \
+             in another): each page is copied into it"
         );
     }
     Ok(took)

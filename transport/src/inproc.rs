@@ -85,6 +85,7 @@ impl PageChannel for InProcChannel {
         let mut pages = 0;
         for r in &ranges {
             let src = self.source.pages(*r)?;
+            landing.populate(*r);
             // SAFETY: this channel's request holds these pages (their
             // fetcher claimed them, see `Landing::new`); the slice lives
             // for this copy only.
@@ -157,7 +158,10 @@ impl Transport for InProcTransport {
         if landing.page_size() != self.info.layout.page_size() {
             return Ok(false);
         }
-        Ok(self.landing.set(landing).is_ok())
+        // One landing memory per transport: the same offered again (a
+        // resumed migration) is taken, other memory is not.
+        let held = self.landing.get_or_init(|| landing.clone());
+        Ok(Arc::ptr_eq(held, &landing))
     }
 
     fn dirty_round(&self, round: u32, pause: bool) -> Result<PageSet, TransportError> {
@@ -206,8 +210,14 @@ mod tests {
         };
         // SAFETY: the span is `mem`'s buffer, kept alive by the landing;
         // only this test's channel writes it, one request at a time.
-        let landing = unsafe { Landing::new(4096, vec![span], mem.clone()) }.unwrap();
-        assert!(t.set_landing(Arc::new(landing)).unwrap());
+        let landing = Arc::new(unsafe { Landing::new(4096, vec![span], mem.clone()) }.unwrap());
+        assert!(t.set_landing(landing.clone()).unwrap());
+        // The same memory offered again (a resumed migration) is taken;
+        // other memory is not: channels land in the first.
+        assert!(t.set_landing(landing.clone()).unwrap());
+        // SAFETY: as above; this landing is refused and never written.
+        let other = unsafe { Landing::new(4096, vec![span], mem.clone()) }.unwrap();
+        assert!(!t.set_landing(Arc::new(other)).unwrap());
         let mut ch = t.open(ChannelClass::Urgent).unwrap();
         assert!(
             matches!(

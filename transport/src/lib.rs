@@ -86,7 +86,8 @@ pub trait Transport: Send + Sync {
     /// [`landing`]). Returns whether this transport will: channels opened
     /// afterwards then take [`PageChannel::send_landed`]. A transport that
     /// cannot (the default) answers false and the caller receives into
-    /// buffers.
+    /// buffers. A transport lands pages in one memory: the same landing
+    /// offered again (a resumed migration) is taken, another is not.
     fn set_landing(&self, landing: std::sync::Arc<Landing>) -> Result<bool, TransportError> {
         let _ = landing;
         Ok(false)

@@ -448,6 +448,12 @@ impl Transport for RdmaTransport {
         if landing.page_size() != self.control.info().layout.page_size() {
             return Ok(false);
         }
+        // One landing memory per transport: the same offered again (a
+        // resumed migration) is registered already, other memory is not
+        // taken.
+        if let Some(held) = self.landing.get() {
+            return Ok(Arc::ptr_eq(&held.landing, &landing));
+        }
         // Channels that fall back to TCP land their pages as well.
         if !self.control.set_landing(landing.clone())? {
             return Ok(false);
@@ -472,10 +478,13 @@ impl Transport for RdmaTransport {
                 }
             }
         }
-        Ok(self
-            .landing
-            .set(Arc::new(RdmaLanding { mrs, landing }))
-            .is_ok())
+        let held = self.landing.get_or_init(|| {
+            Arc::new(RdmaLanding {
+                mrs,
+                landing: landing.clone(),
+            })
+        });
+        Ok(Arc::ptr_eq(&held.landing, &landing))
     }
 
     fn checksums(&self, range: PageRange) -> Result<Vec<u64>, TransportError> {

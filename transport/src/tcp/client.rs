@@ -261,6 +261,9 @@ impl Conn {
             ));
         }
         let want_len = front.pages as usize * landing.page_size();
+        for r in front.landed.iter().flatten() {
+            landing.populate(*r);
+        }
         let ranges = self.reply_head(want_len)?.landed.unwrap_or_default();
         for r in ranges {
             // SAFETY: this channel sent the request for these pages (their
@@ -565,7 +568,10 @@ impl Transport for TcpTransport {
         if landing.page_size() != self.info.layout.page_size() {
             return Ok(false);
         }
-        Ok(self.landing.set(landing).is_ok())
+        // One landing memory per transport: the same offered again (a
+        // resumed migration) is taken, other memory is not.
+        let held = self.landing.get_or_init(|| landing.clone());
+        Ok(Arc::ptr_eq(held, &landing))
     }
 
     fn dirty_round(&self, round: u32, pause: bool) -> Result<PageSet, TransportError> {
