@@ -92,6 +92,11 @@ for wait in poll event; do
         --json > /tmp/w.json 2>/dev/null
     echo "PERF pagewire rdma random+push, lanes $wait: fault p50 $(num p50 /tmp/w.json) us, p99 $(num p99 /tmp/w.json) us, total $(num total_ms /tmp/w.json) ms"
 done
+# The push without flow control: what the lanes move when nothing holds
+# them back (beside ib_read_bw above).
+pagewire dest --connect 127.0.0.1:7070 --transport rdma --no-flow-control --workload seq --touches 1 \
+    --json > /tmp/w.json 2>/dev/null
+echo "PERF pagewire rdma push, lanes poll, no flow control: $(num bytes_received /tmp/w.json) bytes in $(num total_ms /tmp/w.json) ms"
 for t in rdma tcp; do
     for b in anon memfd; do
         pagewire dest --connect 127.0.0.1:7070 --transport $t --memory-backend $b --workload random --no-push --no-bubble \

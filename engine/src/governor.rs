@@ -19,14 +19,27 @@
 //!   bytes are queueing somewhere;
 //! - the sweep quiet while a fault's request is outstanding (faults
 //!   preempt the push; bubbles, what the guest touches next, only wait for
-//!   window room), and bulk under an optional bytes-per-second cap.
+//!   window room), and bulk under an optional bytes-per-second cap;
+//! - while the guest does not fault (no fault for [`IDLE_AFTER`]), there is
+//!   no reply to protect: the window and the requests grow to what the
+//!   path drains in [`IDLE_DRAIN`] at the best rate it has delivered, so
+//!   an idle guest's memory comes at the path's speed (where the CPU is
+//!   the limit, small requests cost most of it) and the first fault after
+//!   the pause waits behind at most that much bulk. Round trips then are
+//!   no samples of the path; the first fault puts the delay-based window
+//!   back in charge.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+/// Without a fault for this long, the guest is idle (see the module docs).
+pub const IDLE_AFTER: Duration = Duration::from_millis(10);
+/// While the guest is idle, bulk in flight drains in this long at the best
+/// delivered rate: what the first fault after the pause may wait behind.
+pub const IDLE_DRAIN: Duration = Duration::from_micros(500);
 /// Wire time one bulk request should take at the measured rate.
 pub const CHUNK_TIME: Duration = Duration::from_micros(40);
 /// How often the delivery rate and the request size are reconsidered.
@@ -60,6 +73,8 @@ pub struct Ticket {
     /// Most pages the request may ask for.
     pub pages: u32,
     reserved: u64,
+    /// Granted while the guest was idle.
+    idle: bool,
 }
 
 /// A bulk request on the wire, to be reported with
@@ -72,6 +87,8 @@ pub struct Sent {
     inflight: u64,
     /// Whether its round trip is a sample of the path.
     sample: bool,
+    /// Sent while the guest was idle: counts towards the idle rate only.
+    idle: bool,
 }
 
 /// What the flow control settled on, for the report.
@@ -89,6 +106,9 @@ pub struct FlowStats {
     pub min_rtt_us: f64,
     /// Times lanes held back because a fault's request was outstanding.
     pub urgent_holds: u64,
+    /// Bulk requests sent while the guest was idle (not faulting), with
+    /// the larger idle window.
+    pub idle_requests: u64,
     /// Smallest bulk round trip per request size measured, in µs, as
     /// (pages, µs): their slope is the wire time of a page.
     pub min_rtt_by_size_us: Vec<(u32, f64)>,
@@ -138,6 +158,12 @@ struct State {
     tokens: f64,
     refill: Instant,
     holds: u64,
+    /// Delivery of requests sent while idle, in its own epochs, and the
+    /// best rate seen there.
+    idle_epoch_start: Instant,
+    idle_epoch_bytes: u64,
+    idle_peak: f64,
+    idle_requests: u64,
 }
 
 /// Admission control for bulk requests; see the module docs.
@@ -148,6 +174,11 @@ pub struct Governor {
     enabled: bool,
     push_rate: Option<f64>,
     urgent: AtomicU32,
+    /// When the last fault's request went out, in µs since `born`.
+    last_urgent_us: AtomicU64,
+    born: Instant,
+    /// No fault for this long: idle ([`IDLE_AFTER`]).
+    idle_after_us: u64,
     state: Mutex<State>,
     cv: Condvar,
 }
@@ -166,6 +197,9 @@ impl Governor {
             enabled,
             push_rate: push_rate.map(|r| r.max(1) as f64),
             urgent: AtomicU32::new(0),
+            last_urgent_us: AtomicU64::new(0),
+            born: now,
+            idle_after_us: IDLE_AFTER.as_micros() as u64,
             state: Mutex::new(State {
                 inflight: 0,
                 window: 2.0 * (u64::from(chunk) * page_size as u64) as f64,
@@ -185,6 +219,10 @@ impl Governor {
                 tokens: 0.0,
                 refill: now,
                 holds: 0,
+                idle_epoch_start: now,
+                idle_epoch_bytes: 0,
+                idle_peak: 0.0,
+                idle_requests: 0,
             }),
             cv: Condvar::new(),
         }
@@ -203,6 +241,37 @@ impl Governor {
     /// [`Governor::urgent_end`].
     pub fn urgent_begin(&self) {
         self.urgent.fetch_add(1, Ordering::AcqRel);
+        self.last_urgent_us
+            .store(self.born.elapsed().as_micros() as u64, Ordering::Release);
+    }
+
+    /// The guest is idle: flow control on, no fault outstanding and none
+    /// for [`IDLE_AFTER`] (a migration starts as not idle).
+    fn idle(&self) -> bool {
+        self.enabled
+            && self.urgent.load(Ordering::Acquire) == 0
+            && self.born.elapsed().as_micros() as u64
+                >= self.last_urgent_us.load(Ordering::Acquire) + self.idle_after_us
+    }
+
+    /// The same governor with another idle threshold (tests: one that a
+    /// slow machine never reaches, or none at all).
+    #[cfg(test)]
+    fn with_idle_after(mut self, d: Duration) -> Self {
+        self.idle_after_us = d.as_micros() as u64;
+        self
+    }
+
+    /// Window and request size while the guest is idle: what drains in
+    /// [`IDLE_DRAIN`] at the best delivered rate, never less than the
+    /// delay-based ones.
+    fn idle_limits(&self, st: &State) -> (f64, u32) {
+        let rate = st.peak_rate.max(st.idle_peak);
+        let window = st.window.max(rate * IDLE_DRAIN.as_secs_f64());
+        // Two requests fill the window, so one can be sent while the
+        // other's reply is coming.
+        let pages = (window / 2.0 / self.page_size as f64) as u32;
+        (window, pages.clamp(st.chunk, self.max_chunk))
     }
 
     /// A fault's request has been answered.
@@ -247,20 +316,27 @@ impl Governor {
         let mut st = self.lock();
         let mut held = false;
         loop {
-            let pages = st.chunk;
+            let idle = self.idle();
+            let (window, pages) = if idle {
+                self.idle_limits(&st)
+            } else {
+                (st.window, st.chunk)
+            };
             let cb = u64::from(pages) * self.page_size;
             let urgent = self.enabled && !bubble && self.urgent.load(Ordering::Acquire) > 0;
             let window_ok =
-                !self.enabled || st.inflight == 0 || (st.inflight + cb) as f64 <= st.window;
+                !self.enabled || st.inflight == 0 || (st.inflight + cb) as f64 <= window;
             let pause = self.refill(&mut st, cb);
             if !urgent && window_ok && pause.is_zero() {
                 st.inflight += cb;
                 if self.push_rate.is_some() {
                     st.tokens -= cb as f64;
                 }
+                st.idle_requests += u64::from(idle);
                 return Some(Ticket {
                     pages,
                     reserved: cb,
+                    idle,
                 });
             }
             if urgent && !held {
@@ -313,7 +389,8 @@ impl Governor {
             bytes,
             at: Instant::now(),
             inflight: st.inflight,
-            sample: true,
+            sample: !ticket.idle,
+            idle: ticket.idle,
         }
     }
 
@@ -326,6 +403,7 @@ impl Governor {
         Sent {
             at: Instant::now(),
             sample: false,
+            idle: false,
             ..sent
         }
     }
@@ -338,6 +416,22 @@ impl Governor {
         let mut st = self.lock();
         st.inflight -= sent.bytes.min(st.inflight);
         self.cv.notify_all();
+        if self.enabled && sent.idle {
+            // Idle requests teach the rate the idle window is sized by,
+            // in epochs of their own (a pause starts a new one).
+            if now.duration_since(st.idle_epoch_start) > 2 * EPOCH {
+                st.idle_epoch_start = sent.at;
+                st.idle_epoch_bytes = 0;
+            }
+            st.idle_epoch_bytes += sent.bytes;
+            let span = now.duration_since(st.idle_epoch_start);
+            if span >= EPOCH {
+                let rate = st.idle_epoch_bytes as f64 / span.as_secs_f64();
+                st.idle_peak = st.idle_peak.max(rate);
+                st.idle_epoch_start = now;
+                st.idle_epoch_bytes = 0;
+            }
+        }
         if !self.enabled || !sent.sample {
             return;
         }
@@ -491,6 +585,7 @@ impl Governor {
             min_rtt_us: st.class_min[class_of(st.chunk)]
                 .map_or(0.0, |(d, _)| d.as_secs_f64() * 1e6),
             urgent_holds: st.holds,
+            idle_requests: st.idle_requests,
             min_rtt_by_size_us: st
                 .class_min
                 .iter()
@@ -510,9 +605,48 @@ fn class_of(pages: u32) -> usize {
 mod tests {
     use super::*;
 
+    /// An idle threshold no test reaches.
+    const NEVER: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn an_idle_guest_gets_what_the_path_drains_until_it_faults() {
+        let g = Governor::new(4096, 64, true, None).with_idle_after(Duration::ZERO);
+        // Nothing delivered yet: no rate, so the delay-based limits hold.
+        let t = g.acquire(None).expect("first request");
+        assert_eq!(t.pages, 1);
+        g.release(t);
+        // The path has delivered 400 MB/s: 200 KB drain in IDLE_DRAIN,
+        // so requests of 25 pages, two in flight.
+        g.lock().peak_rate = 400e6;
+        let a = g.acquire(None).expect("idle request");
+        assert_eq!(a.pages, 24, "{a:?}");
+        let sa = g.commit(a, 24);
+        let b = g.acquire(None).expect("a second fits the idle window");
+        let sb = g.commit(b, 24);
+        assert!(g.acquire(None).is_none(), "the idle window is full");
+        // Idle round trips are no samples of the path.
+        g.complete(sa);
+        g.complete(sb);
+        assert!(g.stats().min_rtt_by_size_us.is_empty());
+        // (The first one-page request was granted idle too.)
+        assert_eq!(g.stats().idle_requests, 3);
+        // Idle after a pause; a fault puts the delay-based window back
+        // (one-page requests) for the next pause's length.
+        let pause = Duration::from_millis(200);
+        let g = g.with_idle_after(pause);
+        std::thread::sleep(pause + Duration::from_millis(20));
+        let t = g.acquire(None).expect("request");
+        assert_eq!(t.pages, 24, "idle after the pause");
+        g.release(t);
+        g.urgent_begin();
+        g.urgent_end();
+        let t = g.acquire(None).expect("request");
+        assert_eq!(t.pages, 1, "not idle right after a fault");
+    }
+
     #[test]
     fn the_window_bounds_bytes_in_flight() {
-        let g = Governor::new(4096, 64, true, None);
+        let g = Governor::new(4096, 64, true, None).with_idle_after(NEVER);
         let a = g.acquire(None).expect("first request always passes");
         assert_eq!(a.pages, 1, "flow control starts with one-page requests");
         let sa = g.commit(a, 1);
@@ -527,7 +661,7 @@ mod tests {
 
     #[test]
     fn requests_sent_again_after_a_lost_link_stay_in_the_window() {
-        let g = Governor::new(4096, 64, true, None);
+        let g = Governor::new(4096, 64, true, None).with_idle_after(NEVER);
         let sa = g.commit(g.acquire(None).unwrap(), 1);
         let sb = g.commit(g.acquire(None).unwrap(), 1);
         assert!(g.acquire(None).is_none(), "window full");
@@ -546,7 +680,7 @@ mod tests {
 
     #[test]
     fn an_outstanding_fault_holds_bulk_requests() {
-        let g = Governor::new(4096, 64, true, None);
+        let g = Governor::new(4096, 64, true, None).with_idle_after(NEVER);
         g.urgent_begin();
         assert!(g.acquire(Some(Duration::from_millis(5))).is_none());
         g.urgent_end();
@@ -564,7 +698,7 @@ mod tests {
 
     #[test]
     fn growing_round_trips_shrink_the_window() {
-        let g = Governor::new(4096, 64, true, None);
+        let g = Governor::new(4096, 64, true, None).with_idle_after(NEVER);
         // Round trips at the minimum grow the window (slow start)...
         for _ in 0..20 {
             let mut sent = Vec::new();
@@ -625,7 +759,7 @@ mod tests {
         // Per-request cost bound (the CPU): 5 µs per request plus 0.25 µs
         // per page; a size-independent 10 GB/s beyond. Sizes grow until
         // twice the budget at the delivered rate caps them.
-        let g = Governor::new(4096, 256, true, None);
+        let g = Governor::new(4096, 256, true, None).with_idle_after(NEVER);
         let cpu = |pages: u32| {
             let t = 5e-6 + 0.25e-6 * f64::from(pages);
             (f64::from(pages) * 4096.0 / t).min(10e9)
@@ -638,7 +772,7 @@ mod tests {
             "{grown} pages exceed the cap {cap}"
         );
         // A 1 Gbit/s link: the rate does not depend on the size.
-        let g = Governor::new(4096, 256, true, None);
+        let g = Governor::new(4096, 256, true, None).with_idle_after(NEVER);
         assert_eq!(
             settle(&g, |_| 125e6),
             1,
@@ -648,7 +782,7 @@ mod tests {
 
     #[test]
     fn the_wire_time_of_a_page_is_the_slope_of_minimum_round_trips() {
-        let g = Governor::new(4096, 64, true, None);
+        let g = Governor::new(4096, 64, true, None).with_idle_after(NEVER);
         let now = Instant::now();
         let mut st = g.lock();
         assert_eq!(Governor::wire_time_per_page(&st, now), None);
