@@ -632,7 +632,7 @@ mod tests {
         assert_eq!(g.stats().idle_requests, 3);
         // Idle after a pause; a fault puts the delay-based window back
         // (one-page requests) for the next pause's length.
-        let pause = Duration::from_millis(200);
+        let pause = Duration::from_millis(500);
         let g = g.with_idle_after(pause);
         std::thread::sleep(pause + Duration::from_millis(20));
         let t = g.acquire(None).expect("request");
