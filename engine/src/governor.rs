@@ -151,19 +151,43 @@ struct State {
     last_rate: f64,
     /// Smoothed queueing delay (round trip above the minimum), seconds.
     queue_delay: f64,
-    epoch_start: Instant,
-    epoch_bytes: u64,
+    /// Delivery of requests that are samples of the path.
+    epoch: Epoch,
+    /// Highest rate of an epoch, idle or not.
     peak_rate: f64,
     last_cut: Instant,
     tokens: f64,
     refill: Instant,
     holds: u64,
-    /// Delivery of requests sent while idle, in its own epochs, and the
-    /// best rate seen there.
-    idle_epoch_start: Instant,
-    idle_epoch_bytes: u64,
-    idle_peak: f64,
+    /// Delivery of requests sent while idle, in epochs of their own.
+    idle_epoch: Epoch,
     idle_requests: u64,
+}
+
+/// Bytes delivered since an epoch began: the delivery rate, one
+/// [`EPOCH`] at a time.
+#[derive(Debug)]
+struct Epoch {
+    start: Instant,
+    bytes: u64,
+}
+
+impl Epoch {
+    fn new(start: Instant) -> Self {
+        Self { start, bytes: 0 }
+    }
+
+    /// Counts `bytes` delivered at `now`. Once the epoch has lasted
+    /// [`EPOCH`], returns its rate in bytes per second and begins the next.
+    fn add(&mut self, bytes: u64, now: Instant) -> Option<f64> {
+        self.bytes += bytes;
+        let span = now.duration_since(self.start);
+        (span >= EPOCH).then(|| {
+            let rate = self.bytes as f64 / span.as_secs_f64();
+            *self = Self::new(now);
+            rate
+        })
+    }
 }
 
 /// Admission control for bulk requests; see the module docs.
@@ -212,16 +236,13 @@ impl Governor {
                 probe_wait: PROBE_SOON,
                 last_rate: 0.0,
                 queue_delay: 0.0,
-                epoch_start: now,
-                epoch_bytes: 0,
+                epoch: Epoch::new(now),
                 peak_rate: 0.0,
                 last_cut: now,
                 tokens: 0.0,
                 refill: now,
                 holds: 0,
-                idle_epoch_start: now,
-                idle_epoch_bytes: 0,
-                idle_peak: 0.0,
+                idle_epoch: Epoch::new(now),
                 idle_requests: 0,
             }),
             cv: Condvar::new(),
@@ -266,8 +287,7 @@ impl Governor {
     /// [`IDLE_DRAIN`] at the best delivered rate, never less than the
     /// delay-based ones.
     fn idle_limits(&self, st: &State) -> (f64, u32) {
-        let rate = st.peak_rate.max(st.idle_peak);
-        let window = st.window.max(rate * IDLE_DRAIN.as_secs_f64());
+        let window = st.window.max(st.peak_rate * IDLE_DRAIN.as_secs_f64());
         // Two requests fill the window, so one can be sent while the
         // other's reply is coming.
         let pages = (window / 2.0 / self.page_size as f64) as u32;
@@ -419,23 +439,16 @@ impl Governor {
         if self.enabled && sent.idle {
             // Idle requests teach the rate the idle window is sized by,
             // in epochs of their own (a pause starts a new one).
-            if now.duration_since(st.idle_epoch_start) > 2 * EPOCH {
-                st.idle_epoch_start = sent.at;
-                st.idle_epoch_bytes = 0;
+            if now.duration_since(st.idle_epoch.start) > 2 * EPOCH {
+                st.idle_epoch = Epoch::new(sent.at);
             }
-            st.idle_epoch_bytes += sent.bytes;
-            let span = now.duration_since(st.idle_epoch_start);
-            if span >= EPOCH {
-                let rate = st.idle_epoch_bytes as f64 / span.as_secs_f64();
-                st.idle_peak = st.idle_peak.max(rate);
-                st.idle_epoch_start = now;
-                st.idle_epoch_bytes = 0;
+            if let Some(rate) = st.idle_epoch.add(sent.bytes, now) {
+                st.peak_rate = st.peak_rate.max(rate);
             }
         }
         if !self.enabled || !sent.sample {
             return;
         }
-        st.epoch_bytes += sent.bytes;
         let class = class_of(sent.pages);
         let fresh = |m: Option<(Duration, Instant)>| {
             m.filter(|&(_, at)| now.duration_since(at) < MIN_RTT_AGE)
@@ -445,12 +458,8 @@ impl Governor {
             _ => rtt,
         };
         st.class_min[class] = Some((min, now));
-        let epoch = now.duration_since(st.epoch_start);
-        if epoch >= EPOCH {
-            let rate = st.epoch_bytes as f64 / epoch.as_secs_f64();
+        if let Some(rate) = st.epoch.add(sent.bytes, now) {
             st.peak_rate = st.peak_rate.max(rate);
-            st.epoch_start = now;
-            st.epoch_bytes = 0;
             let chunk = self.next_chunk(&mut st, rate, now);
             if chunk != st.chunk {
                 // Queueing is now judged against the new size's minimum;
