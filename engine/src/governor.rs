@@ -21,13 +21,17 @@
 //!   preempt the push; bubbles, what the guest touches next, only wait for
 //!   window room), and bulk under an optional bytes-per-second cap;
 //! - while the guest does not fault (no fault for [`IDLE_AFTER`]), there is
-//!   no reply to protect: the window and the requests grow to what the
-//!   path drains in [`IDLE_DRAIN`] at the best rate it has delivered, so
-//!   an idle guest's memory comes at the path's speed (where the CPU is
-//!   the limit, small requests cost most of it) and the first fault after
-//!   the pause waits behind at most that much bulk. Round trips then are
-//!   no samples of the path; the first fault puts the delay-based window
-//!   back in charge.
+//!   no reply to protect: a window of its own lets the bulk fill the path
+//!   up to what drains in [`IDLE_DRAIN`], so an idle guest's memory comes
+//!   at the path's speed (where the CPU is the limit, small requests cost
+//!   most of it) and the first fault after the pause waits behind at most
+//!   that much bulk. The idle window doubles each round trip while
+//!   requests come back within half of [`IDLE_DRAIN`], grows by a request
+//!   per window up to it and is cut past it, so it opens within a few
+//!   round trips, and a shaper's burst allowance, which makes a link look
+//!   fast until it runs out, costs one cut once the queue shows. Round
+//!   trips while idle are no samples for the delay-based window; the first
+//!   fault puts that one back in charge.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -37,9 +41,11 @@ use serde::Serialize;
 
 /// Without a fault for this long, the guest is idle (see the module docs).
 pub const IDLE_AFTER: Duration = Duration::from_millis(10);
-/// While the guest is idle, bulk in flight drains in this long at the best
-/// delivered rate: what the first fault after the pause may wait behind.
+/// While the guest is idle, bulk round trips are kept within this long:
+/// about what the first fault after the pause may wait behind.
 pub const IDLE_DRAIN: Duration = Duration::from_micros(500);
+/// `last_urgent_us` before the first fault.
+const NO_FAULT: u64 = u64::MAX;
 /// Wire time one bulk request should take at the measured rate.
 pub const CHUNK_TIME: Duration = Duration::from_micros(40);
 /// How often the delivery rate and the request size are reconsidered.
@@ -109,6 +115,8 @@ pub struct FlowStats {
     /// Bulk requests sent while the guest was idle (not faulting), with
     /// the larger idle window.
     pub idle_requests: u64,
+    /// Bulk bytes allowed in flight while the guest is idle, at the end.
+    pub idle_window_bytes: u64,
     /// Smallest bulk round trip per request size measured, in µs, as
     /// (pages, µs): their slope is the wire time of a page.
     pub min_rtt_by_size_us: Vec<(u32, f64)>,
@@ -159,9 +167,15 @@ struct State {
     tokens: f64,
     refill: Instant,
     holds: u64,
-    /// Delivery of requests sent while idle, in epochs of their own.
+    /// Delivery of requests sent while idle, in epochs of their own (for
+    /// the peak rate).
     idle_epoch: Epoch,
     idle_requests: u64,
+    /// Bulk bytes allowed in flight while the guest is idle (never less
+    /// than `window`).
+    idle_window: f64,
+    /// When the idle window was last cut.
+    idle_cut: Instant,
 }
 
 /// Bytes delivered since an epoch began: the delivery rate, one
@@ -198,11 +212,12 @@ pub struct Governor {
     enabled: bool,
     push_rate: Option<f64>,
     urgent: AtomicU32,
-    /// When the last fault's request went out, in µs since `born`.
+    /// When the last fault's request went out, in µs since `born`
+    /// ([`NO_FAULT`] before the first).
     last_urgent_us: AtomicU64,
     born: Instant,
-    /// No fault for this long: idle ([`IDLE_AFTER`]).
-    idle_after_us: u64,
+    /// No fault for this long: idle ([`IDLE_AFTER`]); `None`: never idle.
+    idle_after_us: Option<u64>,
     state: Mutex<State>,
     cv: Condvar,
 }
@@ -221,9 +236,9 @@ impl Governor {
             enabled,
             push_rate: push_rate.map(|r| r.max(1) as f64),
             urgent: AtomicU32::new(0),
-            last_urgent_us: AtomicU64::new(0),
+            last_urgent_us: AtomicU64::new(NO_FAULT),
             born: now,
-            idle_after_us: IDLE_AFTER.as_micros() as u64,
+            idle_after_us: Some(IDLE_AFTER.as_micros() as u64),
             state: Mutex::new(State {
                 inflight: 0,
                 window: 2.0 * (u64::from(chunk) * page_size as u64) as f64,
@@ -244,6 +259,8 @@ impl Governor {
                 holds: 0,
                 idle_epoch: Epoch::new(now),
                 idle_requests: 0,
+                idle_window: 0.0,
+                idle_cut: now,
             }),
             cv: Condvar::new(),
         }
@@ -267,31 +284,62 @@ impl Governor {
     }
 
     /// The guest is idle: flow control on, no fault outstanding and none
-    /// for [`IDLE_AFTER`] (a migration starts as not idle).
+    /// for [`IDLE_AFTER`] (a migration starts idle: until the guest faults
+    /// there is no reply to protect, and the idle window starts from the
+    /// delay-based one).
     fn idle(&self) -> bool {
+        let Some(after) = self.idle_after_us else {
+            return false;
+        };
+        let last = self.last_urgent_us.load(Ordering::Acquire);
         self.enabled
             && self.urgent.load(Ordering::Acquire) == 0
-            && self.born.elapsed().as_micros() as u64
-                >= self.last_urgent_us.load(Ordering::Acquire) + self.idle_after_us
+            && (last == NO_FAULT || self.born.elapsed().as_micros() as u64 >= last + after)
     }
 
-    /// The same governor with another idle threshold (tests: one that a
-    /// slow machine never reaches, or none at all).
+    /// The same governor with another idle threshold, or none: never idle
+    /// (tests).
     #[cfg(test)]
-    fn with_idle_after(mut self, d: Duration) -> Self {
-        self.idle_after_us = d.as_micros() as u64;
+    fn with_idle_after(mut self, d: Option<Duration>) -> Self {
+        self.idle_after_us = d.map(|d| d.as_micros() as u64);
         self
     }
 
-    /// Window and request size while the guest is idle: what drains in
-    /// [`IDLE_DRAIN`] at the best delivered rate, never less than the
-    /// delay-based ones.
+    /// Window and request size while the guest is idle: the idle window,
+    /// never less than the delay-based one.
     fn idle_limits(&self, st: &State) -> (f64, u32) {
-        let window = st.window.max(st.peak_rate * IDLE_DRAIN.as_secs_f64());
+        let window = st.window.max(st.idle_window);
         // Two requests fill the window, so one can be sent while the
         // other's reply is coming.
         let pages = (window / 2.0 / self.page_size as f64) as u32;
         (window, pages.clamp(st.chunk, self.max_chunk))
+    }
+
+    /// Adapts the idle window to the round trip `rtt` of an idle request
+    /// (see the module docs).
+    fn adapt_idle(&self, st: &mut State, sent: &Sent, rtt: Duration, now: Instant) {
+        let drain = IDLE_DRAIN.as_secs_f64();
+        let r = rtt.as_secs_f64();
+        let bytes = sent.bytes as f64;
+        st.idle_window = st.idle_window.max(st.window);
+        if r > drain {
+            // Once per round trip, down to what would have drained.
+            if now.duration_since(st.idle_cut) > rtt {
+                st.idle_window *= (drain / r).max(0.5);
+                st.idle_cut = now;
+            }
+        } else if (sent.inflight + sent.bytes + self.page_size) as f64 > st.idle_window {
+            // The window was the limit (another request this size did not
+            // fit): it grows.
+            st.idle_window += if r < drain / 2.0 {
+                bytes
+            } else {
+                bytes * bytes / st.idle_window
+            };
+        }
+        st.idle_window = st
+            .idle_window
+            .clamp(st.window.max(2.0 * self.page_size as f64), MAX_WINDOW);
     }
 
     /// A fault's request has been answered.
@@ -431,14 +479,20 @@ impl Governor {
     /// Reports that the reply to `sent` has fully arrived, and adapts the
     /// request size and the window.
     pub fn complete(&self, sent: Sent) {
-        let now = Instant::now();
+        self.complete_at(sent, Instant::now());
+    }
+
+    /// [`Self::complete`] at `now`.
+    fn complete_at(&self, sent: Sent, now: Instant) {
         let rtt = now.duration_since(sent.at);
         let mut st = self.lock();
         st.inflight -= sent.bytes.min(st.inflight);
         self.cv.notify_all();
         if self.enabled && sent.idle {
-            // Idle requests teach the rate the idle window is sized by,
-            // in epochs of their own (a pause starts a new one).
+            // Idle requests size the idle window, and their delivery rate
+            // counts towards the peak, in epochs of their own (a pause
+            // starts a new one).
+            self.adapt_idle(&mut st, &sent, rtt, now);
             if now.duration_since(st.idle_epoch.start) > 2 * EPOCH {
                 st.idle_epoch = Epoch::new(sent.at);
             }
@@ -595,6 +649,7 @@ impl Governor {
                 .map_or(0.0, |(d, _)| d.as_secs_f64() * 1e6),
             urgent_holds: st.holds,
             idle_requests: st.idle_requests,
+            idle_window_bytes: st.window.max(st.idle_window) as u64,
             min_rtt_by_size_us: st
                 .class_min
                 .iter()
@@ -614,43 +669,68 @@ fn class_of(pages: u32) -> usize {
 mod tests {
     use super::*;
 
-    /// An idle threshold no test reaches.
-    const NEVER: Duration = Duration::from_secs(3600);
+    /// No idle periods.
+    const NEVER: Option<Duration> = None;
+
+    /// Sends what the window allows at once and completes it all
+    /// `rtt` later; returns the pages of the first request.
+    fn round(g: &Governor, rtt: Duration) -> u32 {
+        let mut sent = Vec::new();
+        while let Some(t) = g.acquire(None) {
+            let pages = t.pages;
+            sent.push(g.commit(t, pages));
+        }
+        let first = sent.first().map_or(0, |s| s.pages);
+        for s in sent {
+            g.complete_at(s, s.at + rtt);
+        }
+        first
+    }
 
     #[test]
     fn an_idle_guest_gets_what_the_path_drains_until_it_faults() {
-        let g = Governor::new(4096, 64, true, None).with_idle_after(Duration::ZERO);
-        // Nothing delivered yet: no rate, so the delay-based limits hold.
-        let t = g.acquire(None).expect("first request");
-        assert_eq!(t.pages, 1);
-        g.release(t);
-        // The path has delivered 400 MB/s: 200 KB drain in IDLE_DRAIN,
-        // so requests of 25 pages, two in flight.
-        g.lock().peak_rate = 400e6;
-        let a = g.acquire(None).expect("idle request");
-        assert_eq!(a.pages, 24, "{a:?}");
-        let sa = g.commit(a, 24);
-        let b = g.acquire(None).expect("a second fits the idle window");
-        let sb = g.commit(b, 24);
-        assert!(g.acquire(None).is_none(), "the idle window is full");
+        let g = Governor::new(4096, 256, true, None).with_idle_after(Some(Duration::ZERO));
+        // Idle from the start: one-page requests, the delay-based window.
+        assert_eq!(round(&g, Duration::from_micros(50)), 1);
+        // Quick round trips double the idle window each time, and the
+        // requests with it (two fill the window).
+        let sizes: Vec<u32> = (0..5)
+            .map(|_| round(&g, Duration::from_micros(50)))
+            .collect();
+        assert_eq!(sizes, [2, 4, 8, 16, 32], "{:?}", g.stats());
         // Idle round trips are no samples of the path.
-        g.complete(sa);
-        g.complete(sb);
         assert!(g.stats().min_rtt_by_size_us.is_empty());
-        // (The first one-page request was granted idle too.)
-        assert_eq!(g.stats().idle_requests, 3);
-        // Idle after a pause; a fault puts the delay-based window back
-        // (one-page requests) for the next pause's length.
+        // Two requests a round, six rounds.
+        assert_eq!(g.stats().idle_requests, 12);
+        // Past half the drain time it grows by about a request per window.
+        let slow = IDLE_DRAIN * 3 / 4;
+        let before = g.stats().idle_window_bytes;
+        round(&g, slow);
+        let after = g.stats().idle_window_bytes;
+        assert!(
+            after > before && after < before * 3 / 2,
+            "{before} -> {after}"
+        );
+        // Past the drain time it is cut, once per round trip, to what
+        // would have drained (at most by half).
+        round(&g, IDLE_DRAIN * 2);
+        let cut = g.stats().idle_window_bytes;
+        assert_eq!(cut, after / 2, "{after} -> {cut}");
+        // A migration starts idle; a fault puts the delay-based window
+        // back (one-page requests) for the idle threshold's length.
         let pause = Duration::from_millis(500);
-        let g = g.with_idle_after(pause);
-        std::thread::sleep(pause + Duration::from_millis(20));
+        let g = g.with_idle_after(Some(pause));
         let t = g.acquire(None).expect("request");
-        assert_eq!(t.pages, 24, "idle after the pause");
+        assert!(t.pages > 1, "idle before the first fault: {t:?}");
         g.release(t);
         g.urgent_begin();
         g.urgent_end();
         let t = g.acquire(None).expect("request");
         assert_eq!(t.pages, 1, "not idle right after a fault");
+        g.release(t);
+        std::thread::sleep(pause + Duration::from_millis(20));
+        let t = g.acquire(None).expect("request");
+        assert!(t.pages > 1, "idle again after the pause: {t:?}");
     }
 
     #[test]
