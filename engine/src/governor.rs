@@ -31,7 +31,9 @@
 //!   round trips, and a shaper's burst allowance, which makes a link look
 //!   fast until it runs out, costs one cut once the queue shows. Round
 //!   trips while idle are no samples for the delay-based window; the first
-//!   fault puts that one back in charge.
+//!   fault puts that one back in charge. A wait on a page a lane is
+//!   fetching does not: a guest walking memory behind the push gains more
+//!   from the push's speed than from shorter waits.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
