@@ -20,20 +20,23 @@
 //! - the sweep quiet while a fault's request is outstanding (faults
 //!   preempt the push; bubbles, what the guest touches next, only wait for
 //!   window room), and bulk under an optional bytes-per-second cap;
-//! - while the guest does not fault (no fault for [`IDLE_AFTER`]), there is
-//!   no reply to protect: a window of its own lets the bulk fill the path
-//!   up to what drains in [`IDLE_DRAIN`], so an idle guest's memory comes
-//!   at the path's speed (where the CPU is the limit, small requests cost
-//!   most of it) and the first fault after the pause waits behind at most
-//!   that much bulk. The idle window doubles each round trip while
-//!   requests come back within half of [`IDLE_DRAIN`], grows by a request
-//!   per window up to it and is cut past it, so it opens within a few
-//!   round trips, and a shaper's burst allowance, which makes a link look
-//!   fast until it runs out, costs one cut once the queue shows. Round
-//!   trips while idle are no samples for the delay-based window; the first
-//!   fault puts that one back in charge. A wait on a page a lane is
-//!   fetching does not: a guest walking memory behind the push gains more
-//!   from the push's speed than from shorter waits.
+//! - while the guest does not fault (not yet, or not for [`IDLE_AFTER`]),
+//!   there is no reply to protect: a window of its own lets the bulk queue
+//!   up to [`IDLE_DRAIN`] at the bottleneck, so an idle guest's memory
+//!   comes at the path's speed (where the CPU is the limit, small requests
+//!   cost most of it) and the first fault after the pause waits behind at
+//!   most about that much bulk. The idle window doubles each round trip
+//!   while requests come back within half of [`IDLE_DRAIN`] of the
+//!   path's smallest round trip, grows by about one request per round
+//!   trip up to it, and past it is cut to what would have drained, by at
+//!   most half per round trip; it grows only while the window was what
+//!   held the bulk back. So it opens within a few round trips, and a
+//!   shaper's burst allowance, which makes a link look fast until it runs
+//!   out, costs a few cuts once the queue shows. Round trips while idle
+//!   are no samples for the delay-based window; the first fault puts that
+//!   one back in charge. A wait on a page a lane is fetching does not: a
+//!   guest walking memory behind the push gains more from the push's
+//!   speed than from shorter waits.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -43,8 +46,9 @@ use serde::Serialize;
 
 /// Without a fault for this long, the guest is idle (see the module docs).
 pub const IDLE_AFTER: Duration = Duration::from_millis(10);
-/// While the guest is idle, bulk round trips are kept within this long:
-/// about what the first fault after the pause may wait behind.
+/// While the guest is idle, bulk round trips are kept within this long of
+/// the path's smallest: about what the first fault after the pause may
+/// wait behind.
 pub const IDLE_DRAIN: Duration = Duration::from_micros(500);
 /// `last_urgent_us` before the first fault.
 const NO_FAULT: u64 = u64::MAX;
@@ -95,8 +99,11 @@ pub struct Sent {
     inflight: u64,
     /// Whether its round trip is a sample of the path.
     sample: bool,
-    /// Sent while the guest was idle: counts towards the idle rate only.
+    /// Sent while the guest was idle: sizes the idle window and counts
+    /// towards the peak rate only.
     idle: bool,
+    /// Requests refused window room before this one was sent.
+    refused: u64,
 }
 
 /// What the flow control settled on, for the report.
@@ -178,6 +185,11 @@ struct State {
     idle_window: f64,
     /// When the idle window was last cut.
     idle_cut: Instant,
+    /// Smallest idle round trip: the path's base, queueing is measured
+    /// from it.
+    idle_base: Option<Duration>,
+    /// Requests refused window room while idle (once per request).
+    idle_refused: u64,
 }
 
 /// Bytes delivered since an epoch began: the delivery rate, one
@@ -263,6 +275,8 @@ impl Governor {
                 idle_requests: 0,
                 idle_window: 0.0,
                 idle_cut: now,
+                idle_base: None,
+                idle_refused: 0,
             }),
             cv: Condvar::new(),
         }
@@ -280,9 +294,10 @@ impl Governor {
     /// A fault's request is going out: lanes hold new requests until
     /// [`Governor::urgent_end`].
     pub fn urgent_begin(&self) {
-        self.urgent.fetch_add(1, Ordering::AcqRel);
+        // The time first: whoever sees the count sees the time too.
         self.last_urgent_us
             .store(self.born.elapsed().as_micros() as u64, Ordering::Release);
+        self.urgent.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The guest is idle: flow control on, no fault outstanding and none
@@ -293,10 +308,11 @@ impl Governor {
         let Some(after) = self.idle_after_us else {
             return false;
         };
+        if !self.enabled || self.urgent.load(Ordering::Acquire) != 0 {
+            return false;
+        }
         let last = self.last_urgent_us.load(Ordering::Acquire);
-        self.enabled
-            && self.urgent.load(Ordering::Acquire) == 0
-            && (last == NO_FAULT || self.born.elapsed().as_micros() as u64 >= last + after)
+        last == NO_FAULT || self.born.elapsed().as_micros() as u64 >= last + after
     }
 
     /// The same governor with another idle threshold, or none: never idle
@@ -320,20 +336,22 @@ impl Governor {
     /// Adapts the idle window to the round trip `rtt` of an idle request
     /// (see the module docs).
     fn adapt_idle(&self, st: &mut State, sent: &Sent, rtt: Duration, now: Instant) {
+        let base = st.idle_base.map_or(rtt, |b| b.min(rtt));
+        st.idle_base = Some(base);
         let drain = IDLE_DRAIN.as_secs_f64();
-        let r = rtt.as_secs_f64();
+        let queued = (rtt - base).as_secs_f64();
         let bytes = sent.bytes as f64;
         st.idle_window = st.idle_window.max(st.window);
-        if r > drain {
-            // Once per round trip, down to what would have drained.
+        if queued > drain {
+            // Once per round trip, to what would have drained.
             if now.duration_since(st.idle_cut) > rtt {
-                st.idle_window *= (drain / r).max(0.5);
+                st.idle_window *= (drain / queued).max(0.5);
                 st.idle_cut = now;
             }
-        } else if (sent.inflight + sent.bytes + self.page_size) as f64 > st.idle_window {
-            // The window was the limit (another request this size did not
-            // fit): it grows.
-            st.idle_window += if r < drain / 2.0 {
+        } else if st.idle_refused > sent.refused {
+            // The window held a request back while this one was out: it
+            // was the limit, so it grows.
+            st.idle_window += if queued < drain / 2.0 {
                 bytes
             } else {
                 bytes * bytes / st.idle_window
@@ -385,6 +403,7 @@ impl Governor {
         let deadline = wait.map(|w| Instant::now() + w);
         let mut st = self.lock();
         let mut held = false;
+        let mut refused = false;
         loop {
             let idle = self.idle();
             let (window, pages) = if idle {
@@ -412,6 +431,10 @@ impl Governor {
             if urgent && !held {
                 held = true;
                 st.holds += 1;
+            }
+            if idle && !urgent && !window_ok && !refused {
+                refused = true;
+                st.idle_refused += 1;
             }
             let now = Instant::now();
             let left = match deadline {
@@ -461,6 +484,7 @@ impl Governor {
             inflight: st.inflight,
             sample: !ticket.idle,
             idle: ticket.idle,
+            refused: st.idle_refused,
         }
     }
 
@@ -674,50 +698,61 @@ mod tests {
     /// No idle periods.
     const NEVER: Option<Duration> = None;
 
-    /// Sends what the window allows at once and completes it all
-    /// `rtt` later; returns the pages of the first request.
-    fn round(g: &Governor, rtt: Duration) -> u32 {
+    /// One round at the synthetic time `at`: sends what the window allows
+    /// (at most `most` requests), completes it all `rtt` later and moves
+    /// `at` on. Returns the pages of the first request.
+    fn round(g: &Governor, at: &mut Instant, rtt: Duration, most: usize) -> u32 {
         let mut sent = Vec::new();
-        while let Some(t) = g.acquire(None) {
+        while sent.len() < most {
+            let Some(t) = g.acquire(None) else { break };
             let pages = t.pages;
             sent.push(g.commit(t, pages));
         }
         let first = sent.first().map_or(0, |s| s.pages);
-        for s in sent {
-            g.complete_at(s, s.at + rtt);
+        for mut s in sent {
+            s.at = *at;
+            g.complete_at(s, *at + rtt);
         }
+        *at += Duration::from_millis(10);
         first
     }
 
     #[test]
     fn an_idle_guest_gets_what_the_path_drains_until_it_faults() {
         let g = Governor::new(4096, 256, true, None).with_idle_after(Some(Duration::ZERO));
+        let mut at = Instant::now();
+        let base = Duration::from_micros(50);
+        let all = usize::MAX;
         // Idle from the start: one-page requests, the delay-based window.
-        assert_eq!(round(&g, Duration::from_micros(50)), 1);
-        // Quick round trips double the idle window each time, and the
-        // requests with it (two fill the window).
-        let sizes: Vec<u32> = (0..5)
-            .map(|_| round(&g, Duration::from_micros(50)))
-            .collect();
+        assert_eq!(round(&g, &mut at, base, all), 1);
+        // Round trips at the base double the idle window each time, and
+        // the requests with it (two fill the window).
+        let sizes: Vec<u32> = (0..5).map(|_| round(&g, &mut at, base, all)).collect();
         assert_eq!(sizes, [2, 4, 8, 16, 32], "{:?}", g.stats());
         // Idle round trips are no samples of the path.
         assert!(g.stats().min_rtt_by_size_us.is_empty());
         // Two requests a round, six rounds.
         assert_eq!(g.stats().idle_requests, 12);
-        // Past half the drain time it grows by about a request per window.
-        let slow = IDLE_DRAIN * 3 / 4;
-        let before = g.stats().idle_window_bytes;
-        round(&g, slow);
-        let after = g.stats().idle_window_bytes;
+        let window = || g.stats().idle_window_bytes;
+        // A round that did not fill the window (nothing else to send)
+        // does not grow it.
+        let before = window();
+        round(&g, &mut at, base, 1);
+        assert_eq!(window(), before, "grew without being the limit");
+        // Queueing past half the drain time: about a request per round.
+        round(&g, &mut at, base + IDLE_DRAIN * 3 / 4, all);
+        let after = window();
         assert!(
             after > before && after < before * 3 / 2,
             "{before} -> {after}"
         );
-        // Past the drain time it is cut, once per round trip, to what
-        // would have drained (at most by half).
-        round(&g, IDLE_DRAIN * 2);
-        let cut = g.stats().idle_window_bytes;
-        assert_eq!(cut, after / 2, "{after} -> {cut}");
+        // Past the drain time it is cut once per round trip, to what
+        // would have drained, by at most half.
+        round(&g, &mut at, base + IDLE_DRAIN * 3 / 2, all);
+        let cut = window();
+        assert_eq!(cut, after * 2 / 3, "{after} -> {cut}");
+        round(&g, &mut at, base + IDLE_DRAIN * 4, all);
+        assert_eq!(window(), cut / 2, "{cut} -> {}", window());
         // A migration starts idle; a fault puts the delay-based window
         // back (one-page requests) for the idle threshold's length.
         let pause = Duration::from_millis(500);
@@ -733,6 +768,33 @@ mod tests {
         std::thread::sleep(pause + Duration::from_millis(20));
         let t = g.acquire(None).expect("request");
         assert!(t.pages > 1, "idle again after the pause: {t:?}");
+    }
+
+    #[test]
+    fn the_idle_window_doubles_when_many_requests_fill_it() {
+        // Requests of at most 4 pages: the window holds more than two.
+        let g = Governor::new(4096, 4, true, None).with_idle_after(Some(Duration::ZERO));
+        let mut at = Instant::now();
+        let rtt = Duration::from_micros(50);
+        let mut windows = Vec::new();
+        for _ in 0..7 {
+            round(&g, &mut at, rtt, usize::MAX);
+            windows.push(g.stats().idle_window_bytes / 4096);
+        }
+        assert_eq!(windows, [4, 8, 16, 32, 64, 128, 256], "pages in the window");
+    }
+
+    #[test]
+    fn a_long_path_is_not_taken_for_a_queue() {
+        // A 2 ms base round trip, four times the drain time: only the
+        // queueing above it counts, so the idle window opens all the same.
+        let g = Governor::new(4096, 256, true, None).with_idle_after(Some(Duration::ZERO));
+        let mut at = Instant::now();
+        for _ in 0..6 {
+            round(&g, &mut at, Duration::from_millis(2), usize::MAX);
+        }
+        // Two pages doubled six times.
+        assert_eq!(g.stats().idle_window_bytes, 128 * 4096, "{:?}", g.stats());
     }
 
     #[test]
