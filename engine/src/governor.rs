@@ -7,8 +7,10 @@
 //! - requests small: a request starts at one page and grows only while
 //!   growing pays. Now and then one epoch runs at twice the size; the
 //!   size is kept only if that epoch delivered clearly more than the
-//!   epochs around it (the path was paying per request, as when the CPU
-//!   is the limit), and never beyond what takes [`CHUNK_TIME`] x 2 at the
+//!   best of the last few epochs before it and the one after it (the path
+//!   was paying per request, as when the CPU is the limit; on a link,
+//!   epochs that faults held back would make any probe look like a gain),
+//!   and never beyond what takes [`CHUNK_TIME`] x 2 at the
 //!   measured rate. On a link, where the rate does not grow with the size,
 //!   requests stay at about [`CHUNK_TIME`] of wire time, so an urgent
 //!   reply never waits behind a large one;
@@ -57,8 +59,11 @@ pub const CHUNK_TIME: Duration = Duration::from_micros(40);
 /// How often the delivery rate and the request size are reconsidered.
 const EPOCH: Duration = Duration::from_millis(20);
 /// A doubled request size is kept when its epoch delivered this much more
-/// than both epochs around it.
+/// than the best of the last [`RECENT_EPOCHS`] at the current size and the
+/// epoch after it.
 const PROBE_GAIN: f64 = 1.4;
+/// Epochs at the current request size a probe is judged against.
+const RECENT_EPOCHS: usize = 4;
 /// Wait before the next size probe after one that paid...
 const PROBE_SOON: Duration = Duration::from_millis(60);
 /// ...and the longest wait after probes that did not: a probe's epoch
@@ -166,8 +171,12 @@ struct State {
     /// When the next probe may start, and the wait after a failed one.
     next_probe: Instant,
     probe_wait: Duration,
-    /// Delivery rate of the last epoch, bytes per second.
-    last_rate: f64,
+    /// Delivery rates of the last epochs at the current request size,
+    /// bytes per second, newest first: what a size probe must beat.
+    recent: [f64; RECENT_EPOCHS],
+    /// The request size `recent` is of, and how many epochs it has had.
+    recent_size: u32,
+    recent_n: usize,
     /// Smoothed queueing delay (round trip above the minimum), seconds.
     queue_delay: f64,
     /// Delivery of requests that are samples of the path.
@@ -265,7 +274,9 @@ impl Governor {
                 probe: Probe::Idle,
                 next_probe: now + EPOCH,
                 probe_wait: PROBE_SOON,
-                last_rate: 0.0,
+                recent: [0.0; RECENT_EPOCHS],
+                recent_size: chunk,
+                recent_n: 0,
                 queue_delay: 0.0,
                 epoch: Epoch::new(now),
                 peak_rate: 0.0,
@@ -594,12 +605,30 @@ impl Governor {
     /// [`CHUNK_TIME`] of wire time at that rate.
     fn next_chunk(&self, st: &mut State, rate: f64, now: Instant) -> u32 {
         let mut chunk = st.chunk;
+        if !matches!(st.probe, Probe::Doubled { .. }) {
+            // An epoch at the current size; a new size starts afresh.
+            if st.recent_size != chunk {
+                st.recent = [0.0; RECENT_EPOCHS];
+                st.recent_size = chunk;
+                st.recent_n = 0;
+            }
+            st.recent.rotate_right(1);
+            st.recent[0] = rate;
+            st.recent_n += 1;
+        }
         st.probe = match st.probe {
-            Probe::Idle if now >= st.next_probe && chunk * 2 <= self.max_chunk => {
+            // Only once the current size has a baseline.
+            Probe::Idle
+                if now >= st.next_probe
+                    && chunk * 2 <= self.max_chunk
+                    && st.recent_n >= RECENT_EPOCHS =>
+            {
                 chunk *= 2;
                 Probe::Doubled {
                     base: st.chunk,
-                    before: st.last_rate,
+                    // The best of the last epochs at this size: one
+                    // that faults held back is no baseline.
+                    before: st.recent.iter().copied().fold(0.0, f64::max),
                 }
             }
             Probe::Idle => Probe::Idle,
@@ -627,7 +656,6 @@ impl Governor {
                 Probe::Idle
             }
         };
-        st.last_rate = rate;
         // Whatever the probes say, a request never takes more than twice
         // the budget on the wire: at the per-page wire time the minimum
         // round trips of two sizes show (their slope), or else at the rate
@@ -933,6 +961,39 @@ mod tests {
             1,
             "a link must keep one-page requests"
         );
+    }
+
+    #[test]
+    fn epochs_held_back_by_faults_do_not_make_a_probe_pay() {
+        // A 1 Gbit/s link where faults hold two epochs in three back to
+        // 80 MB/s; the others, and probes that run unhindered, deliver
+        // 125 MB/s. A probe beats its neighbours by more than PROBE_GAIN,
+        // but not what the current size did a few epochs ago, so the size
+        // must stay.
+        let g = Governor::new(4096, 256, true, None).with_idle_after(NEVER);
+        {
+            // The shaper's burst allowance makes round trips look like
+            // loopback (3 µs a page), so the wire-time cap does not bind.
+            let mut st = g.lock();
+            let fresh = Instant::now() + Duration::from_secs(3600);
+            st.class_min[0] = Some((Duration::from_micros(14), fresh));
+            st.class_min[1] = Some((Duration::from_micros(17), fresh));
+        }
+        for phase in 0..3 {
+            let base_epochs = std::cell::Cell::new(phase);
+            let rate = |pages: u32| {
+                if pages > 1 {
+                    return 125e6;
+                }
+                base_epochs.set(base_epochs.get() + 1);
+                if base_epochs.get() % 3 == 0 {
+                    125e6
+                } else {
+                    80e6
+                }
+            };
+            assert_eq!(settle(&g, rate), 1, "phase {phase}: must stay at one page");
+        }
     }
 
     #[test]
