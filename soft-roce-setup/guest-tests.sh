@@ -114,6 +114,14 @@ for spin in 0 100; do
         --json > /tmp/spin.json 2>/dev/null
     echo "PERF pagewire rdma --fault-spin-us $spin demand faults: engine p50 $(num p50 /tmp/spin.json) us; guest stall p50 $(stall p50 /tmp/spin.json) p99 $(stall p99 /tmp/spin.json) us; workload $(wl_ms /tmp/spin.json) ms"
 done
+# The same faults without a network, in the same boot: the in-process
+# transport (a memcpy) under the same uffd delivery, wake-ups and install,
+# which is what a fault costs here beyond the READ.
+for b in anon memfd; do
+    pagewire demo --transport inproc --size 32MiB --memory-backend $b --workload random --no-push --no-bubble \
+        --json > /tmp/inproc.json 2>/dev/null
+    echo "PERF pagewire inproc $b demand fault latency us (no network): p50 $(num p50 /tmp/inproc.json) p99 $(num p99 /tmp/inproc.json); guest stall p50 $(stall p50 /tmp/inproc.json) p99 $(stall p99 /tmp/inproc.json)"
+done
 
 # RDMA taken away mid-migration while TCP stays (last: it breaks ::1).
 # RDMA runs over lo's IPv6 address (GID ::1), TCP over 127.0.0.1; deleting
