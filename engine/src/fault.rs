@@ -9,6 +9,7 @@ use pagewire_transport::{ChannelClass, PageChannel, PageRange, TransportError};
 use userfaultfd::EventBuffer;
 
 use crate::error::EngineError;
+use crate::governor::Urgent;
 use crate::link::reconnect;
 use crate::metrics::Metrics;
 use crate::shared::Shared;
@@ -19,6 +20,7 @@ use crate::uffd::{OnBusy, UffdEvent};
 struct Pending {
     page: u64,
     t0: Instant,
+    urgent: Urgent,
 }
 
 /// How long an urgent reply may be late before the loop stops polling for
@@ -119,8 +121,8 @@ fn fault_loop(
                 while pending.len() >= max {
                     receive_one(shared, channel, &mut pending, &mut buf, ev, &mut outage)?;
                 }
-                shared.governor.urgent_begin();
-                pending.push_back(Pending { page, t0 });
+                let urgent = shared.governor.urgent_begin();
+                pending.push_back(Pending { page, t0, urgent });
                 if let Err(e) = shared.send(channel, &[PageRange::new(page, 1)]) {
                     // The request stays outstanding: sent again once the
                     // link is back.
@@ -256,7 +258,7 @@ fn receive_one(
     let Some(p) = pending.pop_front() else {
         return Ok(());
     };
-    shared.governor.urgent_end();
+    shared.governor.urgent_end(p.urgent);
     let range = PageRange::new(p.page, 1);
     shared.install_fetched(&[range], buf, PageOrigin::Fault, &mut || ev.drain(shared))?;
     let d = p.t0.elapsed();

@@ -34,9 +34,12 @@
 //!   most half per round trip; it grows only while the window was what
 //!   held the bulk back. So it opens within a few round trips, and a
 //!   shaper's burst allowance, which makes a link look fast until it runs
-//!   out, costs a few cuts once the queue shows. Round trips while idle
-//!   are no samples for the delay-based window; the first fault puts that
-//!   one back in charge. A wait on a page a lane is fetching does not: a
+//!   out, costs a few cuts once the queue shows. Where that queue is in
+//!   the faults' way (a link, not the CPU), the first fault after the
+//!   pause comes back late ([`IDLE_HURT`] above the fastest fault): the
+//!   idle window is halved and may not grow past that until faults after
+//!   pauses come back on time. Round trips while idle are no samples for
+//!   the delay-based window; the first fault puts that one back in charge. A wait on a page a lane is fetching does not: a
 //!   guest walking memory behind the push gains more from the push's
 //!   speed than from shorter waits.
 
@@ -54,6 +57,12 @@ pub const IDLE_AFTER: Duration = Duration::from_millis(10);
 pub const IDLE_DRAIN: Duration = Duration::from_micros(500);
 /// `last_urgent_us` before the first fault.
 const NO_FAULT: u64 = u64::MAX;
+/// A fault's round trip this much above the fastest one, right after an
+/// idle period, means the idle bulk queued where the fault's reply had to
+/// pass (a link): the idle window is halved, and may not grow past that.
+/// Below it (the CPU was the limit, or the idle window was small) the
+/// ceiling doubles again.
+const IDLE_HURT: Duration = Duration::from_micros(80);
 /// Wire time one bulk request should take at the measured rate.
 pub const CHUNK_TIME: Duration = Duration::from_micros(40);
 /// How often the delivery rate and the request size are reconsidered.
@@ -84,6 +93,17 @@ const MIN_SAMPLES: u32 = 3;
 /// behind about this much bulk at the bottleneck. Where the minimum round
 /// trip is longer, that is the target instead.
 pub const TARGET_DELAY: Duration = Duration::from_micros(40);
+
+/// A fault's request on the wire, from [`Governor::urgent_begin`] to
+/// [`Governor::urgent_end`].
+#[derive(Debug, Clone, Copy)]
+#[must_use = "a fault's request is ended with urgent_end"]
+pub struct Urgent {
+    at: Instant,
+    /// Sent while the guest was idle: its round trip shows what the idle
+    /// bulk cost it.
+    after_idle: bool,
+}
 
 /// Room to send one bulk request of up to `pages` pages.
 #[derive(Debug)]
@@ -201,6 +221,11 @@ struct State {
     idle_base: Option<Duration>,
     /// Requests refused window room while idle (once per request).
     idle_refused: u64,
+    /// Most the idle window may grow to: halved when a fault after an
+    /// idle period came back late ([`IDLE_HURT`]).
+    idle_ceiling: f64,
+    /// Fastest fault round trip.
+    fault_base: Option<Duration>,
 }
 
 /// Bytes delivered since an epoch began: the delivery rate, one
@@ -290,6 +315,8 @@ impl Governor {
                 idle_cut: now,
                 idle_base: None,
                 idle_refused: 0,
+                idle_ceiling: MAX_WINDOW,
+                fault_base: None,
             }),
             cv: Condvar::new(),
         }
@@ -306,11 +333,16 @@ impl Governor {
 
     /// A fault's request is going out: lanes hold new requests until
     /// [`Governor::urgent_end`].
-    pub fn urgent_begin(&self) {
+    pub fn urgent_begin(&self) -> Urgent {
+        let after_idle = self.idle();
         // The time first: whoever sees the count sees the time too.
         self.last_urgent_us
             .store(self.born.elapsed().as_micros() as u64, Ordering::Release);
         self.urgent.fetch_add(1, Ordering::AcqRel);
+        Urgent {
+            at: Instant::now(),
+            after_idle,
+        }
     }
 
     /// The guest is idle: flow control on, no fault outstanding and none
@@ -372,15 +404,66 @@ impl Governor {
         }
         st.idle_window = st
             .idle_window
-            .clamp(st.window.max(2.0 * self.page_size as f64), MAX_WINDOW);
+            .min(st.idle_ceiling)
+            .max(st.window.max(2.0 * self.page_size as f64));
     }
 
     /// A fault's request has been answered.
-    pub fn urgent_end(&self) {
-        if self.urgent.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let _g = self.lock();
+    pub fn urgent_end(&self, urgent: Urgent) {
+        self.urgent_end_at(urgent, Instant::now());
+    }
+
+    /// [`Self::urgent_end`] at `now`.
+    fn urgent_end_at(&self, urgent: Urgent, now: Instant) {
+        let rtt = now.duration_since(urgent.at);
+        let last = self.urgent.fetch_sub(1, Ordering::AcqRel) == 1;
+        if !self.enabled {
+            return;
+        }
+        let mut st = self.lock();
+        let base = st.fault_base.map_or(rtt, |b| b.min(rtt));
+        st.fault_base = Some(base);
+        if urgent.after_idle {
+            if rtt - base > IDLE_HURT {
+                self.cut_idle(&mut st, rtt, now);
+            } else {
+                st.idle_ceiling = (st.idle_ceiling * 2.0).min(MAX_WINDOW);
+            }
+        }
+        if last {
             self.cv.notify_all();
         }
+    }
+
+    /// The guest waited `wait` for a page a lane was fetching. While idle,
+    /// a wait [`IDLE_HURT`] longer than the fastest fault means the page's
+    /// request queued behind idle bulk: the idle window is cut as for a
+    /// late fault. (A short wait raises nothing: waits come many at a
+    /// time; faults after pauses raise the ceiling.)
+    pub fn waited(&self, wait: Duration) {
+        if !self.idle() {
+            return;
+        }
+        let mut st = self.lock();
+        if st
+            .fault_base
+            .is_some_and(|b| wait.saturating_sub(b) > IDLE_HURT)
+        {
+            self.cut_idle(&mut st, wait, Instant::now());
+        }
+    }
+
+    /// Halves the idle window and keeps it from growing past that, once
+    /// per `rtt` (the round trip or wait that showed the queue: the ones
+    /// right after it saw the same queue).
+    fn cut_idle(&self, st: &mut State, rtt: Duration, now: Instant) {
+        if now.duration_since(st.idle_cut) <= rtt {
+            return;
+        }
+        st.idle_cut = now;
+        let floor = st.window.max(2.0 * self.page_size as f64);
+        st.idle_ceiling = (st.window.max(st.idle_window) / 2.0).max(floor);
+        st.idle_window = st.idle_window.min(st.idle_ceiling);
     }
 
     /// Refills the push-rate bucket; returns how long until it holds
@@ -790,14 +873,53 @@ mod tests {
         let t = g.acquire(None).expect("request");
         assert!(t.pages > 1, "idle before the first fault: {t:?}");
         g.release(t);
-        g.urgent_begin();
-        g.urgent_end();
+        let u = g.urgent_begin();
+        g.urgent_end(u);
         let t = g.acquire(None).expect("request");
         assert_eq!(t.pages, 1, "not idle right after a fault");
         g.release(t);
         std::thread::sleep(pause + Duration::from_millis(20));
         let t = g.acquire(None).expect("request");
         assert!(t.pages > 1, "idle again after the pause: {t:?}");
+    }
+
+    #[test]
+    fn a_fault_that_waited_behind_idle_bulk_halves_the_idle_window() {
+        let g = Governor::new(4096, 256, true, None).with_idle_after(Some(Duration::ZERO));
+        let mut at = Instant::now();
+        for _ in 0..6 {
+            round(&g, &mut at, Duration::from_micros(50), usize::MAX);
+        }
+        let open = g.stats().idle_window_bytes;
+        assert_eq!(open, 128 * 4096);
+        // Faults on synthetic times after the rounds, 10 ms apart.
+        let when = std::cell::Cell::new(at + Duration::from_secs(1));
+        let fault = |extra: Duration| {
+            let mut u = g.urgent_begin();
+            assert!(u.after_idle);
+            u.at = when.get();
+            when.set(u.at + Duration::from_millis(10));
+            g.urgent_end_at(u, u.at + Duration::from_micros(60) + extra);
+        };
+        // The fastest fault sets the base; then one that came back 400 µs
+        // late: the idle bulk was in its way.
+        fault(Duration::ZERO);
+        assert_eq!(g.stats().idle_window_bytes, open, "no cost, no cut");
+        fault(Duration::from_micros(400));
+        assert_eq!(g.stats().idle_window_bytes, open / 2);
+        // Quick round trips no longer grow it past that...
+        for _ in 0..3 {
+            round(&g, &mut at, Duration::from_micros(50), usize::MAX);
+        }
+        assert_eq!(
+            g.stats().idle_window_bytes,
+            open / 2,
+            "grew past the ceiling"
+        );
+        // ...until faults after idle periods come back on time.
+        fault(IDLE_HURT / 2);
+        round(&g, &mut at, Duration::from_micros(50), usize::MAX);
+        assert_eq!(g.stats().idle_window_bytes, open);
     }
 
     #[test]
@@ -864,9 +986,9 @@ mod tests {
     #[test]
     fn an_outstanding_fault_holds_bulk_requests() {
         let g = Governor::new(4096, 64, true, None).with_idle_after(NEVER);
-        g.urgent_begin();
+        let u = g.urgent_begin();
         assert!(g.acquire(Some(Duration::from_millis(5))).is_none());
-        g.urgent_end();
+        g.urgent_end(u);
         assert!(g.acquire(None).is_some());
         assert_eq!(g.stats().urgent_holds, 1);
     }
@@ -874,7 +996,7 @@ mod tests {
     #[test]
     fn without_flow_control_requests_are_full_size_and_unlimited() {
         let g = Governor::new(4096, 64, false, None);
-        g.urgent_begin();
+        let _u = g.urgent_begin();
         let tickets: Vec<_> = (0..100).map(|_| g.acquire(None).unwrap()).collect();
         assert!(tickets.iter().all(|t| t.pages == 64));
     }

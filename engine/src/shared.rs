@@ -203,6 +203,7 @@ impl Shared {
                 if done {
                     self.metrics.inflight.record(now - t0);
                     self.metrics.all.record(now - t0);
+                    self.governor.waited(now - t0);
                 }
                 !done
             });
