@@ -883,13 +883,20 @@ mod tests {
         assert!(t.pages > 1, "idle again after the pause: {t:?}");
     }
 
-    #[test]
-    fn a_fault_that_waited_behind_idle_bulk_halves_the_idle_window() {
+    /// An always-idle governor after six rounds at round trip `rtt`, and
+    /// the synthetic time after them.
+    fn opened(rtt: Duration) -> (Governor, Instant) {
         let g = Governor::new(4096, 256, true, None).with_idle_after(Some(Duration::ZERO));
         let mut at = Instant::now();
         for _ in 0..6 {
-            round(&g, &mut at, Duration::from_micros(50), usize::MAX);
+            round(&g, &mut at, rtt, usize::MAX);
         }
+        (g, at)
+    }
+
+    #[test]
+    fn a_fault_that_waited_behind_idle_bulk_halves_the_idle_window() {
+        let (g, mut at) = opened(Duration::from_micros(50));
         let open = g.stats().idle_window_bytes;
         assert_eq!(open, 128 * 4096);
         // Faults on synthetic times after the rounds, 10 ms apart.
@@ -940,11 +947,7 @@ mod tests {
     fn a_long_path_is_not_taken_for_a_queue() {
         // A 2 ms base round trip, four times the drain time: only the
         // queueing above it counts, so the idle window opens all the same.
-        let g = Governor::new(4096, 256, true, None).with_idle_after(Some(Duration::ZERO));
-        let mut at = Instant::now();
-        for _ in 0..6 {
-            round(&g, &mut at, Duration::from_millis(2), usize::MAX);
-        }
+        let (g, _) = opened(Duration::from_millis(2));
         // Two pages doubled six times.
         assert_eq!(g.stats().idle_window_bytes, 128 * 4096, "{:?}", g.stats());
     }
