@@ -224,8 +224,6 @@ struct State {
     /// Most the idle window may grow to: halved when a fault after an
     /// idle period came back late ([`IDLE_HURT`]).
     idle_ceiling: f64,
-    /// Fastest fault round trip.
-    fault_base: Option<Duration>,
 }
 
 /// Bytes delivered since an epoch began: the delivery rate, one
@@ -268,6 +266,10 @@ pub struct Governor {
     born: Instant,
     /// No fault for this long: idle ([`IDLE_AFTER`]); `None`: never idle.
     idle_after_us: Option<u64>,
+    /// Fastest fault round trip in ns ([`NO_FAULT`] before the first):
+    /// kept outside the lock, which a fault's reply takes only when it
+    /// has something to say about the idle window.
+    fault_base_ns: AtomicU64,
     state: Mutex<State>,
     cv: Condvar,
 }
@@ -289,6 +291,7 @@ impl Governor {
             last_urgent_us: AtomicU64::new(NO_FAULT),
             born: now,
             idle_after_us: Some(IDLE_AFTER.as_micros() as u64),
+            fault_base_ns: AtomicU64::new(NO_FAULT),
             state: Mutex::new(State {
                 inflight: 0,
                 window: 2.0 * (u64::from(chunk) * page_size as u64) as f64,
@@ -316,7 +319,6 @@ impl Governor {
                 idle_base: None,
                 idle_refused: 0,
                 idle_ceiling: MAX_WINDOW,
-                fault_base: None,
             }),
             cv: Condvar::new(),
         }
@@ -402,10 +404,7 @@ impl Governor {
                 bytes * bytes / st.idle_window
             };
         }
-        st.idle_window = st
-            .idle_window
-            .min(st.idle_ceiling)
-            .max(st.window.max(2.0 * self.page_size as f64));
+        st.idle_window = st.idle_window.min(st.idle_ceiling).max(self.idle_floor(st));
     }
 
     /// A fault's request has been answered.
@@ -417,13 +416,14 @@ impl Governor {
     fn urgent_end_at(&self, urgent: Urgent, now: Instant) {
         let rtt = now.duration_since(urgent.at);
         let last = self.urgent.fetch_sub(1, Ordering::AcqRel) == 1;
-        if !self.enabled {
-            return;
-        }
-        let mut st = self.lock();
-        let base = st.fault_base.map_or(rtt, |b| b.min(rtt));
-        st.fault_base = Some(base);
-        if urgent.after_idle {
+        let rtt_ns = u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX - 1);
+        let base = Duration::from_nanos(
+            self.fault_base_ns
+                .fetch_min(rtt_ns, Ordering::AcqRel)
+                .min(rtt_ns),
+        );
+        if self.enabled && urgent.after_idle {
+            let mut st = self.lock();
             if rtt - base > IDLE_HURT {
                 self.cut_idle(&mut st, rtt, now);
             } else {
@@ -431,8 +431,20 @@ impl Governor {
             }
         }
         if last {
+            let _g = self.lock();
             self.cv.notify_all();
         }
+    }
+
+    /// The fastest fault round trip so far, if a fault has been answered.
+    fn fault_base(&self) -> Option<Duration> {
+        let ns = self.fault_base_ns.load(Ordering::Acquire);
+        (ns != NO_FAULT).then(|| Duration::from_nanos(ns))
+    }
+
+    /// Least the idle window may be: the delay-based window, and two pages.
+    fn idle_floor(&self, st: &State) -> f64 {
+        st.window.max(2.0 * self.page_size as f64)
     }
 
     /// The guest waited `wait` for a page a lane was fetching. While idle,
@@ -444,12 +456,11 @@ impl Governor {
         if !self.idle() {
             return;
         }
-        let mut st = self.lock();
-        if st
-            .fault_base
+        if self
+            .fault_base()
             .is_some_and(|b| wait.saturating_sub(b) > IDLE_HURT)
         {
-            self.cut_idle(&mut st, wait, Instant::now());
+            self.cut_idle(&mut self.lock(), wait, Instant::now());
         }
     }
 
@@ -461,7 +472,7 @@ impl Governor {
             return;
         }
         st.idle_cut = now;
-        let floor = st.window.max(2.0 * self.page_size as f64);
+        let floor = self.idle_floor(st);
         st.idle_ceiling = (st.window.max(st.idle_window) / 2.0).max(floor);
         st.idle_window = st.idle_window.min(st.idle_ceiling);
     }
