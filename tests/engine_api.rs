@@ -257,15 +257,18 @@ fn bad_configurations_are_refused_before_anything_is_touched() {
     }
 }
 
-/// A transport plugin with a bug: its first bulk channel panics after a
-/// few replies.
+/// A transport plugin with a bug: its bulk channels panic on the third
+/// reply any of them receives. The count is shared so the panic comes
+/// whichever lane the push happens to keep busy: a count per channel let a
+/// migration finish before the one channel counted reached it.
 struct Panicky {
     inner: Arc<dyn Transport>,
+    bulk_replies_left: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 struct PanicAfter {
     inner: Box<dyn pagewire_transport::PageChannel>,
-    left: usize,
+    left: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl pagewire_transport::PageChannel for PanicAfter {
@@ -273,8 +276,10 @@ impl pagewire_transport::PageChannel for PanicAfter {
         self.inner.send(r)
     }
     fn recv(&mut self, buf: &mut [u8]) -> Result<(), pagewire_transport::TransportError> {
-        assert!(self.left > 0, "a transport bug");
-        self.left -= 1;
+        let counted = self
+            .left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        assert!(counted.is_ok(), "a transport bug");
         self.inner.recv(buf)
     }
     fn reply_ready(&mut self) -> Result<bool, pagewire_transport::TransportError> {
@@ -304,9 +309,9 @@ impl Transport for Panicky {
     ) -> Result<Box<dyn pagewire_transport::PageChannel>, pagewire_transport::TransportError> {
         let ch = self.inner.open(class)?;
         Ok(match class {
-            pagewire_transport::ChannelClass::Bulk(0) => Box::new(PanicAfter {
+            pagewire_transport::ChannelClass::Bulk(_) => Box::new(PanicAfter {
                 inner: ch,
-                left: 20,
+                left: self.bulk_replies_left.clone(),
             }),
             _ => ch,
         })
@@ -331,6 +336,7 @@ fn a_panicking_engine_thread_is_reported_not_a_hang() {
     let src = start_source("16MiB", 3);
     let t: Arc<dyn Transport> = Arc::new(Panicky {
         inner: connect(&src.addr, Duration::from_secs(5)),
+        bulk_replies_left: Arc::new(std::sync::atomic::AtomicUsize::new(2)),
     });
     let handle = Migration::start(
         t,
