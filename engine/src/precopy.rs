@@ -16,7 +16,7 @@
 //!
 //! The source's zero-page map is from the handshake: a page the guest
 //! wrote after it is no longer known to be zero, which the post-copy phase
-//! learns through [`Refreshed`].
+//! learns through a refreshed view of the source (`Refreshed`).
 
 use std::sync::Arc;
 use std::time::Instant;

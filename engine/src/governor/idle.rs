@@ -1,0 +1,333 @@
+//! The idle window: bulk traffic while the guest is not faulting.
+//!
+//! While the guest does not fault (not yet, or not for [`IDLE_AFTER`]),
+//! there is no reply to protect: a window of its own lets the bulk queue
+//! up to [`IDLE_DRAIN`] at the bottleneck, so an idle guest's memory comes
+//! at the path's speed (where the CPU is the limit, small requests cost
+//! most of it) and the first fault after the pause waits behind at most
+//! about that much bulk.
+//!
+//! The idle window doubles each round trip while requests come back
+//! within half of [`IDLE_DRAIN`] of the path's smallest round trip, grows
+//! by about one request per round trip up to it, and past it is cut to
+//! what would have drained, by at most half per round trip; it grows only
+//! while the window was what held the bulk back. So it opens within a few
+//! round trips, and a shaper's burst allowance, which makes a link look
+//! fast until it runs out, costs a few cuts once the queue shows.
+//!
+//! Where that queue is in the faults' way (a link, not the CPU), the first
+//! fault after the pause comes back late ([`IDLE_HURT`] above the fastest
+//! fault): the idle window is halved and may not grow past that until
+//! faults after pauses come back on time. Round trips while idle are no
+//! samples for the delay-based window; the first fault puts that one back
+//! in charge. A wait on a page a lane is fetching does not: a guest
+//! walking memory behind the push gains more from the push's speed than
+//! from shorter waits.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::epoch::{Epoch, EPOCH};
+use super::urgent::NO_FAULT;
+use super::{Governor, Sent, State, MAX_WINDOW};
+
+/// Without a fault for this long, the guest is idle.
+pub const IDLE_AFTER: Duration = Duration::from_millis(10);
+/// While the guest is idle, bulk round trips are kept within this long of
+/// the path's smallest: about what the first fault after the pause may
+/// wait behind.
+pub const IDLE_DRAIN: Duration = Duration::from_micros(500);
+/// A fault's round trip this much above the fastest one, right after an
+/// idle period, means the idle bulk queued where the fault's reply had to
+/// pass (a link): the idle window is halved, and may not grow past that.
+/// Below it (the CPU was the limit, or the idle window was small) the
+/// ceiling doubles again.
+pub(super) const IDLE_HURT: Duration = Duration::from_micros(80);
+
+/// The idle window's state.
+#[derive(Debug)]
+pub(super) struct IdleWindow {
+    /// Delivery of requests sent while idle, in epochs of their own (for
+    /// the peak rate).
+    epoch: Epoch,
+    /// Bulk requests granted while idle.
+    pub(super) requests: u64,
+    /// Bulk bytes allowed in flight while the guest is idle (never less
+    /// than the delay-based window).
+    pub(super) window: f64,
+    /// When the idle window was last cut.
+    cut: Instant,
+    /// Smallest idle round trip: the path's base, queueing is measured
+    /// from it.
+    base: Option<Duration>,
+    /// Requests refused window room while idle (once per request).
+    pub(super) refused: u64,
+    /// Most the idle window may grow to: halved when a fault after an
+    /// idle period came back late ([`IDLE_HURT`]).
+    ceiling: f64,
+}
+
+impl IdleWindow {
+    /// Closed (the delay-based window rules) at `now`.
+    pub(super) fn new(now: Instant) -> Self {
+        Self {
+            epoch: Epoch::new(now),
+            requests: 0,
+            window: 0.0,
+            cut: now,
+            base: None,
+            refused: 0,
+            ceiling: MAX_WINDOW,
+        }
+    }
+}
+
+impl Governor {
+    /// The guest is idle: flow control on, no fault outstanding and none
+    /// for [`IDLE_AFTER`] (a migration starts idle: until the guest faults
+    /// there is no reply to protect, and the idle window starts from the
+    /// delay-based one).
+    pub(super) fn idle(&self) -> bool {
+        let Some(after) = self.idle_after_us else {
+            return false;
+        };
+        if !self.enabled || self.urgent.load(Ordering::Acquire) != 0 {
+            return false;
+        }
+        let last = self.last_urgent_us.load(Ordering::Acquire);
+        last == NO_FAULT || self.born.elapsed().as_micros() as u64 >= last + after
+    }
+
+    /// The same governor with another idle threshold, or none: never idle
+    /// (tests).
+    #[cfg(test)]
+    pub(super) fn with_idle_after(mut self, d: Option<Duration>) -> Self {
+        self.idle_after_us = d.map(|d| d.as_micros() as u64);
+        self
+    }
+
+    /// Window and request size while the guest is idle: the idle window,
+    /// never less than the delay-based one.
+    pub(super) fn idle_limits(&self, st: &State) -> (f64, u32) {
+        let window = st.window.max(st.idle.window);
+        // Two requests fill the window, so one can be sent while the
+        // other's reply is coming.
+        let pages = (window / 2.0 / self.page_size as f64) as u32;
+        (window, pages.clamp(st.chunk, self.max_chunk))
+    }
+
+    /// Adapts the idle window to the round trip `rtt` of an idle request
+    /// (see the module docs).
+    pub(super) fn adapt_idle(&self, st: &mut State, sent: &Sent, rtt: Duration, now: Instant) {
+        let base = st.idle.base.map_or(rtt, |b| b.min(rtt));
+        st.idle.base = Some(base);
+        let drain = IDLE_DRAIN.as_secs_f64();
+        let queued = (rtt - base).as_secs_f64();
+        let bytes = sent.bytes as f64;
+        st.idle.window = st.idle.window.max(st.window);
+        if queued > drain {
+            // Once per round trip, to what would have drained.
+            if now.duration_since(st.idle.cut) > rtt {
+                st.idle.window *= (drain / queued).max(0.5);
+                st.idle.cut = now;
+            }
+        } else if st.idle.refused > sent.refused {
+            // The window held a request back while this one was out: it
+            // was the limit, so it grows.
+            st.idle.window += if queued < drain / 2.0 {
+                bytes
+            } else {
+                bytes * bytes / st.idle.window
+            };
+        }
+        st.idle.window = st.idle.window.min(st.idle.ceiling).max(self.idle_floor(st));
+    }
+
+    /// Least the idle window may be: the delay-based window, and two pages.
+    pub(super) fn idle_floor(&self, st: &State) -> f64 {
+        st.window.max(2.0 * self.page_size as f64)
+    }
+
+    /// The guest waited `wait` for a page a lane was fetching. While idle,
+    /// a wait `IDLE_HURT` (80 µs) longer than the fastest fault means the
+    /// page's request queued behind idle bulk: the idle window is cut as
+    /// for a late fault. (A short wait raises nothing: waits come many at a
+    /// time; faults after pauses raise the ceiling.)
+    pub fn waited(&self, wait: Duration) {
+        if !self.idle() {
+            return;
+        }
+        if self
+            .fault_base()
+            .is_some_and(|b| wait.saturating_sub(b) > IDLE_HURT)
+        {
+            self.cut_idle(&mut self.lock(), wait, Instant::now());
+        }
+    }
+
+    /// Halves the idle window and keeps it from growing past that, once
+    /// per `rtt` (the round trip or wait that showed the queue: the ones
+    /// right after it saw the same queue).
+    pub(super) fn cut_idle(&self, st: &mut State, rtt: Duration, now: Instant) {
+        if now.duration_since(st.idle.cut) <= rtt {
+            return;
+        }
+        st.idle.cut = now;
+        let floor = self.idle_floor(st);
+        st.idle.ceiling = (st.window.max(st.idle.window) / 2.0).max(floor);
+        st.idle.window = st.idle.window.min(st.idle.ceiling);
+    }
+
+    /// The reply to `sent`, an idle request, came after `rtt`: it sizes
+    /// the idle window, and its delivery rate counts towards the peak, in
+    /// epochs of their own (a pause starts a new one).
+    pub(super) fn complete_idle(&self, st: &mut State, sent: &Sent, rtt: Duration, now: Instant) {
+        self.adapt_idle(st, sent, rtt, now);
+        if now.duration_since(st.idle.epoch.start) > 2 * EPOCH {
+            st.idle.epoch = Epoch::new(sent.at);
+        }
+        if let Some(rate) = st.idle.epoch.add(sent.bytes, now) {
+            st.peak_rate = st.peak_rate.max(rate);
+        }
+    }
+
+    /// A fault sent while idle came back after `rtt`, the fastest fault so
+    /// far after `base`: late, the idle bulk was in its way and the idle
+    /// window is cut; on time, the window's ceiling doubles.
+    pub(super) fn judge_after_idle(&self, rtt: Duration, base: Duration, now: Instant) {
+        let mut st = self.lock();
+        if rtt - base > IDLE_HURT {
+            self.cut_idle(&mut st, rtt, now);
+        } else {
+            st.idle.ceiling = (st.idle.ceiling * 2.0).min(MAX_WINDOW);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::governor::testing::round;
+
+    #[test]
+    fn an_idle_guest_gets_what_the_path_drains_until_it_faults() {
+        let g = Governor::new(4096, 256, true, None).with_idle_after(Some(Duration::ZERO));
+        let mut at = Instant::now();
+        let base = Duration::from_micros(50);
+        let all = usize::MAX;
+        // Idle from the start: one-page requests, the delay-based window.
+        assert_eq!(round(&g, &mut at, base, all), 1);
+        // Round trips at the base double the idle window each time, and
+        // the requests with it (two fill the window).
+        let sizes: Vec<u32> = (0..5).map(|_| round(&g, &mut at, base, all)).collect();
+        assert_eq!(sizes, [2, 4, 8, 16, 32], "{:?}", g.stats());
+        // Idle round trips are no samples of the path.
+        assert!(g.stats().min_rtt_by_size_us.is_empty());
+        // Two requests a round, six rounds.
+        assert_eq!(g.stats().idle_requests, 12);
+        let window = || g.stats().idle_window_bytes;
+        // A round that did not fill the window (nothing else to send)
+        // does not grow it.
+        let before = window();
+        round(&g, &mut at, base, 1);
+        assert_eq!(window(), before, "grew without being the limit");
+        // Queueing past half the drain time: about a request per round.
+        round(&g, &mut at, base + IDLE_DRAIN * 3 / 4, all);
+        let after = window();
+        assert!(
+            after > before && after < before * 3 / 2,
+            "{before} -> {after}"
+        );
+        // Past the drain time it is cut once per round trip, to what
+        // would have drained, by at most half.
+        round(&g, &mut at, base + IDLE_DRAIN * 3 / 2, all);
+        let cut = window();
+        assert_eq!(cut, after * 2 / 3, "{after} -> {cut}");
+        round(&g, &mut at, base + IDLE_DRAIN * 4, all);
+        assert_eq!(window(), cut / 2, "{cut} -> {}", window());
+        // A migration starts idle; a fault puts the delay-based window
+        // back (one-page requests) for the idle threshold's length.
+        let pause = Duration::from_millis(500);
+        let g = g.with_idle_after(Some(pause));
+        let t = g.acquire(None).expect("request");
+        assert!(t.pages > 1, "idle before the first fault: {t:?}");
+        g.release(t);
+        let u = g.urgent_begin();
+        g.urgent_end(u);
+        let t = g.acquire(None).expect("request");
+        assert_eq!(t.pages, 1, "not idle right after a fault");
+        g.release(t);
+        std::thread::sleep(pause + Duration::from_millis(20));
+        let t = g.acquire(None).expect("request");
+        assert!(t.pages > 1, "idle again after the pause: {t:?}");
+    }
+
+    /// An always-idle governor after six rounds at round trip `rtt`, and
+    /// the synthetic time after them.
+    fn opened(rtt: Duration) -> (Governor, Instant) {
+        let g = Governor::new(4096, 256, true, None).with_idle_after(Some(Duration::ZERO));
+        let mut at = Instant::now();
+        for _ in 0..6 {
+            round(&g, &mut at, rtt, usize::MAX);
+        }
+        (g, at)
+    }
+
+    #[test]
+    fn a_fault_that_waited_behind_idle_bulk_halves_the_idle_window() {
+        let (g, mut at) = opened(Duration::from_micros(50));
+        let open = g.stats().idle_window_bytes;
+        assert_eq!(open, 128 * 4096);
+        // Faults on synthetic times after the rounds, 10 ms apart.
+        let when = std::cell::Cell::new(at + Duration::from_secs(1));
+        let fault = |extra: Duration| {
+            let mut u = g.urgent_begin();
+            assert!(u.after_idle);
+            u.at = when.get();
+            when.set(u.at + Duration::from_millis(10));
+            g.urgent_end_at(u, u.at + Duration::from_micros(60) + extra);
+        };
+        // The fastest fault sets the base; then one that came back 400 µs
+        // late: the idle bulk was in its way.
+        fault(Duration::ZERO);
+        assert_eq!(g.stats().idle_window_bytes, open, "no cost, no cut");
+        fault(Duration::from_micros(400));
+        assert_eq!(g.stats().idle_window_bytes, open / 2);
+        // Quick round trips no longer grow it past that...
+        for _ in 0..3 {
+            round(&g, &mut at, Duration::from_micros(50), usize::MAX);
+        }
+        assert_eq!(
+            g.stats().idle_window_bytes,
+            open / 2,
+            "grew past the ceiling"
+        );
+        // ...until faults after idle periods come back on time.
+        fault(IDLE_HURT / 2);
+        round(&g, &mut at, Duration::from_micros(50), usize::MAX);
+        assert_eq!(g.stats().idle_window_bytes, open);
+    }
+
+    #[test]
+    fn the_idle_window_doubles_when_many_requests_fill_it() {
+        // Requests of at most 4 pages: the window holds more than two.
+        let g = Governor::new(4096, 4, true, None).with_idle_after(Some(Duration::ZERO));
+        let mut at = Instant::now();
+        let rtt = Duration::from_micros(50);
+        let mut windows = Vec::new();
+        for _ in 0..7 {
+            round(&g, &mut at, rtt, usize::MAX);
+            windows.push(g.stats().idle_window_bytes / 4096);
+        }
+        assert_eq!(windows, [4, 8, 16, 32, 64, 128, 256], "pages in the window");
+    }
+
+    #[test]
+    fn a_long_path_is_not_taken_for_a_queue() {
+        // A 2 ms base round trip, four times the drain time: only the
+        // queueing above it counts, so the idle window opens all the same.
+        let (g, _) = opened(Duration::from_millis(2));
+        // Two pages doubled six times.
+        assert_eq!(g.stats().idle_window_bytes, 128 * 4096, "{:?}", g.stats());
+    }
+}

@@ -1,0 +1,109 @@
+//! Faults' requests: while one is outstanding the sweep holds its requests
+//! (faults preempt the push; bubbles, what the guest touches next, only
+//! wait for window room), and each one's round trip tells whether idle
+//! bulk was in its way.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::Governor;
+
+/// `last_urgent_us` and `fault_base_ns` before the first fault.
+pub(super) const NO_FAULT: u64 = u64::MAX;
+
+/// A fault's request on the wire, from [`Governor::urgent_begin`] to
+/// [`Governor::urgent_end`].
+#[derive(Debug, Clone, Copy)]
+#[must_use = "a fault's request is ended with urgent_end"]
+pub struct Urgent {
+    /// When the request went out.
+    pub(super) at: Instant,
+    /// Sent while the guest was idle: its round trip shows what the idle
+    /// bulk cost it.
+    pub(super) after_idle: bool,
+}
+
+impl Governor {
+    /// A fault's request is going out: lanes hold new requests until
+    /// [`Governor::urgent_end`].
+    pub fn urgent_begin(&self) -> Urgent {
+        let after_idle = self.idle();
+        // The time first: whoever sees the count sees the time too.
+        self.last_urgent_us
+            .store(self.born.elapsed().as_micros() as u64, Ordering::Release);
+        self.urgent.fetch_add(1, Ordering::AcqRel);
+        Urgent {
+            at: Instant::now(),
+            after_idle,
+        }
+    }
+
+    /// A fault's request has been answered.
+    pub fn urgent_end(&self, urgent: Urgent) {
+        self.urgent_end_at(urgent, Instant::now());
+    }
+
+    /// [`Self::urgent_end`] at `now`.
+    pub(super) fn urgent_end_at(&self, urgent: Urgent, now: Instant) {
+        let rtt = now.duration_since(urgent.at);
+        let last = self.urgent.fetch_sub(1, Ordering::AcqRel) == 1;
+        let rtt_ns = u64::try_from(rtt.as_nanos()).unwrap_or(NO_FAULT - 1);
+        let base = Duration::from_nanos(
+            self.fault_base_ns
+                .fetch_min(rtt_ns, Ordering::AcqRel)
+                .min(rtt_ns),
+        );
+        if self.enabled && urgent.after_idle {
+            self.judge_after_idle(rtt, base, now);
+        }
+        if last {
+            let _g = self.lock();
+            self.cv.notify_all();
+        }
+    }
+
+    /// The fastest fault round trip so far, if a fault has been answered.
+    pub(super) fn fault_base(&self) -> Option<Duration> {
+        let ns = self.fault_base_ns.load(Ordering::Acquire);
+        (ns != NO_FAULT).then(|| Duration::from_nanos(ns))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::governor::testing::NEVER;
+
+    #[test]
+    fn an_outstanding_fault_holds_bulk_requests() {
+        let g = Governor::new(4096, 64, true, None).with_idle_after(NEVER);
+        let u = g.urgent_begin();
+        assert!(g.acquire(Some(Duration::from_millis(5))).is_none());
+        g.urgent_end(u);
+        assert!(g.acquire(None).is_some());
+        assert_eq!(g.stats().urgent_holds, 1);
+    }
+
+    #[test]
+    fn bubbles_are_not_held_behind_a_fault() {
+        let g = Governor::new(4096, 64, true, None).with_idle_after(NEVER);
+        let u = g.urgent_begin();
+        let t = g.acquire_for(None, true).expect("a bubble passes");
+        g.release(t);
+        assert!(g.acquire(None).is_none(), "the sweep is held");
+        g.urgent_end(u);
+    }
+
+    #[test]
+    fn the_fastest_fault_is_the_base() {
+        let g = Governor::new(4096, 64, true, None).with_idle_after(NEVER);
+        assert_eq!(g.fault_base(), None);
+        let at = Instant::now();
+        for us in [90, 60, 120] {
+            let mut u = g.urgent_begin();
+            u.at = at;
+            g.urgent_end_at(u, at + Duration::from_micros(us));
+        }
+        assert_eq!(g.fault_base(), Some(Duration::from_micros(60)));
+    }
+}
