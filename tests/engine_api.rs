@@ -129,11 +129,38 @@ fn concurrent_faults_are_served_concurrently() {
 
 #[test]
 fn batches_past_the_request_limits_are_split() {
-    // 4096-page batches over a guest whose zero pages cut runs into more
-    // pieces than one request may carry (1024 ranges): every request must
-    // still be accepted by the source.
-    let src = start_source("32MiB", 5);
+    // 4096-page batches over a guest whose every other page is zero: a
+    // batch holds 2048 runs of one page, twice the ranges one request may
+    // carry (1024), so every batch must be split for the source to accept
+    // it. (A synthetic guest's zero pages cut a batch into fewer runs than
+    // that, which let this test pass without any split.)
+    let pages = 8192u64;
+    let dir = std::env::temp_dir().join(format!("pagewire-split-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("every-other-page.mem");
+    let bytes: Vec<u8> = (0..pages)
+        .flat_map(|p| {
+            let mut page = vec![0u8; 4096];
+            if p % 2 == 0 {
+                for (i, b) in page.iter_mut().enumerate() {
+                    *b = (p as usize * 7 + i) as u8 | 1;
+                }
+            }
+            page
+        })
+        .collect();
+    std::fs::write(&file, &bytes).expect("memory file");
+    let src = spawn_source(
+        pagewire()
+            .args(["source", "--listen", "127.0.0.1:0", "--memory"])
+            .arg(&file),
+    );
     let t = connect(&src.addr, Duration::from_secs(10));
+    assert!(
+        4096 / 2 > t.limits().max_ranges,
+        "a batch must hold more runs than a request may carry"
+    );
     let h = Migration::start(
         t.clone(),
         MigrationConfig {
@@ -147,7 +174,9 @@ fn batches_past_the_request_limits_are_split() {
     let r = h
         .wait()
         .expect("a 4096-page batch must not break the migration");
+    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(r.duplicate_pages, 0);
+    assert_eq!(r.zero_pages, pages / 2, "{r:?}");
     assert_eq!(
         r.pushed_pages + r.zero_pages + r.network_faults + r.prepaged_pages,
         r.pages_total
