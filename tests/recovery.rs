@@ -72,6 +72,21 @@ impl Proxy {
         }
     }
 
+    /// Waits until the destination has opened `n` connections through the
+    /// proxy (control, fault channel and one per lane: the migration is
+    /// running, so a disruption tests recovery rather than the first
+    /// connect, which has none). Panics after a minute without them.
+    fn wait_for_connections(pairs: &Mutex<Vec<(TcpStream, TcpStream)>>, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while pairs.lock().unwrap().len() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the destination never opened {n} connections"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Closes every connection, both ways (a link reset).
     fn cut(&self) -> usize {
         let mut pairs = self.pairs.lock().unwrap();
@@ -84,6 +99,11 @@ impl Proxy {
         n
     }
 }
+
+/// Pusher lanes of the destinations here...
+const LANES: usize = 2;
+/// ...and the connections they open: control, faults and one per lane.
+const CONNECTIONS: usize = 2 + LANES;
 
 #[test]
 fn a_migration_survives_twenty_link_cuts_stalls_and_source_stops() {
@@ -110,7 +130,7 @@ fn a_migration_survives_twenty_link_cuts_stalls_and_source_stops() {
             };
             let mut log = Vec::new();
             // Let the migration start first.
-            std::thread::sleep(Duration::from_millis(300));
+            Proxy::wait_for_connections(&proxy.pairs, CONNECTIONS);
             while !done.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(40 + next(150)));
                 if done.load(Ordering::SeqCst) {
@@ -151,8 +171,15 @@ fn a_migration_survives_twenty_link_cuts_stalls_and_source_stops() {
             "1",
             "--recover-timeout",
             "60",
+            "--lanes",
+            &LANES.to_string(),
+            // Slow enough that the pages no fault asks for take about
+            // 4.6 s to come: the twenty events (the last about 8 s in,
+            // with 5.3 s of stops, so 2.5 s of progress) land before the
+            // migration ends, with room for a fast machine. (At 5 MB/s,
+            // 2.8 s, the margin was 15 %.)
             "--push-rate",
-            "5MB",
+            "3MB",
             "--workload",
             "random",
             "--think-us",
@@ -186,8 +213,10 @@ fn a_link_that_never_comes_back_fails_at_the_recovery_deadline() {
     let src = start_source("32MiB", 6);
     let proxy = Proxy::start(src.addr.clone());
     let pid = Pid::from_raw(src.child.id() as i32);
+    let pairs = proxy.pairs.clone();
     let stopper = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(400));
+        Proxy::wait_for_connections(&pairs, CONNECTIONS);
+        std::thread::sleep(Duration::from_millis(100));
         // Stopped for good (until the test ends): the link never answers.
         let _ = kill(pid, Signal::SIGSTOP);
     });
@@ -200,6 +229,8 @@ fn a_link_that_never_comes_back_fails_at_the_recovery_deadline() {
             "1",
             "--recover-timeout",
             "3",
+            "--lanes",
+            &LANES.to_string(),
             "--push-rate",
             "5MB",
         ]),
