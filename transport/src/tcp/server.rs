@@ -93,7 +93,7 @@ const MAX_QUEUE_PAIRS: usize = 64;
 /// the RDMA backend). The returned guard keeps the queue pair alive; it is
 /// dropped when the control connection that asked for it closes, when the
 /// destination says it is done, or when newer queue pairs of the same
-/// connection push it past [`MAX_QUEUE_PAIRS`].
+/// connection push it past 64 (`MAX_QUEUE_PAIRS`).
 pub trait RdmaAcceptor: Send + Sync {
     /// Creates a queue pair connected to `ep` and says where memory is.
     fn accept(&self, ep: QpEndpoint) -> Result<(RdmaAccept, Box<dyn Send>), TransportError>;
