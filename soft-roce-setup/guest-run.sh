@@ -55,7 +55,7 @@ trap 'rm -rf "$work"' EXIT
 root=$work/root
 mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib/modules,etc/libibverbs.d,usr/lib/x86_64-linux-gnu/libibverbs}
 cp "$(command -v busybox)" "$root/bin/busybox"
-for applet in sh mount insmod ip poweroff cat echo sleep mkdir ls dmesg grep sed timeout kill ps true false seq wc head tail env; do
+for applet in sh mount insmod ip poweroff cat echo sleep mkdir ls dmesg grep sed timeout kill ps true false seq wc head tail env date cut; do
     ln -sf busybox "$root/bin/$applet"
 done
 add_bin() {

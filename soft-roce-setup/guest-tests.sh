@@ -2,6 +2,11 @@
 # RDMA tests and measurements; runs inside the Soft-RoCE guest (busybox sh)
 # with pagewire, ib_read_lat and ib_read_bw in /bin. Ends with the line
 # "N passed, N failed" and a non-zero exit on any failure.
+#
+# Under TCG everything is many times slower than on hardware, and CI hosts
+# slower still: nothing here waits a fixed time for something to happen.
+# Each wait polls for proof of it, bounded, and a wait that runs out is a
+# failure. Every run of pagewire has a timeout of its own.
 pass=0
 fail=0
 check() {
@@ -9,18 +14,99 @@ check() {
     shift
     if "$@"; then echo "PASS $name"; pass=$((pass + 1)); else echo "FAIL $name"; fail=$((fail + 1)); fi
 }
+failed() { echo "FAIL $1"; fail=$((fail + 1)); }
 has() { grep -q "\"$1\": $2" "$3"; }
-start_source() { # port size; leaves the source's pid in $!
-    pagewire source --listen "127.0.0.1:$1" --synthetic "$2" -v > "/tmp/src$1.out" 2> "/tmp/src$1.err" &
-    for _ in $(seq 50); do grep -q listening "/tmp/src$1.out" 2>/dev/null && break; sleep 0.2; done
-    grep -q "serving RDMA READs" "/tmp/src$1.err" || { echo "source on $1 has no RDMA:"; cat "/tmp/src$1.err"; }
+# wait_for SECS COMMAND...: runs COMMAND every 0.2 s until it succeeds (0),
+# gives up (exit status 2 or more) or SECS seconds pass (status 1).
+wait_for() {
+    wf_end=$(($(date +%s) + $1))
+    shift
+    while :; do
+        "$@"
+        wf_rc=$?
+        [ $wf_rc -eq 0 ] && return 0
+        [ $wf_rc -ge 2 ] && return $wf_rc
+        [ "$(date +%s)" -lt "$wf_end" ] || return 1
+        sleep 0.2
+    done
+}
+alive() { kill -0 "$1" 2>/dev/null; }
+# Whether the source $1 (pid) printed "listening" to $2; 2 once it is gone.
+listening() { grep -q listening "$2" 2>/dev/null && return 0; alive "$1" || return 2; return 1; }
+start_source() { # port size [ARGS...]; leaves the source's pid in $src
+    sp=$1 ss=$2
+    shift 2
+    pagewire source --listen "127.0.0.1:$sp" --synthetic "$ss" "$@" -v > "/tmp/src$sp.out" 2> "/tmp/src$sp.err" &
+    src=$!
+    if ! wait_for 60 listening "$src" "/tmp/src$sp.out"; then
+        failed "source on port $sp listening within 60 s ($(alive "$src" && echo "still not listening" || echo "it exited"))"
+        cat "/tmp/src$sp.err"
+    fi
+    grep -q "serving RDMA READs" "/tmp/src$sp.err" || { echo "source on $sp has no RDMA:"; cat "/tmp/src$sp.err"; }
 }
 num() { sed -n "s/.*\"$1\": \([0-9.]*\).*/\1/p" "$2" | head -n1; }
 # A field of the workload's guest stalls (a touch as the guest saw it).
 stall() { sed -n '/"stalls"/,/}/p' "$2" | sed -n "s/.*\"$1\": \([0-9.]*\).*/\1/p" | head -n1; }
 wl_ms() { sed -n '/"workload"/,/"stalls"/p' "$1" | sed -n 's/.*"ms": \([0-9.]*\).*/\1/p' | head -n1; }
 
+# Proof that a destination is migrating, before a test disrupts it: run
+# with -v, it logs "post-copy migration started" once every channel (queue
+# pair) is open, and then its private guest memory grows by 1 MiB (256
+# pages installed, each fetched by an RDMA READ that completed). The
+# source's "guest memory registered for RDMA READs" is no proof: it logs
+# that at start, before it listens.
+rss_anon() { sed -n 's/^RssAnon: *\([0-9]*\) kB.*/\1/p' "/proc/$1/status" 2>/dev/null; }
+dest_pid() { # the pagewire under `timeout` $1 (busybox's timeout execs it: $1 itself)
+    [ "$(cat "/proc/$1/comm" 2>/dev/null)" = timeout ] || { echo "$1"; return; }
+    for s in /proc/[0-9]*/stat; do
+        read -r dp_pid _ _ dp_ppid _ < "$s" 2>/dev/null && [ "$dp_ppid" = "$1" ] && { echo "$dp_pid"; return; }
+    done
+    echo "$1"
+}
+started() { grep -q "post-copy migration started" "$2" 2>/dev/null && return 0; alive "$1" || return 2; return 1; }
+grown() { # pid kB: RssAnon at least kB; 2 once the process is gone
+    alive "$1" || return 2
+    gr_kb=$(rss_anon "$1")
+    [ -n "$gr_kb" ] && [ "$gr_kb" -ge "$2" ] && return 0
+    return 1
+}
+migrating() { # pid stderr-file (of `pagewire dest -v`): waits up to 60 s for each proof
+    mg_t0=$(date +%s)
+    if ! wait_for 60 started "$1" "$2"; then
+        echo "destination: no \"post-copy migration started\" within 60 s ($(alive "$1" && echo running || echo exited)):"
+        tail -n 5 "$2"
+        return 1
+    fi
+    mg_pid=$(dest_pid "$1")
+    mg_base=$(rss_anon "$mg_pid")
+    if ! wait_for 60 grown "$mg_pid" $((${mg_base:-0} + 1024)); then
+        echo "destination: guest memory did not grow by 1 MiB within 60 s of the start (RssAnon ${mg_base:-?} -> $(rss_anon "$mg_pid") kB, $(alive "$1" && echo running || echo exited))"
+        tail -n 5 "$2"
+        return 1
+    fi
+    echo "destination migrating $(($(date +%s) - mg_t0)) s after launch (RssAnon ${mg_base} -> $(rss_anon "$mg_pid") kB)"
+}
+
+# The source registers guest memory at start, hands that registration to
+# the first destination, registers again for each later one, and
+# deregisters when a destination's queue pairs are gone. After each
+# destination the source is given up to 60 s to deregister, so that the
+# next destination registers anew: n destinations, n of each exactly.
+dests=0
+late=""
+deregistered() { grep -c 'guest memory deregistered' /tmp/src7070.err; }
+registered() { grep -c 'guest memory registered for RDMA READs' /tmp/src7070.err; }
+let_go() { [ "$(deregistered)" -ge "$dests" ] && return 0; alive "$src7070" || return 2; return 1; }
+after_dest() {
+    dests=$((dests + 1))
+    if ! wait_for 60 let_go; then
+        echo "source on 7070: $(deregistered) deregistrations after $dests destinations (waited 60 s)"
+        late="$late $dests"
+    fi
+}
+
 start_source 7070 32MiB
+src7070=$src
 for w in seq random hotset stride; do
     timeout 120 pagewire dest --connect 127.0.0.1:7070 --transport rdma --workload "$w" --json > "/tmp/$w.json" 2> "/tmp/$w.err"
     rc=$?
@@ -30,6 +116,7 @@ for w in seq random hotset stride; do
             && grep -q '\"checksum_mismatches\": 0' /tmp/$w.json && grep -q '\"duplicate_pages\": 0' /tmp/$w.json \
             && grep -q '\"pages_verified\": 8192' /tmp/$w.json && grep -q '\"source_requests_served\": 0' /tmp/$w.json \
             && grep -q '\"source_pages_served\": 0' /tmp/$w.json"
+    after_dest
 done
 
 # Zero-copy: guest memory in a memfd, READs land in a second mapping of it
@@ -43,13 +130,15 @@ for w in random seq; do
         sh -c "[ $rc -eq 0 ] && grep -q '\"install_path\": \"landed\"' /tmp/memfd-$w.json \
             && grep -q '\"checksum_mismatches\": 0' /tmp/memfd-$w.json && grep -q '\"duplicate_pages\": 0' /tmp/memfd-$w.json \
             && grep -q '\"pages_verified\": 8192' /tmp/memfd-$w.json && grep -q '\"source_pages_served\": 0' /tmp/memfd-$w.json"
+    after_dest
 done
 
 # The source registers guest memory while destinations hold queue pairs
-# and deregisters it when the last one is done.
-check "source deregisters guest memory between destinations" \
-    sh -c "[ \$(grep -c 'guest memory deregistered' /tmp/src7070.err) -ge 5 ] \
-        && [ \$(grep -c 'guest memory registered for RDMA READs' /tmp/src7070.err) -ge 6 ]"
+# and deregisters it when the last one is done: once per destination.
+echo "source on 7070 after $dests destinations: $(registered) registrations, $(deregistered) deregistrations"
+check "source registers guest memory for each destination and deregisters it after each ($dests each)" \
+    sh -c "[ -z '$late' ] && [ \$(grep -c 'guest memory deregistered' /tmp/src7070.err) -eq $dests ] \
+        && [ \$(grep -c 'guest memory registered for RDMA READs' /tmp/src7070.err) -eq $dests ]"
 
 # Bulk lanes sleeping on completion events instead of busy-polling.
 timeout 120 pagewire dest --connect 127.0.0.1:7070 --transport rdma --rdma-bulk-wait event \
@@ -60,12 +149,17 @@ check "rdma migration with event-driven bulk lanes: exit 0, verified, 0 duplicat
     sh -c "[ $rc -eq 0 ] && grep -q '\"checksum_mismatches\": 0' /tmp/event.json \
         && grep -q '\"duplicate_pages\": 0' /tmp/event.json && grep -q '\"pages_verified\": 8192' /tmp/event.json"
 
-# A source killed mid-migration: a clear error and exit 1, no hang.
+# A source killed mid-migration: a clear error and exit 1, no hang. It is
+# killed once the destination is migrating (proof above), not after a
+# fixed time that a slow host may not have started it in.
 start_source 7071 256MiB
-victim=$!
-(sleep 3; kill -9 "$victim") &
+victim=$src
 timeout 120 pagewire dest --connect 127.0.0.1:7071 --transport rdma --workload random --no-push --no-bubble \
-    --think-us 300 --io-timeout 5 > /tmp/kill.out 2> /tmp/kill.err
+    --think-us 300 --io-timeout 5 -v > /tmp/kill.out 2> /tmp/kill.err &
+kill_dest=$!
+migrating "$kill_dest" /tmp/kill.err || failed "source killed mid-migration: the destination was migrating before the kill"
+kill -9 "$victim"
+wait "$kill_dest"
 rc=$?
 tail -n 2 /tmp/kill.err
 check "source killed mid-migration: exit 1 with a clear error" \
@@ -73,72 +167,85 @@ check "source killed mid-migration: exit 1 with a clear error" \
 
 # Measurements, side by side on the same rxe device.
 perftest() { # tool size iterations: server and client on rxe0, prints the result row
-    "$1" -d rxe0 -x 1 -s "$2" -n "$3" > "/tmp/$1.srv" 2>&1 &
+    timeout 60 "$1" -d rxe0 -x 1 -s "$2" -n "$3" > "/tmp/$1.srv" 2>&1 &
     server=$!
-    sleep 1
-    "$1" -d rxe0 -x 1 -s "$2" -n "$3" 127.0.0.1 > "/tmp/$1.log" 2>&1
+    # The client retries while the server is not listening yet.
+    for try in 1 2 3 4 5 6 7 8 9 10; do
+        sleep 1
+        timeout 60 "$1" -d rxe0 -x 1 -s "$2" -n "$3" 127.0.0.1 > "/tmp/$1.log" 2>&1 && break
+        grep -q "Couldn't connect" "/tmp/$1.log" || break
+    done
     wait $server
-    grep -E "^ *$2 " "/tmp/$1.log"
+    grep -E "^ *$2 " "/tmp/$1.log" || { echo "$1: no result (client try $try):" >&2; cat "/tmp/$1.srv" "/tmp/$1.log" >&2; }
 }
 echo "PERF ib_read_lat 4096 (t_min t_max t_typical t_avg stdev p99 p99.9, us): $(perftest ib_read_lat 4096 1000)"
 echo "PERF ib_read_bw 65536 (MB/s peak, avg): $(perftest ib_read_bw 65536 500)"
+# One measured run of pagewire: at most 120 s, so that a run that hangs is
+# a failure, not the end of the guest's time; a run that fails is one too.
+measure() { # json-file pagewire-args...
+    me_json=$1
+    shift
+    timeout 120 pagewire "$@" --json > "$me_json" 2> /tmp/measure.err
+    me_rc=$?
+    [ $me_rc -eq 0 ] && return 0
+    case $me_rc in 124 | 137 | 143) me_why="timed out after 120 s" ;; *) me_why="exit $me_rc" ;; esac
+    failed "measurement pagewire $*: $me_why"
+    tail -n 5 /tmp/measure.err
+    return 1
+}
 for wait in poll event; do
     for i in 1 2 3; do
-        pagewire dest --connect 127.0.0.1:7070 --transport rdma --rdma-bulk-wait $wait --workload seq --touches 1 \
-            --json > /tmp/w.json 2>/dev/null
+        measure /tmp/w.json dest --connect 127.0.0.1:7070 --transport rdma --rdma-bulk-wait $wait --workload seq --touches 1
         echo "PERF pagewire rdma push, lanes $wait: $(num bytes_received /tmp/w.json) bytes in $(num total_ms /tmp/w.json) ms"
     done
-    pagewire dest --connect 127.0.0.1:7070 --transport rdma --rdma-bulk-wait $wait --workload random \
-        --json > /tmp/w.json 2>/dev/null
+    measure /tmp/w.json dest --connect 127.0.0.1:7070 --transport rdma --rdma-bulk-wait $wait --workload random
     echo "PERF pagewire rdma random+push, lanes $wait: fault p50 $(num p50 /tmp/w.json) us, p99 $(num p99 /tmp/w.json) us, total $(num total_ms /tmp/w.json) ms"
 done
 # The push without flow control: what the lanes move when nothing holds
 # them back (beside ib_read_bw above).
-pagewire dest --connect 127.0.0.1:7070 --transport rdma --no-flow-control --workload seq --touches 1 \
-    --json > /tmp/w.json 2>/dev/null
+measure /tmp/w.json dest --connect 127.0.0.1:7070 --transport rdma --no-flow-control --workload seq --touches 1
 echo "PERF pagewire rdma push, lanes poll, no flow control: $(num bytes_received /tmp/w.json) bytes in $(num total_ms /tmp/w.json) ms"
 for t in rdma tcp; do
     for b in anon memfd; do
-        pagewire dest --connect 127.0.0.1:7070 --transport $t --memory-backend $b --workload random --no-push --no-bubble \
-            --json > /tmp/f$t.json 2>/dev/null
+        measure /tmp/f$t.json dest --connect 127.0.0.1:7070 --transport $t --memory-backend $b --workload random --no-push --no-bubble
         echo "PERF pagewire $t $b demand fault latency us: p50 $(num p50 /tmp/f$t.json) p99 $(num p99 /tmp/f$t.json) (faults $(num network_faults /tmp/f$t.json)); guest stall p50 $(stall p50 /tmp/f$t.json) p99 $(stall p99 /tmp/f$t.json)"
-        pagewire dest --connect 127.0.0.1:7070 --transport $t --memory-backend $b --workload seq --touches 1 \
-            --json > /tmp/p$t.json 2>/dev/null
+        measure /tmp/p$t.json dest --connect 127.0.0.1:7070 --transport $t --memory-backend $b --workload seq --touches 1
         echo "PERF pagewire $t $b push: $(num bytes_received /tmp/p$t.json) bytes in $(num total_ms /tmp/p$t.json) ms"
     done
 done
 
 # The fault service polling for the next fault instead of sleeping.
 for spin in 0 100; do
-    pagewire dest --connect 127.0.0.1:7070 --transport rdma --fault-spin-us $spin --workload random --no-push --no-bubble \
-        --json > /tmp/spin.json 2>/dev/null
+    measure /tmp/spin.json dest --connect 127.0.0.1:7070 --transport rdma --fault-spin-us $spin --workload random --no-push --no-bubble
     echo "PERF pagewire rdma --fault-spin-us $spin demand faults: engine p50 $(num p50 /tmp/spin.json) us; guest stall p50 $(stall p50 /tmp/spin.json) p99 $(stall p99 /tmp/spin.json) us; workload $(wl_ms /tmp/spin.json) ms"
 done
 # The same faults without a network, in the same boot: the in-process
 # transport (a memcpy) under the same uffd delivery, wake-ups and install,
 # which is what a fault costs here beyond the READ.
 for b in anon memfd; do
-    pagewire demo --transport inproc --size 32MiB --memory-backend $b --workload random --no-push --no-bubble \
-        --json > /tmp/inproc.json 2>/dev/null
+    measure /tmp/inproc.json demo --transport inproc --size 32MiB --memory-backend $b --workload random --no-push --no-bubble
     echo "PERF pagewire inproc $b demand fault latency us (no network): p50 $(num p50 /tmp/inproc.json) p99 $(num p99 /tmp/inproc.json); guest stall p50 $(stall p50 /tmp/inproc.json) p99 $(stall p99 /tmp/inproc.json)"
 done
 
 # RDMA taken away mid-migration while TCP stays (last: it breaks ::1).
 # RDMA runs over lo's IPv6 address (GID ::1), TCP over 127.0.0.1; deleting
 # ::1 from lo takes RDMA's route away: READs fail, new queue pairs cannot
-# reach RTR, and the migration goes on over TCP, saying so.
+# reach RTR, and the migration goes on over TCP, saying so. TCP is only
+# taken once a READ has completed (before, failing RDMA is a configuration
+# to fix), so ::1 goes once the destination is migrating (proof above).
 gid=""
 for f in /sys/class/infiniband/rxe0/ports/1/gids/*; do
     [ "$(cat "$f" 2>/dev/null)" = "0000:0000:0000:0000:0000:0000:0000:0001" ] && gid=${f##*/}
 done
 echo "GID ::1 on rxe0: index ${gid:-none}"
-pagewire source --listen 127.0.0.1:7072 --synthetic 64MiB --gid-index "${gid:-2}" -v > /tmp/src7072.out 2> /tmp/src7072.err &
-fb_src=$!
-for _ in $(seq 50); do grep -q listening /tmp/src7072.out 2>/dev/null && break; sleep 0.2; done
-grep -q "serving RDMA READs" /tmp/src7072.err || { echo "source on 7072 has no RDMA:"; cat /tmp/src7072.err; }
-(sleep 2; ip -6 addr del ::1/128 dev lo) &
+start_source 7072 64MiB --gid-index "${gid:-2}"
+fb_src=$src
 timeout 300 pagewire dest --connect 127.0.0.1:7072 --transport rdma --gid-index "${gid:-2}" --workload random \
-    --think-us 300 --no-push --io-timeout 2 --json > /tmp/fb.json 2> /tmp/fb.err
+    --think-us 300 --no-push --io-timeout 2 -v --json > /tmp/fb.json 2> /tmp/fb.err &
+fb_dest=$!
+migrating "$fb_dest" /tmp/fb.err || failed "RDMA route removed mid-migration: the destination was migrating before"
+ip -6 addr del ::1/128 dev lo
+wait "$fb_dest"
 rc=$?
 [ $rc -eq 0 ] || tail -n 5 /tmp/fb.err
 grep -a "falling back" /tmp/fb.err | head -n 1 | cut -c1-300
