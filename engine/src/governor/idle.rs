@@ -247,7 +247,7 @@ mod tests {
         assert_eq!(window(), cut / 2, "{cut} -> {}", window());
         // A migration starts idle; a fault puts the delay-based window
         // back (one-page requests) for the idle threshold's length.
-        let pause = Duration::from_millis(500);
+        let pause = Duration::from_secs(1);
         let g = g.with_idle_after(Some(pause));
         let t = g.acquire(None).expect("request");
         assert!(t.pages > 1, "idle before the first fault: {t:?}");

@@ -87,7 +87,7 @@ impl Governor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::governor::testing::NEVER;
+    use crate::governor::testing::{round, NEVER};
 
     #[test]
     fn size_classes_are_powers_of_two() {
@@ -135,29 +135,19 @@ mod tests {
 
     #[test]
     fn growing_round_trips_shrink_the_window() {
+        // On synthetic times: a loaded machine's real round trips would
+        // show its scheduling, not the path.
         let g = Governor::new(4096, 64, true, None).with_idle_after(NEVER);
+        let mut at = Instant::now();
         // Round trips at the minimum grow the window (slow start)...
         for _ in 0..20 {
-            let mut sent = Vec::new();
-            while let Some(t) = g.acquire(None) {
-                sent.push(g.commit(t, 1));
-            }
-            for s in sent {
-                g.complete(s);
-            }
+            round(&g, &mut at, Duration::from_micros(20), usize::MAX);
         }
         let grown = g.stats().window_bytes;
         assert!(grown > 2 * 4096, "window did not grow: {grown}");
         // ...and round trips far above it (a queue) shrink it.
         for _ in 0..50 {
-            let mut sent = Vec::new();
-            while let Some(t) = g.acquire(None) {
-                sent.push(g.commit(t, 1));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-            for s in sent {
-                g.complete(s);
-            }
+            round(&g, &mut at, Duration::from_millis(2), usize::MAX);
         }
         let shrunk = g.stats().window_bytes;
         assert!(shrunk < grown, "window {grown} -> {shrunk}");
