@@ -190,6 +190,14 @@ fn nft(ns: &str, args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// TCP connections established in the network namespace `ns`.
+fn established(ns: &str) -> usize {
+    Command::new("ip")
+        .args(["netns", "exec", ns, "ss", "-Htn", "state", "established"])
+        .output()
+        .map_or(0, |o| String::from_utf8_lossy(&o.stdout).lines().count())
+}
+
 /// The link drops every packet, both ways, for a while (an nftables drop
 /// policy in the destination's namespace), at seeded random moments, many
 /// times in one migration: the migration recovers each time and ends with
@@ -237,7 +245,16 @@ fn a_migration_survives_a_link_that_drops_every_packet_for_a_while() {
                 x % n
             };
             let mut drops = Vec::new();
-            std::thread::sleep(Duration::from_millis(300));
+            // The first connect has no recovery: drop packets only once
+            // every channel is up (control, faults, two lanes).
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while established(&dst) < 4 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the destination never opened its connections"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
             // Twenty drops, then the link stays up so the migration ends.
             while !done.load(std::sync::atomic::Ordering::SeqCst) && drops.len() < 20 {
                 let ms = 100 + next(1400);
@@ -267,6 +284,8 @@ fn a_migration_survives_a_link_that_drops_every_packet_for_a_while() {
                 "1",
                 "--recover-timeout",
                 "60",
+                "--lanes",
+                "2",
                 "--push-rate",
                 "500KB",
                 "--workload",
