@@ -9,6 +9,7 @@
 # failure. Every run of pagewire has a timeout of its own.
 pass=0
 fail=0
+suite_t0=$(date +%s)
 check() {
     name=$1
     shift
@@ -55,7 +56,7 @@ wl_ms() { sed -n '/"workload"/,/"stalls"/p' "$1" | sed -n 's/.*"ms": \([0-9.]*\)
 # pages installed, each fetched by an RDMA READ that completed). The
 # source's "guest memory registered for RDMA READs" is no proof: it logs
 # that at start, before it listens.
-rss_anon() { sed -n 's/^RssAnon: *\([0-9]*\) kB.*/\1/p' "/proc/$1/status" 2>/dev/null; }
+rss_anon() { sed -n 's/^RssAnon:[^0-9]*\([0-9]*\) kB.*/\1/p' "/proc/$1/status" 2>/dev/null; }
 dest_pid() { # the pagewire under `timeout` $1 (busybox's timeout execs it: $1 itself)
     [ "$(cat "/proc/$1/comm" 2>/dev/null)" = timeout ] || { echo "$1"; return; }
     for s in /proc/[0-9]*/stat; do
@@ -257,5 +258,6 @@ check "RDMA route removed mid-migration: falls back to TCP, verified, 0 duplicat
         && ! grep -q '\"source_pages_served\": 0,' /tmp/fb.json"
 kill "$fb_src" 2>/dev/null
 
+echo "guest suite: $(($(date +%s) - suite_t0)) s"
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]

@@ -15,6 +15,12 @@ cargo build --release --quiet -p pagewire-vmm-glue
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 set +e
+# The guest's whole budget. The suite takes 1-4 minutes here (2 cores,
+# TCG; it prints its own time); each migration in it has a timeout of its
+# own (120 s, 300 s for the fallback) and each wait is bounded (60 s), so
+# a run that hangs costs its timeout and is reported as a FAIL, and 900 s
+# leaves room for a host several times slower plus a few hung runs while
+# `./dev test` stays well under 30 minutes on CI.
 "$here/guest-run.sh" --timeout 900 \
     --bin target/release/pagewire \
     --bin "$(command -v ib_read_lat)" --bin "$(command -v ib_read_bw)" \

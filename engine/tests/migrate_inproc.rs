@@ -149,12 +149,13 @@ fn zero_pages_are_mapped_while_the_push_waits_for_the_link() {
 #[test]
 fn the_sweep_pushes_the_block_the_guest_faults_in_first() {
     // 16 blocks of 128 pages; the guest faults three times in block 12,
-    // then the push is let run. With it capped (128 pages a second), the
+    // then the push is let run. With it capped (32 pages a second), the
     // sweep must fill block 12 before it walks from page 0 (which would
-    // reach block 12 last).
+    // reach block 12 last). The cap leaves the check two seconds after
+    // block 12 is done before it could fail on a slow machine.
     let pages = 2048u64;
     let block = pagewire_engine::heat::BLOCK_PAGES;
-    let h = start_capped(pages, 512 << 10, true);
+    let h = start_capped(pages, 128 << 10, true);
     let mem = h.memory().clone();
     let hot = 12 * block..13 * block;
     for p in [hot.start + 4, hot.start + 50, hot.start + 99] {
