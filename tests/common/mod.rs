@@ -41,10 +41,19 @@ pub fn spawn_source(cmd: &mut Command) -> Source {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start source");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .expect("source address");
+    // Read on a thread: a source that never says where it listens fails
+    // the test after a minute instead of hanging it.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) else {
+        let _ = child.kill();
+        panic!("the source did not say where it listens within a minute");
+    };
     let addr = line
         .trim()
         .strip_prefix("listening on ")
