@@ -37,6 +37,32 @@ fn dest(addr: &str, args: &[&str]) -> std::process::Output {
     .0
 }
 
+/// A destination run with `args` that is retried, for up to 10 s, while
+/// the source answers Busy: it frees a closed connection's slot when it
+/// notices the close, which a loaded machine may take a while to do.
+fn dest_once_not_busy(addr: &str, args: &[&str]) -> std::process::Output {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let o = dest(addr, args);
+        let busy = !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("Busy");
+        if !busy || std::time::Instant::now() >= deadline {
+            return o;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// TCP connections established on this host from local port `port`: a
+/// server's accepted connections.
+fn established_from_port(addr: &str) -> usize {
+    let port = addr.rsplit(':').next().unwrap_or_default();
+    std::process::Command::new("ss")
+        .args(["-Htn", "state", "established"])
+        .arg(format!("( sport = :{port} )"))
+        .output()
+        .map_or(0, |o| String::from_utf8_lossy(&o.stdout).lines().count())
+}
+
 fn failed_with(o: &std::process::Output, needle: &str) {
     let e = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{e}");
@@ -143,9 +169,9 @@ fn connections_past_the_cap_are_refused_as_busy() {
     // A migration needs more connections than are left: busy.
     failed_with(&dest(&src.addr, &["--lanes", "1"]), "Busy");
     drop(idle);
-    std::thread::sleep(Duration::from_millis(300));
-    // Room again: control, urgent and one lane fit.
-    let ok = dest(&src.addr, &["--lanes", "1"]);
+    // Room again once the source saw them close: control, urgent and one
+    // lane fit.
+    let ok = dest_once_not_busy(&src.addr, &["--lanes", "1"]);
     assert!(
         ok.status.success(),
         "{}",
@@ -227,12 +253,20 @@ fn a_killed_destination_leaves_the_source_serving_others() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // Killed once it holds all four connections (or the test would pass
+    // without a victim).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while established_from_port(&src.addr) < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the victim never opened its four connections"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     victim.kill().unwrap();
     victim.wait().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
     // Only if the victim's four connections were freed does this fit.
-    let o = dest(&src.addr, &["--lanes", "2"]);
+    let o = dest_once_not_busy(&src.addr, &["--lanes", "2"]);
     {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
