@@ -196,15 +196,6 @@ fn out_of_range_requests_are_refused_and_the_source_keeps_serving() {
     assert_eq!(u(&r, "pages_verified"), 256);
 }
 
-/// TCP connections established on this host from local port `port`.
-fn established_from_port(port: &str) -> usize {
-    std::process::Command::new("ss")
-        .args(["-Htn", "state", "established"])
-        .arg(format!("( sport = :{port} )"))
-        .output()
-        .map_or(0, |o| String::from_utf8_lossy(&o.stdout).lines().count())
-}
-
 #[test]
 fn a_source_killed_mid_migration_fails_the_destination_cleanly() {
     let mut src = start_source("64MiB", 2);
@@ -213,16 +204,10 @@ fn a_source_killed_mid_migration_fails_the_destination_cleanly() {
     // source dies; it dies once the destination has opened all three
     // connections (control, faults, the one lane), so what fails is the
     // migration, not its start.
-    let port = addr.rsplit(':').next().unwrap().to_string();
     let killer = std::thread::spawn(move || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while established_from_port(&port) < 3 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the destination never connected"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_until("the destination's three connections", || {
+            established_from_port(&src.addr) >= 3
+        });
         std::thread::sleep(Duration::from_millis(300));
         src.child.kill().unwrap();
         src.child.wait().unwrap();

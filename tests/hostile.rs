@@ -52,17 +52,6 @@ fn dest_once_not_busy(addr: &str, args: &[&str]) -> std::process::Output {
     }
 }
 
-/// TCP connections established on this host from local port `port`: a
-/// server's accepted connections.
-fn established_from_port(addr: &str) -> usize {
-    let port = addr.rsplit(':').next().unwrap_or_default();
-    std::process::Command::new("ss")
-        .args(["-Htn", "state", "established"])
-        .arg(format!("( sport = :{port} )"))
-        .output()
-        .map_or(0, |o| String::from_utf8_lossy(&o.stdout).lines().count())
-}
-
 fn failed_with(o: &std::process::Output, needle: &str) {
     let e = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{e}");
@@ -255,14 +244,9 @@ fn a_killed_destination_leaves_the_source_serving_others() {
         .unwrap();
     // Killed once it holds all four connections (or the test would pass
     // without a victim).
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while established_from_port(&src.addr) < 4 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the victim never opened its four connections"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("the victim's four connections", || {
+        established_from_port(&src.addr) >= 4
+    });
     victim.kill().unwrap();
     victim.wait().unwrap();
     // Only if the victim's four connections were freed does this fit.

@@ -247,14 +247,9 @@ fn a_migration_survives_a_link_that_drops_every_packet_for_a_while() {
             let mut drops = Vec::new();
             // The first connect has no recovery: drop packets only once
             // every channel is up (control, faults, two lanes).
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            while established(&dst) < 4 {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the destination never opened its connections"
-                );
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            wait_until("the destination's four connections", || {
+                established(&dst) >= 4
+            });
             // Twenty drops, then the link stays up so the migration ends.
             while !done.load(std::sync::atomic::Ordering::SeqCst) && drops.len() < 20 {
                 let ms = 100 + next(1400);

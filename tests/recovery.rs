@@ -77,14 +77,9 @@ impl Proxy {
     /// running, so a disruption tests recovery rather than the first
     /// connect, which has none). Panics after a minute without them.
     fn wait_for_connections(pairs: &Mutex<Vec<(TcpStream, TcpStream)>>, n: usize) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while pairs.lock().unwrap().len() < n {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the destination never opened {n} connections"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until(&format!("the destination's {n} connections"), || {
+            pairs.lock().unwrap().len() >= n
+        });
     }
 
     /// Closes every connection, both ways (a link reset).

@@ -144,3 +144,25 @@ pub fn u(v: &serde_json::Value, key: &str) -> u64 {
         .as_u64()
         .unwrap_or_else(|| panic!("report lacks {key}: {v}"))
 }
+
+/// Polls `done` every 10 ms until it holds; fails the test, naming
+/// `what`, if it does not within a minute.
+pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within a minute");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// TCP connections established on this host from the local port of
+/// `addr` (`host:port`, or a bare port): a server's accepted connections,
+/// as `ss` lists them.
+pub fn established_from_port(addr: &str) -> usize {
+    let port = addr.rsplit(':').next().unwrap_or_default();
+    Command::new("ss")
+        .args(["-Htn", "state", "established"])
+        .arg(format!("( sport = :{port} )"))
+        .output()
+        .map_or(0, |o| String::from_utf8_lossy(&o.stdout).lines().count())
+}
