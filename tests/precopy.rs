@@ -44,6 +44,17 @@ fn check_clean(r: &serde_json::Value) {
     );
 }
 
+/// One migration over TCP from a fresh source whose guest keeps writing
+/// in `pattern`, with `args`; its report, checked clean.
+fn clean_migration(pattern: &str, args: &[&str]) -> serde_json::Value {
+    let src = running_source(pattern);
+    let mut all = vec!["--transport", "tcp"];
+    all.extend_from_slice(args);
+    let r = dest_json(&src.addr, &all);
+    check_clean(&r);
+    r
+}
+
 /// Migrations from fresh running sources until one has the shape a test
 /// needs (`shaped`), at most five: whether the source's guest thread got
 /// the CPU during a round that lasts a few milliseconds is up to the
@@ -68,19 +79,7 @@ fn until_shaped(
 fn hybrid_rounds_copy_what_the_running_guest_wrote_and_verify() {
     for pattern in ["hotset", "random"] {
         let attempt = || {
-            let src = running_source(pattern);
-            let r = dest_json(
-                &src.addr,
-                &[
-                    "--transport",
-                    "tcp",
-                    "--precopy-rounds",
-                    "3",
-                    "--converge-pages",
-                    "0",
-                ],
-            );
-            check_clean(&r);
+            let r = clean_migration(pattern, &["--precopy-rounds", "3", "--converge-pages", "0"]);
             let pre = &r["precopy"];
             let rounds = pre["rounds"].as_array().unwrap();
             assert!(!rounds.is_empty() && rounds.len() <= 3, "{pre}");
@@ -115,18 +114,7 @@ fn hybrid_rounds_copy_what_the_running_guest_wrote_and_verify() {
 #[test]
 fn stop_and_copy_resumes_with_every_page_present() {
     let attempt = || {
-        let src = running_source("hotset");
-        let r = dest_json(
-            &src.addr,
-            &[
-                "--transport",
-                "tcp",
-                "--precopy-rounds",
-                "4",
-                "--stop-and-copy",
-            ],
-        );
-        check_clean(&r);
+        let r = clean_migration("hotset", &["--precopy-rounds", "4", "--stop-and-copy"]);
         assert_eq!(u(&r, "network_faults"), 0, "{r}");
         assert_eq!(u(&r, "bytes_received"), 0, "{r}");
         r
@@ -176,19 +164,10 @@ fn hybrid_into_shared_memory_drops_stale_pages_and_lands_the_rest() {
     // guest's mapping of the memfd; their next touch faults (MINOR) and
     // the fresh bytes land over the stale ones.
     let attempt = || {
-        let src = running_source("hotset");
-        let r = dest_json(
-            &src.addr,
-            &[
-                "--transport",
-                "tcp",
-                "--precopy-rounds",
-                "2",
-                "--memory-backend",
-                "memfd",
-            ],
+        let r = clean_migration(
+            "hotset",
+            &["--precopy-rounds", "2", "--memory-backend", "memfd"],
         );
-        check_clean(&r);
         assert_eq!(r["install_path"], "landed", "{r}");
         r
     };
