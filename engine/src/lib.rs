@@ -25,6 +25,7 @@ pub mod migration;
 mod parked;
 pub mod precopy;
 pub mod prepager;
+mod region;
 pub mod report;
 mod scaled;
 mod shared;
