@@ -1,53 +1,23 @@
-//! The destination's TCP client.
+//! One TCP connection to the source: the handshake (with the shared
+//! key's authentication), requests and their replies, and fetches sent
+//! ahead of their replies, which are checked before their pages are read.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::net::{SocketAddr, TcpStream};
 
-use crate::dirty::PageSet;
 use crate::error::TransportError;
 use crate::landing::Landing;
 use crate::layout::{PageRange, SourceInfo};
-use crate::wire::{self, ChannelKind, Hello, QpEndpoint, RdmaAccept, Request, SourceStats};
-use crate::{ChannelClass, FetchLimits, PageChannel, Transport};
+use crate::wire::{self, ChannelKind, Hello, Request};
+use crate::FetchLimits;
 
-use super::sockopt;
-use crate::auth::{self, AuthKey, Side};
-
-/// Timeouts and credentials of the TCP client.
-#[derive(Debug, Clone)]
-pub struct TcpOptions {
-    /// How long to wait for a connection to be accepted.
-    pub connect_timeout: Duration,
-    /// How long any single read or write may block. A source that stops
-    /// answering is reported after this long instead of hanging a vCPU
-    /// forever.
-    pub io_timeout: Duration,
-    /// Shared key: with it, every connection authenticates the source and
-    /// itself before anything else (and refuses a source that does not).
-    pub auth_key: Option<AuthKey>,
-    /// How long a lost link may take to come back: control requests (and
-    /// the engine's channels) reconnect with backoff until then (default
-    /// 120 s, as the engine's). Zero: a lost link fails at once.
-    pub recover_timeout: Duration,
-}
-
-impl Default for TcpOptions {
-    fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(5),
-            io_timeout: Duration::from_secs(10),
-            auth_key: None,
-            recover_timeout: Duration::from_secs(120),
-        }
-    }
-}
+use super::TcpOptions;
+use crate::auth::{self, Side};
+use crate::tcp::sockopt;
 
 /// Most requests a TCP channel keeps outstanding.
-const TCP_MAX_OUTSTANDING: usize = 64;
+pub(super) const TCP_MAX_OUTSTANDING: usize = 64;
 
 /// Bytes every reply to a fetch starts with: frame length, type, request
 /// id, and either the page count (pages) or the error code and message
@@ -60,7 +30,7 @@ const REPLY_HEAD: usize = 4 + wire::PAGES_HEADER;
 const MAX_ERROR_REPLY: usize = REPLY_HEAD + 1024;
 
 /// A fetch on the wire.
-struct Sent {
+pub(super) struct Sent {
     id: u64,
     pages: u64,
     /// The ranges, when the reply lands in landing memory.
@@ -68,16 +38,16 @@ struct Sent {
 }
 
 /// One connection to the source, handshake done.
-struct Conn {
-    stream: TcpStream,
+pub(super) struct Conn {
+    pub(super) stream: TcpStream,
     next_id: u64,
     timeout: f64,
     /// Requests sent and not answered yet, oldest first.
-    outstanding: VecDeque<Sent>,
+    pub(super) outstanding: VecDeque<Sent>,
 }
 
 impl Conn {
-    fn open(
+    pub(super) fn open(
         addr: SocketAddr,
         kind: ChannelKind,
         opts: &TcpOptions,
@@ -162,11 +132,14 @@ impl Conn {
         }
     }
 
-    fn err(&self, context: &str, e: io::Error) -> TransportError {
+    pub(super) fn err(&self, context: &str, e: io::Error) -> TransportError {
         TransportError::io(context, e, Some(self.timeout))
     }
 
-    fn send(&mut self, make: impl FnOnce(u64) -> Request) -> Result<u64, TransportError> {
+    pub(super) fn send(
+        &mut self,
+        make: impl FnOnce(u64) -> Request,
+    ) -> Result<u64, TransportError> {
         let id = self.next_id;
         self.next_id += 1;
         let frame = wire::encode_request(&make(id));
@@ -177,7 +150,7 @@ impl Conn {
     }
 
     /// Reads a whole reply of type `want` for request `id`.
-    fn reply(&mut self, id: u64, want: u8) -> Result<Vec<u8>, TransportError> {
+    pub(super) fn reply(&mut self, id: u64, want: u8) -> Result<Vec<u8>, TransportError> {
         let (ty, body) = wire::read_frame(&mut self.stream, wire::MAX_FRAME as usize)
             .map_err(|e| self.read_err(e))?;
         self.check_reply(ty, &body, id, want)?;
@@ -211,7 +184,11 @@ impl Conn {
 
     /// Sends a fetch without waiting for its reply; with `landed`, its
     /// reply is to land in landing memory.
-    fn send_fetch(&mut self, ranges: &[PageRange], landed: bool) -> Result<(), TransportError> {
+    pub(super) fn send_fetch(
+        &mut self,
+        ranges: &[PageRange],
+        landed: bool,
+    ) -> Result<(), TransportError> {
         if self.outstanding.len() >= TCP_MAX_OUTSTANDING {
             return Err(TransportError::Misuse("too many requests outstanding"));
         }
@@ -229,7 +206,11 @@ impl Conn {
     }
 
     /// Receives the reply to the oldest outstanding fetch into `buf`.
-    fn recv_fetch(&mut self, buf: &mut [u8], page_size: usize) -> Result<(), TransportError> {
+    pub(super) fn recv_fetch(
+        &mut self,
+        buf: &mut [u8],
+        page_size: usize,
+    ) -> Result<(), TransportError> {
         let front = self
             .outstanding
             .front()
@@ -250,7 +231,7 @@ impl Conn {
 
     /// Receives the reply to the oldest outstanding fetch, sent to land,
     /// straight into `landing`: each range's bytes at its own place.
-    fn recv_fetch_landed(&mut self, landing: &Landing) -> Result<(), TransportError> {
+    pub(super) fn recv_fetch_landed(&mut self, landing: &Landing) -> Result<(), TransportError> {
         let front = self
             .outstanding
             .front()
@@ -334,275 +315,15 @@ impl Conn {
     }
 }
 
-/// Pages from a pagewire source over TCP.
-pub struct TcpTransport {
-    addr: SocketAddr,
-    opts: TcpOptions,
-    info: SourceInfo,
-    /// The source's session: every later connection must reach the same.
-    session: u64,
-    control: Mutex<Conn>,
-    /// Where channels may land pages, once the engine offered it.
-    landing: OnceLock<Arc<Landing>>,
-}
-
-impl std::fmt::Debug for TcpTransport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcpTransport")
-            .field("addr", &self.addr)
-            .finish_non_exhaustive()
-    }
-}
-
-impl TcpTransport {
-    /// Connects the control channel and learns the source's layout.
-    pub fn connect(addr: impl ToSocketAddrs, opts: TcpOptions) -> Result<Self, TransportError> {
-        let addr = addr
-            .to_socket_addrs()
-            .map_err(|e| TransportError::io("resolve source address", e, None))?
-            .next()
-            .ok_or_else(|| TransportError::Protocol("source address resolves to nothing".into()))?;
-        let (control, info, session) = Conn::open(addr, ChannelKind::Control, &opts)?;
-        let info = info.ok_or_else(|| TransportError::Protocol("no layout".into()))?;
-        Ok(Self {
-            addr,
-            opts,
-            info,
-            session,
-            control: Mutex::new(control),
-            landing: OnceLock::new(),
-        })
-    }
-
-    /// Opens a connection of `kind` and checks it reached the same source.
-    fn open_conn(&self, kind: ChannelKind) -> Result<(Conn, Option<SourceInfo>), TransportError> {
-        let (conn, info, session) = Conn::open(self.addr, kind, &self.opts)?;
-        if session != self.session {
-            return Err(TransportError::Protocol(format!(
-                "{} answers as another source (session {session:#x}, was {:#x}): a restarted \
-                 source's memory is not this migration's",
-                self.addr, self.session
-            )));
-        }
-        Ok((conn, info))
-    }
-
-    /// Runs a request on the control connection; if the link is lost, the
-    /// connection is reopened (with backoff, up to the recovery timeout)
-    /// and the request run again.
-    fn on_control<T>(
-        &self,
-        f: impl Fn(&mut Conn) -> Result<T, TransportError>,
-    ) -> Result<T, TransportError> {
-        let mut c = self.control();
-        let first = match f(&mut c) {
-            Ok(v) => return Ok(v),
-            Err(e) if e.is_link_loss() && !self.opts.recover_timeout.is_zero() => e,
-            Err(e) => return Err(e),
-        };
-        tracing::warn!("control connection lost ({first}): reconnecting");
-        let deadline = std::time::Instant::now() + self.opts.recover_timeout;
-        let mut backoff = Duration::from_millis(10);
-        let mut last: Option<TransportError> = None;
-        while std::time::Instant::now() < deadline {
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(Duration::from_secs(1));
-            match self.open_conn(ChannelKind::Control) {
-                Ok((conn, info)) => {
-                    if info.as_ref() != Some(&self.info) {
-                        return Err(TransportError::Protocol(
-                            "the source's layout changed across a reconnect".into(),
-                        ));
-                    }
-                    *c = conn;
-                    match f(&mut c) {
-                        Ok(v) => return Ok(v),
-                        Err(e) if e.is_link_loss() => last = Some(e),
-                        Err(e) => return Err(e),
-                    }
-                }
-                Err(e) if e.is_link_loss() => last = Some(e),
-                Err(e) => return Err(e),
-            }
-        }
-        let secs = self.opts.recover_timeout.as_secs_f64();
-        Err(match last {
-            Some(last) => TransportError::RecoveryTimedOut {
-                lost: Box::new(first),
-                secs,
-                last: Box::new(last),
-            },
-            None => first,
-        })
-    }
-
-    /// The source's address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// The I/O timeout in force.
-    pub fn io_timeout(&self) -> Duration {
-        self.opts.io_timeout
-    }
-
-    /// Asks the source, over the control connection, to connect a queue
-    /// pair to `ep` and to say where guest memory is registered.
-    pub fn rdma_connect(&self, ep: QpEndpoint) -> Result<RdmaAccept, TransportError> {
-        let body = self.on_control(|c| {
-            let id = c.send(|id| Request::RdmaConnect { id, ep })?;
-            c.reply(id, wire::T_RDMA_ACCEPT)
-        })?;
-        let (_, accept) = wire::decode_rdma_accept(&body)?;
-        if accept.regions.len() != self.info.layout.regions().len() {
-            return Err(TransportError::Protocol(format!(
-                "RDMA accept names {} regions, the layout {}",
-                accept.regions.len(),
-                self.info.layout.regions().len()
-            )));
-        }
-        for (r, l) in accept.regions.iter().zip(self.info.layout.regions()) {
-            if r.len != l.len {
-                return Err(TransportError::Protocol(
-                    "RDMA region sizes differ from the layout".into(),
-                ));
-            }
-        }
-        Ok(accept)
-    }
-
-    fn control(&self) -> std::sync::MutexGuard<'_, Conn> {
-        // A poisoned lock only means another thread panicked mid-request;
-        // the connection state is then unknown but requests carry ids, so
-        // a mismatch is detected, not silently accepted.
-        self.control.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-struct TcpChannel {
-    conn: Conn,
-    page_size: usize,
-    landing: Option<Arc<Landing>>,
-}
-
-impl PageChannel for TcpChannel {
-    fn send(&mut self, ranges: &[PageRange]) -> Result<(), TransportError> {
-        self.conn.send_fetch(ranges, false)
-    }
-
-    fn recv(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
-        self.conn.recv_fetch(buf, self.page_size)
-    }
-
-    fn send_landed(&mut self, ranges: &[PageRange]) -> Result<(), TransportError> {
-        Landing::of(&self.landing)?.check(ranges)?;
-        self.conn.send_fetch(ranges, true)
-    }
-
-    fn recv_landed(&mut self) -> Result<(), TransportError> {
-        let landing = Landing::of(&self.landing)?.clone();
-        self.conn.recv_fetch_landed(&landing)
-    }
-
-    fn reply_ready(&mut self) -> Result<bool, TransportError> {
-        sockopt::wait_readable(&self.conn.stream, Duration::ZERO)
-            .map_err(|e| self.conn.err("poll the connection", e))
-    }
-
-    fn ready_fd(&self) -> Option<RawFd> {
-        Some(self.conn.stream.as_raw_fd())
-    }
-
-    fn outstanding(&self) -> usize {
-        self.conn.outstanding.len()
-    }
-
-    fn max_outstanding(&self) -> usize {
-        TCP_MAX_OUTSTANDING
-    }
-}
-
-impl Transport for TcpTransport {
-    fn name(&self) -> &'static str {
-        "tcp"
-    }
-
-    fn info(&self) -> &SourceInfo {
-        &self.info
-    }
-
-    fn open(&self, class: ChannelClass) -> Result<Box<dyn PageChannel>, TransportError> {
-        let kind = match class {
-            ChannelClass::Urgent => ChannelKind::Urgent,
-            ChannelClass::Bulk(l) => ChannelKind::Bulk(l),
-        };
-        let (conn, _) = self.open_conn(kind)?;
-        Ok(Box::new(TcpChannel {
-            conn,
-            page_size: self.info.layout.page_size(),
-            landing: self.landing.get().cloned(),
-        }))
-    }
-
-    fn checksums(&self, range: PageRange) -> Result<Vec<u64>, TransportError> {
-        let body = self.on_control(|c| {
-            let id = c.send(|id| Request::Checksums { id, range })?;
-            c.reply(id, wire::T_CHECKSUM_LIST)
-        })?;
-        let (_, sums) = wire::decode_checksums(&body)?;
-        if sums.len() != range.count as usize {
-            return Err(TransportError::Protocol(format!(
-                "{} checksums for {} pages",
-                sums.len(),
-                range.count
-            )));
-        }
-        Ok(sums)
-    }
-
-    fn session(&self) -> Option<u64> {
-        Some(self.session)
-    }
-
-    fn set_landing(&self, landing: Arc<Landing>) -> Result<bool, TransportError> {
-        if landing.page_size() != self.info.layout.page_size() {
-            return Ok(false);
-        }
-        // One landing memory per transport: the same offered again (a
-        // resumed migration) is taken, other memory is not.
-        let held = self.landing.get_or_init(|| landing.clone());
-        Ok(Arc::ptr_eq(held, &landing))
-    }
-
-    fn dirty_round(&self, round: u32, pause: bool) -> Result<PageSet, TransportError> {
-        // Asking a round again after a lost reply is safe: the source
-        // answers it again with everything written since.
-        let body = self.on_control(|c| {
-            let id = c.send(|id| Request::Dirty { id, round, pause })?;
-            c.reply(id, wire::T_DIRTY_MAP)
-        })?;
-        Ok(wire::decode_dirty_map(&body, self.info.layout.total_pages())?.1)
-    }
-
-    fn done(&self) -> Result<(), TransportError> {
-        self.on_control(|c| c.send(|id| Request::Done { id }).map(|_| ()))
-    }
-
-    fn source_stats(&self) -> Result<SourceStats, TransportError> {
-        let body = self.on_control(|c| {
-            let id = c.send(|id| Request::Stats { id })?;
-            c.reply(id, wire::T_STATS_REPLY)
-        })?;
-        Ok(wire::decode_stats(&body)?.1)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::layout::{MemoryLayout, ZeroMap};
+    use crate::tcp::{TcpOptions, TcpTransport};
     use crate::wire::Welcome;
+    use crate::{ChannelClass, Transport};
     use std::net::TcpListener;
+    use std::time::Duration;
 
     /// A hostile source: a correct handshake, then `reply` to the first
     /// request on every page channel.
