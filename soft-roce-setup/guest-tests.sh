@@ -60,7 +60,7 @@ rss_anon() { sed -n 's/^RssAnon:[^0-9]*\([0-9]*\) kB.*/\1/p' "/proc/$1/status" 2
 dest_pid() { # the pagewire under `timeout` $1 (busybox's timeout execs it: $1 itself)
     [ "$(cat "/proc/$1/comm" 2>/dev/null)" = timeout ] || { echo "$1"; return; }
     for s in /proc/[0-9]*/stat; do
-        read -r dp_pid _ _ dp_ppid _ < "$s" 2>/dev/null && [ "$dp_ppid" = "$1" ] && { echo "$dp_pid"; return; }
+        read -r dp_pid _ _ dp_ppid _ 2>/dev/null < "$s" && [ "$dp_ppid" = "$1" ] && { echo "$dp_pid"; return; }
     done
     echo "$1"
 }
@@ -101,7 +101,7 @@ let_go() { [ "$(deregistered)" -ge "$dests" ] && return 0; alive "$src7070" || r
 after_dest() {
     dests=$((dests + 1))
     if ! wait_for 60 let_go; then
-        echo "source on 7070: $(deregistered) deregistrations after $dests destinations (waited 60 s)"
+        echo "source on 7070: $(deregistered) deregistrations after $dests destinations ($(alive "$src7070" && echo "waited 60 s" || echo "the source exited"))"
         late="$late $dests"
     fi
 }

@@ -204,9 +204,11 @@ fn a_source_killed_mid_migration_fails_the_destination_cleanly() {
     // source dies; it dies once the destination has opened all three
     // connections (control, faults, the one lane), so what fails is the
     // migration, not its start.
+    let ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gone = ended.clone();
     let killer = std::thread::spawn(move || {
         wait_until("the destination's three connections", || {
-            established_from_port(&src.addr) >= 3
+            gone.load(std::sync::atomic::Ordering::SeqCst) || established_from_port(&src.addr) >= 3
         });
         std::thread::sleep(Duration::from_millis(300));
         src.child.kill().unwrap();
@@ -230,6 +232,7 @@ fn a_source_killed_mid_migration_fails_the_destination_cleanly() {
         ]),
         LIMIT,
     );
+    ended.store(true, std::sync::atomic::Ordering::SeqCst);
     killer.join().unwrap();
     assert_clean_failure(&o, "migration failed");
     let e = stderr(&o);

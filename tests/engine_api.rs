@@ -135,10 +135,17 @@ fn batches_past_the_request_limits_are_split() {
     // it. (A synthetic guest's zero pages cut a batch into fewer runs than
     // that, which let this test pass without any split.)
     let pages = 8192u64;
-    let dir = std::env::temp_dir().join(format!("pagewire-split-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let file = dir.join("every-other-page.mem");
+    /// Removes the directory however the test ends.
+    struct TempDir(std::path::PathBuf);
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = TempDir(std::env::temp_dir().join(format!("pagewire-split-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    std::fs::create_dir_all(&dir.0).expect("temp dir");
+    let file = dir.0.join("every-other-page.mem");
     let bytes: Vec<u8> = (0..pages)
         .flat_map(|p| {
             let mut page = vec![0u8; 4096];
@@ -174,7 +181,6 @@ fn batches_past_the_request_limits_are_split() {
     let r = h
         .wait()
         .expect("a 4096-page batch must not break the migration");
-    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(r.duplicate_pages, 0);
     assert_eq!(r.zero_pages, pages / 2, "{r:?}");
     assert_eq!(

@@ -133,13 +133,10 @@ fn a_source_on_a_public_address_without_a_key_warns() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
+    // Once it listens, it has said what it warns of.
+    let listening = first_line_within(child.stdout.take().unwrap(), Duration::from_secs(60));
     let _ = child.kill();
+    assert!(listening.is_some(), "the source never listened");
     let out = child.wait_with_output().unwrap();
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("WITHOUT authentication"), "{e}");
@@ -245,8 +242,12 @@ fn a_killed_destination_leaves_the_source_serving_others() {
     // Killed once it holds all four connections (or the test would pass
     // without a victim).
     wait_until("the victim's four connections", || {
-        established_from_port(&src.addr) >= 4
+        victim.try_wait().ok().flatten().is_some() || established_from_port(&src.addr) >= 4
     });
+    assert!(
+        victim.try_wait().expect("victim").is_none(),
+        "the victim ended before it held its connections"
+    );
     victim.kill().unwrap();
     victim.wait().unwrap();
     // Only if the victim's four connections were freed does this fit.

@@ -195,7 +195,8 @@ fn established(ns: &str) -> usize {
     Command::new("ip")
         .args(["netns", "exec", ns, "ss", "-Htn", "state", "established"])
         .output()
-        .map_or(0, |o| String::from_utf8_lossy(&o.stdout).lines().count())
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
+        .expect("run ss (iproute2) in the namespace")
 }
 
 /// The link drops every packet, both ways, for a while (an nftables drop
@@ -248,7 +249,7 @@ fn a_migration_survives_a_link_that_drops_every_packet_for_a_while() {
             // The first connect has no recovery: drop packets only once
             // every channel is up (control, faults, two lanes).
             wait_until("the destination's four connections", || {
-                established(&dst) >= 4
+                done.load(std::sync::atomic::Ordering::SeqCst) || established(&dst) >= 4
             });
             // Twenty drops, then the link stays up so the migration ends.
             while !done.load(std::sync::atomic::Ordering::SeqCst) && drops.len() < 20 {

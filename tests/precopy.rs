@@ -66,9 +66,10 @@ fn until_shaped(
     shaped: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
     let mut last = serde_json::Value::Null;
-    for _ in 0..5 {
+    for n in 1..=5 {
         last = attempt();
         if shaped(&last) {
+            eprintln!("the shape needed {n} migration(s)");
             return last;
         }
     }

@@ -75,10 +75,16 @@ impl Proxy {
     /// Waits until the destination has opened `n` connections through the
     /// proxy (control, fault channel and one per lane: the migration is
     /// running, so a disruption tests recovery rather than the first
-    /// connect, which has none). Panics after a minute without them.
-    fn wait_for_connections(pairs: &Mutex<Vec<(TcpStream, TcpStream)>>, n: usize) {
+    /// connect, which has none), or until `ended` (the destination is
+    /// gone: its own error is what the test reports). Panics after a
+    /// minute without either.
+    fn wait_for_connections(
+        pairs: &Mutex<Vec<(TcpStream, TcpStream)>>,
+        n: usize,
+        ended: &AtomicBool,
+    ) {
         wait_until(&format!("the destination's {n} connections"), || {
-            pairs.lock().unwrap().len() >= n
+            ended.load(Ordering::SeqCst) || pairs.lock().unwrap().len() >= n
         });
     }
 
@@ -125,7 +131,7 @@ fn a_migration_survives_twenty_link_cuts_stalls_and_source_stops() {
             };
             let mut log = Vec::new();
             // Let the migration start first.
-            Proxy::wait_for_connections(&proxy.pairs, CONNECTIONS);
+            Proxy::wait_for_connections(&proxy.pairs, CONNECTIONS, &done);
             while !done.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(40 + next(150)));
                 if done.load(Ordering::SeqCst) {
@@ -209,8 +215,10 @@ fn a_link_that_never_comes_back_fails_at_the_recovery_deadline() {
     let proxy = Proxy::start(src.addr.clone());
     let pid = Pid::from_raw(src.child.id() as i32);
     let pairs = proxy.pairs.clone();
+    let ended = Arc::new(AtomicBool::new(false));
+    let gone = ended.clone();
     let stopper = std::thread::spawn(move || {
-        Proxy::wait_for_connections(&pairs, CONNECTIONS);
+        Proxy::wait_for_connections(&pairs, CONNECTIONS, &gone);
         std::thread::sleep(Duration::from_millis(100));
         // Stopped for good (until the test ends): the link never answers.
         let _ = kill(pid, Signal::SIGSTOP);
@@ -231,6 +239,7 @@ fn a_link_that_never_comes_back_fails_at_the_recovery_deadline() {
         ]),
         Duration::from_secs(60),
     );
+    ended.store(true, Ordering::SeqCst);
     stopper.join().unwrap();
     let _ = kill(pid, Signal::SIGCONT);
     let e = String::from_utf8_lossy(&out.stderr);

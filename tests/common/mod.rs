@@ -41,16 +41,8 @@ pub fn spawn_source(cmd: &mut Command) -> Source {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start source");
-    // Read on a thread: a source that never says where it listens fails
-    // the test after a minute instead of hanging it.
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) else {
+    let Some(line) = first_line_within(child.stdout.take().unwrap(), Duration::from_secs(60))
+    else {
         let _ = child.kill();
         panic!("the source did not say where it listens within a minute");
     };
@@ -145,24 +137,44 @@ pub fn u(v: &serde_json::Value, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("report lacks {key}: {v}"))
 }
 
-/// Polls `done` every 10 ms until it holds; fails the test, naming
-/// `what`, if it does not within a minute.
+/// The first line `from` gives, read on a thread so that a child that
+/// says nothing fails the test after `limit` instead of hanging it;
+/// `None` then.
+pub fn first_line_within(
+    from: impl std::io::Read + Send + 'static,
+    limit: Duration,
+) -> Option<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(from).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+/// Polls `done` every 20 ms until it holds; fails the test, naming
+/// `what`, if it does not within a minute. Callers add to `done` whatever
+/// says the wait is moot (the run they wait for has ended), so that its
+/// own error is what the test reports.
 pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !done() {
         assert!(Instant::now() < deadline, "{what}: not within a minute");
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 /// TCP connections established on this host from the local port of
 /// `addr` (`host:port`, or a bare port): a server's accepted connections,
-/// as `ss` lists them.
+/// as `ss` (iproute2) lists them.
 pub fn established_from_port(addr: &str) -> usize {
     let port = addr.rsplit(':').next().unwrap_or_default();
-    Command::new("ss")
+    let out = Command::new("ss")
         .args(["-Htn", "state", "established"])
         .arg(format!("( sport = :{port} )"))
         .output()
-        .map_or(0, |o| String::from_utf8_lossy(&o.stdout).lines().count())
+        .expect("run ss (iproute2)");
+    assert!(out.status.success(), "ss failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout).lines().count()
 }

@@ -65,5 +65,7 @@ mod tests {
         assert!(g.acquire(None).is_none(), "no tokens yet");
         let t = g.acquire(Some(Duration::from_secs(5)));
         assert!(t.is_some());
+        // That request took the bucket's bytes: the next waits again.
+        assert!(g.acquire(None).is_none(), "requests are spaced");
     }
 }

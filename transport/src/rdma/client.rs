@@ -25,7 +25,7 @@ use super::verbs::{CompletionWait, Device, Mr, Qp, Read};
 /// fell back to tcp`): once a READ has completed, a channel that cannot
 /// be set up over RDMA for a reason other than a lost link (the device or
 /// its address went away, the queue pair will not connect), or READs
-/// failing for 3 s (`FALLBACK_AFTER`; at least twice the I/O timeout) with
+/// failing for [`FALLBACK_AFTER`] (at least twice the I/O timeout) with
 /// none completing, opens that channel and every later one over TCP. A
 /// shorter outage reconnects over RDMA.
 pub struct RdmaTransport {

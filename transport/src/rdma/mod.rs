@@ -6,6 +6,6 @@ mod client;
 mod source;
 pub mod verbs;
 
-pub use client::RdmaTransport;
+pub use client::{RdmaTransport, FALLBACK_AFTER};
 pub use source::RdmaExport;
 pub use verbs::{CompletionWait, Device};
