@@ -42,7 +42,7 @@ pub const IDLE_DRAIN: Duration = Duration::from_micros(500);
 /// pass (a link): the idle window is halved, and may not grow past that.
 /// Below it (the CPU was the limit, or the idle window was small) the
 /// ceiling doubles again.
-pub(super) const IDLE_HURT: Duration = Duration::from_micros(80);
+pub const IDLE_HURT: Duration = Duration::from_micros(80);
 
 /// The idle window's state.
 #[derive(Debug)]
@@ -149,7 +149,7 @@ impl Governor {
     }
 
     /// The guest waited `wait` for a page a lane was fetching. While idle,
-    /// a wait `IDLE_HURT` (80 µs) longer than the fastest fault means the
+    /// a wait [`IDLE_HURT`] longer than the fastest fault means the
     /// page's request queued behind idle bulk: the idle window is cut as
     /// for a late fault. (A short wait raises nothing: waits come many at a
     /// time; faults after pauses raise the ceiling.)

@@ -31,11 +31,14 @@ mod urgent;
 mod window;
 
 use epoch::Epoch;
-use idle::{IdleWindow, IDLE_AFTER};
+use idle::IdleWindow;
+pub use idle::{IDLE_AFTER, IDLE_DRAIN, IDLE_HURT};
 use push_rate::Bucket;
 use size::SizeProbe;
+pub use size::CHUNK_TIME;
 pub use urgent::Urgent;
 use urgent::NO_FAULT;
+pub use window::TARGET_DELAY;
 use window::{class_of, CLASSES};
 
 /// Largest window, whatever the link.
