@@ -12,8 +12,11 @@ use crate::error::TransportError;
 
 /// An open RDMA device with one protection domain, bound to a port and GID.
 pub struct Device {
-    pub(super) ctx: *mut ibv_context,
-    pub(super) pd: *mut ibv_pd,
+    /// Opened in [`Device::open`], closed only in `Drop`: private, so no
+    /// other file can replace or free it.
+    ctx: *mut ibv_context,
+    /// Allocated with `ctx`, freed only in `Drop`.
+    pd: *mut ibv_pd,
     name: String,
     pub(super) port: u8,
     pub(super) gid_index: u8,
@@ -45,6 +48,17 @@ fn is_ipv4_mapped(g: &[u8; 16]) -> bool {
 }
 
 impl Device {
+    /// The device context: valid while `self` lives (it is closed only
+    /// when the device drops, and every MR and QP holds the device).
+    pub(super) fn ctx(&self) -> *mut ibv_context {
+        self.ctx
+    }
+
+    /// The protection domain: valid while `self` lives, as [`Self::ctx`].
+    pub(super) fn pd(&self) -> *mut ibv_pd {
+        self.pd
+    }
+
     /// Opens device `name` (or the first with an ACTIVE port 1) and picks
     /// GID `gid_index`, or the first IPv4-mapped GID, or the first non-zero
     /// one. "No RDMA device" (including a kernel without RDMA, where the

@@ -59,7 +59,7 @@ impl Device {
         access: i32,
     ) -> Result<Mr, TransportError> {
         // SAFETY: the PD is live; the caller guarantees the memory.
-        let mr = unsafe { ibv_reg_mr(self.pd, addr.cast(), len, access) };
+        let mr = unsafe { ibv_reg_mr(self.pd(), addr.cast(), len, access) };
         if mr.is_null() {
             return Err(err("ibv_reg_mr"));
         }

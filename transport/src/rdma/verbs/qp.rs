@@ -55,7 +55,7 @@ impl Device {
             CompletionWait::Poll => ptr::null_mut(),
             CompletionWait::Event => {
                 // SAFETY: `ctx` is open.
-                let ch = unsafe { ibv_create_comp_channel(self.ctx) };
+                let ch = unsafe { ibv_create_comp_channel(self.ctx()) };
                 if ch.is_null() {
                     return Err(err("ibv_create_comp_channel"));
                 }
@@ -73,7 +73,7 @@ impl Device {
             }
         };
         // SAFETY: `ctx` is open; `channel` is null or live; vector 0.
-        let cq = unsafe { ibv_create_cq(self.ctx, depth as i32, ptr::null_mut(), channel, 0) };
+        let cq = unsafe { ibv_create_cq(self.ctx(), depth as i32, ptr::null_mut(), channel, 0) };
         if cq.is_null() {
             if !channel.is_null() {
                 // SAFETY: the channel was created above and is unused.
@@ -92,7 +92,7 @@ impl Device {
         init.cap.max_send_sge = 1;
         init.cap.max_recv_sge = 1;
         // SAFETY: the PD and CQ are live; `init` is valid.
-        let qp = unsafe { ibv_create_qp(self.pd, &mut init) };
+        let qp = unsafe { ibv_create_qp(self.pd(), &mut init) };
         // Built before the null check so that its Drop releases the CQ and
         // channel on failure too (it skips a null QP).
         let q = Qp {
