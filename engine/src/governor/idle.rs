@@ -109,7 +109,7 @@ impl Governor {
     /// Window and request size while the guest is idle: the idle window,
     /// never less than the delay-based one.
     pub(super) fn idle_limits(&self, st: &State) -> (f64, u32) {
-        let window = st.window.max(st.idle.window);
+        let window = Self::idle_window(st);
         // Two requests fill the window, so one can be sent while the
         // other's reply is coming.
         let pages = (window / 2.0 / self.page_size as f64) as u32;
@@ -124,7 +124,7 @@ impl Governor {
         let drain = IDLE_DRAIN.as_secs_f64();
         let queued = (rtt - base).as_secs_f64();
         let bytes = sent.bytes as f64;
-        st.idle.window = st.idle.window.max(st.window);
+        st.idle.window = Self::idle_window(st);
         if queued > drain {
             // Once per round trip, to what would have drained.
             if now.duration_since(st.idle.cut) > rtt {
@@ -141,6 +141,12 @@ impl Governor {
             };
         }
         st.idle.window = st.idle.window.min(st.idle.ceiling).max(self.idle_floor(st));
+    }
+
+    /// The idle window as it applies: never less than the delay-based
+    /// one, which moves on its own.
+    pub(super) fn idle_window(st: &State) -> f64 {
+        st.window.max(st.idle.window)
     }
 
     /// Least the idle window may be: the delay-based window, and two pages.
@@ -174,7 +180,7 @@ impl Governor {
         }
         st.idle.cut = now;
         let floor = self.idle_floor(st);
-        st.idle.ceiling = (st.window.max(st.idle.window) / 2.0).max(floor);
+        st.idle.ceiling = (Self::idle_window(st) / 2.0).max(floor);
         st.idle.window = st.idle.window.min(st.idle.ceiling);
     }
 

@@ -345,7 +345,7 @@ impl Governor {
                 .map_or(0.0, |(d, _)| d.as_secs_f64() * 1e6),
             urgent_holds: st.holds,
             idle_requests: st.idle.requests,
-            idle_window_bytes: st.window.max(st.idle.window) as u64,
+            idle_window_bytes: Self::idle_window(&st) as u64,
             min_rtt_by_size_us: st
                 .class_min
                 .iter()
