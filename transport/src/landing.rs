@@ -9,7 +9,7 @@
 //! region). The engine then maps each page into the guest with
 //! `UFFDIO_CONTINUE`; no byte is copied on the destination's CPU.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::error::TransportError;
 use crate::layout::PageRange;
@@ -45,6 +45,21 @@ impl std::fmt::Debug for Landing {
 }
 
 impl Landing {
+    /// Takes `landing` as a transport's one landing memory (`held`), for
+    /// pages of `page_size` bytes: the same memory offered again (a
+    /// resumed migration) is taken, other memory or pages of another size
+    /// are not. Returns whether it was taken.
+    pub(crate) fn adopt(
+        held: &OnceLock<Arc<Landing>>,
+        landing: Arc<Landing>,
+        page_size: usize,
+    ) -> bool {
+        if landing.page_size() != page_size {
+            return false;
+        }
+        Arc::ptr_eq(held.get_or_init(|| landing.clone()), &landing)
+    }
+
     /// Landing memory made of `spans` of `page_size` pages, kept mapped by
     /// `owner`.
     ///

@@ -239,13 +239,11 @@ impl Transport for TcpTransport {
     }
 
     fn set_landing(&self, landing: Arc<Landing>) -> Result<bool, TransportError> {
-        if landing.page_size() != self.info.layout.page_size() {
-            return Ok(false);
-        }
-        // One landing memory per transport: the same offered again (a
-        // resumed migration) is taken, other memory is not.
-        let held = self.landing.get_or_init(|| landing.clone());
-        Ok(Arc::ptr_eq(held, &landing))
+        Ok(Landing::adopt(
+            &self.landing,
+            landing,
+            self.info.layout.page_size(),
+        ))
     }
 
     fn dirty_round(&self, round: u32, pause: bool) -> Result<PageSet, TransportError> {
