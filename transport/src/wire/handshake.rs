@@ -73,15 +73,21 @@ pub fn encode_hello(h: &Hello) -> Vec<u8> {
     seal(v, 0)
 }
 
-/// Decodes a hello body (after the type byte). Checks the magic first so a
-/// stranger gets a precise error, then the version.
-pub fn decode_hello(body: &[u8]) -> Result<Hello, TransportError> {
-    let mut d = Decoder::new(body);
+/// Reads the magic every handshake body starts with, so a stranger gets
+/// a precise error, and the protocol version after it.
+fn magic_and_version(d: &mut Decoder<'_>) -> Result<u16, TransportError> {
     let magic = d.array::<4>()?;
     if magic != MAGIC {
         return Err(TransportError::NotPagewire(magic));
     }
-    let version = d.u16()?;
+    d.u16()
+}
+
+/// Decodes a hello body (after the type byte). Checks the magic first so a
+/// stranger gets a precise error, then the version.
+pub fn decode_hello(body: &[u8]) -> Result<Hello, TransportError> {
+    let mut d = Decoder::new(body);
+    let version = magic_and_version(&mut d)?;
     if version != VERSION {
         // Report the version, whatever else a hello of another version
         // holds.
@@ -171,11 +177,7 @@ pub fn encode_welcome(w: &Welcome) -> Vec<u8> {
 /// Decodes a welcome body, validating the layout it carries.
 pub fn decode_welcome(body: &[u8]) -> Result<Welcome, TransportError> {
     let mut d = Decoder::new(body);
-    let magic = d.array::<4>()?;
-    if magic != MAGIC {
-        return Err(TransportError::NotPagewire(magic));
-    }
-    let version = d.u16()?;
+    let version = magic_and_version(&mut d)?;
     if version != VERSION {
         return Err(TransportError::Version {
             ours: VERSION,
