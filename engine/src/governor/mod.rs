@@ -92,6 +92,9 @@ pub struct FlowStats {
     pub idle_requests: u64,
     /// Bulk bytes allowed in flight while the guest is idle, at the end.
     pub idle_window_bytes: u64,
+    /// Idle requests kept small because the guest was waiting on pages
+    /// the push was fetching (see `WALK_CHUNK_TIME`).
+    pub walk_requests: u64,
     /// Smallest bulk round trip per request size measured, in µs, as
     /// (pages, µs): their slope is the wire time of a page.
     pub min_rtt_by_size_us: Vec<(u32, f64)>,
@@ -142,6 +145,9 @@ pub struct Governor {
     /// When the last fault's request went out, in µs since `born`
     /// ([`NO_FAULT`] before the first).
     last_urgent_us: AtomicU64,
+    /// When a fault last waited on a page a lane was fetching, in µs
+    /// since `born` ([`NO_FAULT`] before the first).
+    last_wait_us: AtomicU64,
     born: Instant,
     /// No fault for this long: idle ([`IDLE_AFTER`]); `None`: never idle.
     idle_after_us: Option<u64>,
@@ -168,6 +174,7 @@ impl Governor {
             push_rate: push_rate.map(|r| r.max(1) as f64),
             urgent: AtomicU32::new(0),
             last_urgent_us: AtomicU64::new(NO_FAULT),
+            last_wait_us: AtomicU64::new(NO_FAULT),
             born: now,
             idle_after_us: Some(IDLE_AFTER.as_micros() as u64),
             fault_base_ns: AtomicU64::new(NO_FAULT),
@@ -220,10 +227,10 @@ impl Governor {
         let mut refused = false;
         loop {
             let idle = self.idle();
-            let (window, pages) = if idle {
+            let (window, pages, walk) = if idle {
                 self.idle_limits(&st)
             } else {
-                (st.window, st.chunk)
+                (st.window, st.chunk, false)
             };
             let cb = u64::from(pages) * self.page_size;
             let urgent = self.enabled && !bubble && self.urgent.load(Ordering::Acquire) > 0;
@@ -234,6 +241,7 @@ impl Governor {
                 st.inflight += cb;
                 self.spend(&mut st, cb as f64);
                 st.idle.requests += u64::from(idle);
+                st.idle.walk_requests += u64::from(walk);
                 return Some(Ticket {
                     pages,
                     reserved: cb,
@@ -346,6 +354,7 @@ impl Governor {
             urgent_holds: st.holds,
             idle_requests: st.idle.requests,
             idle_window_bytes: Self::idle_window(&st) as u64,
+            walk_requests: st.idle.walk_requests,
             min_rtt_by_size_us: st
                 .class_min
                 .iter()
