@@ -32,10 +32,10 @@ mod window;
 
 use epoch::Epoch;
 use idle::IdleWindow;
-pub use idle::{IDLE_AFTER, IDLE_DRAIN, IDLE_HURT};
+pub use idle::{IDLE_AFTER, IDLE_DRAIN, IDLE_HURT, WALK_CHUNK_TIME};
 use push_rate::Bucket;
 use size::SizeProbe;
-pub use size::CHUNK_TIME;
+pub use size::{CHUNK_TIME, PROBE_FAULT_COST};
 pub use urgent::Urgent;
 use urgent::NO_FAULT;
 pub use window::TARGET_DELAY;
@@ -126,6 +126,9 @@ struct State {
     peak_rate: f64,
     /// The request-size probe.
     probe: SizeProbe,
+    /// Mean fault round trip in the epoch that just ended, seconds, if
+    /// there were faults.
+    epoch_fault: Option<f64>,
     /// The idle window.
     idle: IdleWindow,
     /// The push-rate cap's bucket.
@@ -155,6 +158,10 @@ pub struct Governor {
     /// kept outside the lock, which a fault's reply takes only when it
     /// has something to say about the idle window.
     fault_base_ns: AtomicU64,
+    /// Fault round trips since the last epoch of samples ended: their sum
+    /// in ns and their count (what a size probe costs faults).
+    fault_sum_ns: AtomicU64,
+    fault_n: AtomicU64,
     state: Mutex<State>,
     cv: Condvar,
 }
@@ -178,6 +185,8 @@ impl Governor {
             born: now,
             idle_after_us: Some(IDLE_AFTER.as_micros() as u64),
             fault_base_ns: AtomicU64::new(NO_FAULT),
+            fault_sum_ns: AtomicU64::new(0),
+            fault_n: AtomicU64::new(0),
             state: Mutex::new(State {
                 inflight: 0,
                 window: 2.0 * (u64::from(chunk) * page_size as u64) as f64,
@@ -190,6 +199,7 @@ impl Governor {
                 epoch: Epoch::new(now),
                 peak_rate: 0.0,
                 probe: SizeProbe::new(now, chunk),
+                epoch_fault: None,
                 idle: IdleWindow::new(now),
                 bucket: Bucket::new(now),
                 holds: 0,

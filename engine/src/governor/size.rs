@@ -5,7 +5,11 @@
 //! epoch delivered clearly more than the best of the last few epochs
 //! before it and the one after it (the path was paying per request, as
 //! when the CPU is the limit; on a link, epochs that faults held back
-//! would make any probe look like a gain), and never beyond what takes
+//! would make any probe look like a gain), if faults in it did not take
+//! [`PROBE_FAULT_COST`] longer on average than around it (on a link
+//! whose shaper's burst hides the wire time from the cap, larger requests
+//! can push more between faults while each fault waits behind them), and
+//! never beyond what takes
 //! [`CHUNK_TIME`] x 2 at the measured rate. On a link, where the rate does
 //! not grow with the size, requests stay at about [`CHUNK_TIME`] of wire
 //! time, so an urgent reply never waits behind a large one.
@@ -24,6 +28,12 @@ pub const CHUNK_TIME: Duration = Duration::from_micros(40);
 const PROBE_GAIN: f64 = 1.4;
 /// Epochs at the current request size a probe is judged against.
 const RECENT_EPOCHS: usize = 4;
+/// A doubled request size is not kept when faults in its epoch took this
+/// much longer on average than around it: a fault then waits behind
+/// larger bulk replies (on a 1 Gbit/s link, a page more is 33 µs of wire,
+/// half of that on average), which a shaper's burst hides from the
+/// wire-time cap.
+pub const PROBE_FAULT_COST: Duration = Duration::from_micros(10);
 /// Wait before the next size probe after one that paid...
 const PROBE_SOON: Duration = Duration::from_millis(60);
 /// ...and the longest wait after probes that did not: a probe's epoch
@@ -38,13 +48,19 @@ pub(super) enum Stage {
     /// Not probing.
     Idle,
     /// This epoch runs at twice the size `base`; `before` is the rate at
-    /// `base`.
-    Doubled { base: u32, before: f64 },
+    /// `base`, `faults` the mean fault round trip then (if any).
+    Doubled {
+        base: u32,
+        before: f64,
+        faults: Option<f64>,
+    },
     /// Back at `base`; the verdict waits for this epoch's rate.
     After {
         base: u32,
         before: f64,
+        faults: Option<f64>,
         doubled: f64,
+        doubled_faults: Option<f64>,
     },
 }
 
@@ -60,6 +76,9 @@ pub(super) struct SizeProbe {
     /// Delivery rates of the last epochs at the current request size,
     /// bytes per second, newest first: what a size probe must beat.
     recent: [f64; RECENT_EPOCHS],
+    /// Mean fault round trips of the same epochs, seconds (`None`: no
+    /// fault in that epoch).
+    recent_faults: [Option<f64>; RECENT_EPOCHS],
     /// The request size `recent` is of, and how many epochs it has had.
     recent_size: u32,
     recent_n: usize,
@@ -73,6 +92,7 @@ impl SizeProbe {
             next: now + EPOCH,
             wait: PROBE_SOON,
             recent: [0.0; RECENT_EPOCHS],
+            recent_faults: [None; RECENT_EPOCHS],
             recent_size: chunk,
             recent_n: 0,
         }
@@ -83,6 +103,7 @@ impl Governor {
     /// An epoch of samples ended, having delivered `rate` bytes per
     /// second: the request size for the next one.
     pub(super) fn resize(&self, st: &mut State, rate: f64, now: Instant) {
+        st.epoch_fault = self.take_fault_mean();
         let chunk = self.next_chunk(st, rate, now);
         if chunk != st.chunk {
             // Queueing is now judged against the new size's minimum; the
@@ -103,11 +124,14 @@ impl Governor {
             // An epoch at the current size; a new size starts afresh.
             if st.probe.recent_size != chunk {
                 st.probe.recent = [0.0; RECENT_EPOCHS];
+                st.probe.recent_faults = [None; RECENT_EPOCHS];
                 st.probe.recent_size = chunk;
                 st.probe.recent_n = 0;
             }
             st.probe.recent.rotate_right(1);
             st.probe.recent[0] = rate;
+            st.probe.recent_faults.rotate_right(1);
+            st.probe.recent_faults[0] = st.epoch_fault;
             st.probe.recent_n += 1;
         }
         st.probe.stage = match st.probe.stage {
@@ -123,24 +147,39 @@ impl Governor {
                     // The best of the last epochs at this size: one
                     // that faults held back is no baseline.
                     before: st.probe.recent.iter().copied().fold(0.0, f64::max),
+                    faults: mean(st.probe.recent_faults.iter().flatten()),
                 }
             }
             Stage::Idle => Stage::Idle,
-            Stage::Doubled { base, before } => {
+            Stage::Doubled {
+                base,
+                before,
+                faults,
+            } => {
                 chunk = base;
                 Stage::After {
                     base,
                     before,
+                    faults,
                     doubled: rate,
+                    doubled_faults: st.epoch_fault,
                 }
             }
             Stage::After {
                 base,
                 before,
+                faults,
                 doubled,
+                doubled_faults,
             } => {
                 chunk = base;
-                if doubled >= PROBE_GAIN * before.max(rate) {
+                // What the larger size cost the faults around it.
+                let around = mean(faults.iter().chain(st.epoch_fault.iter()));
+                let faults_ok = match (doubled_faults, around) {
+                    (Some(d), Some(a)) => d - a <= PROBE_FAULT_COST.as_secs_f64(),
+                    _ => true,
+                };
+                if doubled >= PROBE_GAIN * before.max(rate) && faults_ok {
                     chunk = base * 2;
                     st.probe.wait = PROBE_SOON;
                 } else {
@@ -186,6 +225,12 @@ impl Governor {
         };
         Some(((t2 - t1) / (p2 - p1)).max(0.0))
     }
+}
+
+/// The mean of `xs`, if there are any.
+fn mean<'a>(xs: impl Iterator<Item = &'a f64>) -> Option<f64> {
+    let (sum, n) = xs.fold((0.0, 0u32), |(s, n), x| (s + x, n + 1));
+    (n > 0).then(|| sum / f64::from(n))
 }
 
 #[cfg(test)]
@@ -268,6 +313,34 @@ mod tests {
             };
             assert_eq!(settle(&g, rate), 1, "phase {phase}: must stay at one page");
         }
+    }
+
+    #[test]
+    fn a_probe_that_makes_faults_wait_longer_does_not_pay() {
+        // A 1 Gbit/s link whose shaper's burst hides the wire time, where
+        // two-page requests deliver 1.5x more of the push between faults
+        // (held back less), but each fault waits behind twice the bulk:
+        // 60 µs on average against 45.
+        let run = |cost: f64| {
+            let g = Governor::new(4096, 256, true, None).with_idle_after(NEVER);
+            let mut st = g.lock();
+            let fresh = Instant::now() + Duration::from_secs(3600);
+            st.class_min[0] = Some((Duration::from_micros(14), fresh));
+            st.class_min[1] = Some((Duration::from_micros(17), fresh));
+            let mut now = Instant::now();
+            for _ in 0..400 {
+                now += EPOCH;
+                let big = st.chunk > 1;
+                st.epoch_fault = Some(45e-6 + if big { cost } else { 0.0 });
+                let rate = if big { 90e6 } else { 60e6 };
+                st.chunk = g.next_chunk(&mut st, rate, now);
+            }
+            st.chunk
+        };
+        assert_eq!(run(15e-6), 1, "faults 15 µs slower: the size must stay");
+        // The same gain at a cost below PROBE_FAULT_COST (as on a path
+        // whose wire is fast) is taken.
+        assert!(run(2e-6) > 1, "faults 2 µs slower: the size must grow");
     }
 
     #[test]

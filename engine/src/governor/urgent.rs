@@ -48,6 +48,8 @@ impl Governor {
         let rtt = now.duration_since(urgent.at);
         let last = self.urgent.fetch_sub(1, Ordering::AcqRel) == 1;
         let rtt_ns = u64::try_from(rtt.as_nanos()).unwrap_or(NO_FAULT - 1);
+        self.fault_sum_ns.fetch_add(rtt_ns, Ordering::Relaxed);
+        self.fault_n.fetch_add(1, Ordering::Relaxed);
         let base = Duration::from_nanos(
             self.fault_base_ns
                 .fetch_min(rtt_ns, Ordering::AcqRel)
@@ -60,6 +62,15 @@ impl Governor {
             let _g = self.lock();
             self.cv.notify_all();
         }
+    }
+
+    /// The mean fault round trip since the last call, in seconds, if
+    /// there were faults. (A fault answered between the two swaps counts
+    /// its time in the next mean: one sample in hundreds.)
+    pub(super) fn take_fault_mean(&self) -> Option<f64> {
+        let n = self.fault_n.swap(0, Ordering::AcqRel);
+        let sum = self.fault_sum_ns.swap(0, Ordering::AcqRel);
+        (n > 0).then(|| sum as f64 / n as f64 * 1e-9)
     }
 
     /// The fastest fault round trip so far, if a fault has been answered.
