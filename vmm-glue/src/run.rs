@@ -128,14 +128,13 @@ impl RunReport {
             conc = e.max_concurrent_faults,
             flow = if e.flow.enabled {
                 format!(
-                    "window {:.0} KiB, {} pages per request, peak {:.0} MB/s, lanes held {} times for faults, {} requests while the guest was idle (idle window {:.0} KiB, {} kept small for waiting faults){}",
+                    "window {:.0} KiB, {} pages per request, peak {:.0} MB/s, lanes held {} times for faults, {} requests while the guest was idle (idle window {:.0} KiB){}",
                     e.flow.window_bytes as f64 / 1024.0,
                     e.flow.chunk_pages,
                     e.flow.peak_rate_mbps,
                     e.flow.urgent_holds,
                     e.flow.idle_requests,
                     e.flow.idle_window_bytes as f64 / 1024.0,
-                    e.flow.walk_requests,
                     e.push_rate.map(|r| format!(", push capped at {:.1} MB/s", r as f64 / 1e6)).unwrap_or_default()
                 )
             } else {

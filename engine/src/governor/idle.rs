@@ -22,13 +22,7 @@
 //! samples for the delay-based window; the first fault puts that one back
 //! in charge. A wait on a page a lane is fetching does not: a guest
 //! walking memory behind the push gains more from the push's speed than
-//! from shorter waits. Such waits shape the requests instead: while the
-//! guest waits on pages in flight, an idle request takes at most
-//! [`WALK_CHUNK_TIME`] at the fastest rate seen (a bottleneck may let a
-//! whole request's bytes through at once, so the guest waits for a
-//! request, not a page), and the cap doubles each epoch that capped
-//! requests deliver clearly less than that rate (the CPU is the limit,
-//! and requests cost).
+//! from shorter waits.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -49,15 +43,6 @@ pub const IDLE_DRAIN: Duration = Duration::from_micros(500);
 /// Below it (the CPU was the limit, or the idle window was small) the
 /// ceiling doubles again.
 pub const IDLE_HURT: Duration = Duration::from_micros(80);
-/// While faults wait for pages the lanes are fetching, an idle request
-/// takes at most this long on the wire at the fastest delivery rate seen
-/// (times a scale that grows where the cap costs delivery).
-pub const WALK_CHUNK_TIME: Duration = Duration::from_micros(80);
-/// An idle epoch of capped requests delivering less than this share of
-/// the peak rate doubles the cap's scale...
-const WALK_SHORTFALL: f64 = 0.8;
-/// ...up to this.
-const MAX_WALK_SCALE: f64 = 64.0;
 
 /// The idle window's state.
 #[derive(Debug)]
@@ -77,11 +62,6 @@ pub(super) struct IdleWindow {
     base: Option<Duration>,
     /// Requests refused window room while idle (once per request).
     pub(super) refused: u64,
-    /// Scale of the cap on idle requests while the guest walks behind the
-    /// push: doubles where capped requests deliver less.
-    walk_scale: f64,
-    /// Idle requests capped so (the stats' `walk_requests`).
-    pub(super) walk_requests: u64,
     /// Most the idle window may grow to: halved when a fault after an
     /// idle period came back late ([`IDLE_HURT`]).
     ceiling: f64,
@@ -97,8 +77,6 @@ impl IdleWindow {
             cut: now,
             base: None,
             refused: 0,
-            walk_scale: 1.0,
-            walk_requests: 0,
             ceiling: MAX_WINDOW,
         }
     }
@@ -130,45 +108,12 @@ impl Governor {
 
     /// Window and request size while the guest is idle: the idle window,
     /// never less than the delay-based one.
-    /// Also says whether the request is capped because the guest walks
-    /// behind the push.
-    pub(super) fn idle_limits(&self, st: &State) -> (f64, u32, bool) {
+    pub(super) fn idle_limits(&self, st: &State) -> (f64, u32) {
         let window = Self::idle_window(st);
-        let pages = self.idle_pages(st).clamp(st.chunk, self.max_chunk);
-        match self.walk_cap(st) {
-            Some(cap) if cap < pages => (window, cap.max(st.chunk), true),
-            _ => (window, pages, false),
-        }
-    }
-
-    /// The most pages an idle request asks for while the guest walks
-    /// memory right behind the push ([`Governor::walking`]); `None`: no
-    /// cap. The guest waits for each request's pages as they come, and
-    /// may get them only once the whole reply is there (a bottleneck can
-    /// let a request's bytes through at once), so a request takes
-    /// [`WALK_CHUNK_TIME`] at the fastest rate seen, times the scale that
-    /// grows where smaller requests cost delivery (the CPU is the limit).
-    /// No cap before there is a rate (measured with uncapped requests).
-    fn walk_cap(&self, st: &State) -> Option<u32> {
-        if !self.walking() || st.peak_rate == 0.0 {
-            return None;
-        }
-        let bytes = st.peak_rate * WALK_CHUNK_TIME.as_secs_f64() * st.idle.walk_scale;
-        Some((bytes / self.page_size as f64) as u32)
-    }
-
-    /// Pages of an idle request, uncapped: two requests fill the idle
-    /// window, so one can be sent while the other's reply is coming.
-    fn idle_pages(&self, st: &State) -> u32 {
-        (Self::idle_window(st) / 2.0 / self.page_size as f64) as u32
-    }
-
-    /// A fault waited for a page a lane was fetching within
-    /// [`IDLE_AFTER`]: the guest walks memory right behind the push.
-    pub(super) fn walking(&self) -> bool {
-        let last = self.last_wait_us.load(Ordering::Acquire);
-        last != NO_FAULT
-            && self.born.elapsed().as_micros() as u64 <= last + IDLE_AFTER.as_micros() as u64
+        // Two requests fill the window, so one can be sent while the
+        // other's reply is coming.
+        let pages = (window / 2.0 / self.page_size as f64) as u32;
+        (window, pages.clamp(st.chunk, self.max_chunk))
     }
 
     /// Adapts the idle window to the round trip `rtt` of an idle request
@@ -215,8 +160,6 @@ impl Governor {
     /// for a late fault. (A short wait raises nothing: waits come many at a
     /// time; faults after pauses raise the ceiling.)
     pub fn waited(&self, wait: Duration) {
-        self.last_wait_us
-            .store(self.born.elapsed().as_micros() as u64, Ordering::Release);
         if !self.idle() {
             return;
         }
@@ -250,12 +193,6 @@ impl Governor {
             st.idle.epoch = Epoch::new(sent.at);
         }
         if let Some(rate) = st.idle.epoch.add(sent.bytes, now) {
-            // Capped requests that deliver clearly less than the peak cost
-            // more per byte than they save in waits: larger ones.
-            let capped = self.idle_limits(st).2;
-            if capped && rate < WALK_SHORTFALL * st.peak_rate {
-                st.idle.walk_scale = (st.idle.walk_scale * 2.0).min(MAX_WALK_SCALE);
-            }
             st.peak_rate = st.peak_rate.max(rate);
         }
     }
@@ -375,47 +312,6 @@ mod tests {
         fault(IDLE_HURT / 2);
         round(&g, &mut at, Duration::from_micros(50), usize::MAX);
         assert_eq!(g.stats().idle_window_bytes, open);
-    }
-
-    #[test]
-    fn a_guest_waiting_on_the_push_gets_requests_of_a_short_wire_time() {
-        let (g, mut at) = opened(Duration::from_micros(50));
-        let peek = |g: &Governor| {
-            let t = g.acquire(None).expect("request");
-            let pages = t.pages;
-            g.release(t);
-            pages
-        };
-        let open = peek(&g);
-        assert_eq!(open, 64, "two requests fill the idle window");
-        // A fault waited on a page in flight: requests take at most
-        // WALK_CHUNK_TIME at the peak rate (a page, here).
-        g.waited(Duration::from_micros(300));
-        let cap = |g: &Governor, scale: f64| {
-            let bytes = g.stats().peak_rate_mbps * 1e6 * WALK_CHUNK_TIME.as_secs_f64() * scale;
-            ((bytes / 4096.0) as u32).max(1)
-        };
-        assert_eq!(peek(&g), cap(&g, 1.0));
-        assert!(cap(&g, 1.0) < open / 4, "{:?}", g.stats());
-        // Where the capped requests deliver less than the peak (two
-        // requests a round: the requests cost), the cap doubles each epoch
-        // (two rounds), never past the uncapped size.
-        let mut sizes = vec![peek(&g)];
-        for _ in 0..8 {
-            for _ in 0..2 {
-                g.waited(Duration::from_micros(300));
-                round(&g, &mut at, Duration::from_micros(50), 2);
-            }
-            g.waited(Duration::from_micros(300));
-            sizes.push(peek(&g));
-        }
-        assert!(sizes.windows(2).all(|w| w[0] <= w[1]), "{sizes:?}");
-        assert!(sizes[8] >= 8 * sizes[0] && sizes[8] <= open, "{sizes:?}");
-        assert!(g.stats().walk_requests > 0);
-        // Once no fault has waited for IDLE_AFTER, requests are as large
-        // as the idle window allows.
-        std::thread::sleep(IDLE_AFTER + Duration::from_millis(5));
-        assert_eq!(peek(&g), open);
     }
 
     #[test]

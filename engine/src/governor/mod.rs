@@ -32,7 +32,7 @@ mod window;
 
 use epoch::Epoch;
 use idle::IdleWindow;
-pub use idle::{IDLE_AFTER, IDLE_DRAIN, IDLE_HURT, WALK_CHUNK_TIME};
+pub use idle::{IDLE_AFTER, IDLE_DRAIN, IDLE_HURT};
 use push_rate::Bucket;
 use size::SizeProbe;
 pub use size::{CHUNK_TIME, PROBE_FAULT_COST};
@@ -92,9 +92,6 @@ pub struct FlowStats {
     pub idle_requests: u64,
     /// Bulk bytes allowed in flight while the guest is idle, at the end.
     pub idle_window_bytes: u64,
-    /// Idle requests kept small because the guest was waiting on pages
-    /// the push was fetching (see `WALK_CHUNK_TIME`).
-    pub walk_requests: u64,
     /// Smallest bulk round trip per request size measured, in µs, as
     /// (pages, µs): their slope is the wire time of a page.
     pub min_rtt_by_size_us: Vec<(u32, f64)>,
@@ -148,9 +145,6 @@ pub struct Governor {
     /// When the last fault's request went out, in µs since `born`
     /// ([`NO_FAULT`] before the first).
     last_urgent_us: AtomicU64,
-    /// When a fault last waited on a page a lane was fetching, in µs
-    /// since `born` ([`NO_FAULT`] before the first).
-    last_wait_us: AtomicU64,
     born: Instant,
     /// No fault for this long: idle ([`IDLE_AFTER`]); `None`: never idle.
     idle_after_us: Option<u64>,
@@ -158,10 +152,10 @@ pub struct Governor {
     /// kept outside the lock, which a fault's reply takes only when it
     /// has something to say about the idle window.
     fault_base_ns: AtomicU64,
-    /// Fault round trips since the last epoch of samples ended: their sum
-    /// in ns and their count (what a size probe costs faults).
-    fault_sum_ns: AtomicU64,
-    fault_n: AtomicU64,
+    /// Fault round trips since the last epoch of samples ended (what a
+    /// size probe costs faults): their sum in seconds and their count,
+    /// under a lock of their own, so a sum and its count stay together.
+    faults_since: Mutex<(f64, u32)>,
     state: Mutex<State>,
     cv: Condvar,
 }
@@ -181,12 +175,10 @@ impl Governor {
             push_rate: push_rate.map(|r| r.max(1) as f64),
             urgent: AtomicU32::new(0),
             last_urgent_us: AtomicU64::new(NO_FAULT),
-            last_wait_us: AtomicU64::new(NO_FAULT),
             born: now,
             idle_after_us: Some(IDLE_AFTER.as_micros() as u64),
             fault_base_ns: AtomicU64::new(NO_FAULT),
-            fault_sum_ns: AtomicU64::new(0),
-            fault_n: AtomicU64::new(0),
+            faults_since: Mutex::new((0.0, 0)),
             state: Mutex::new(State {
                 inflight: 0,
                 window: 2.0 * (u64::from(chunk) * page_size as u64) as f64,
@@ -237,10 +229,10 @@ impl Governor {
         let mut refused = false;
         loop {
             let idle = self.idle();
-            let (window, pages, walk) = if idle {
+            let (window, pages) = if idle {
                 self.idle_limits(&st)
             } else {
-                (st.window, st.chunk, false)
+                (st.window, st.chunk)
             };
             let cb = u64::from(pages) * self.page_size;
             let urgent = self.enabled && !bubble && self.urgent.load(Ordering::Acquire) > 0;
@@ -250,8 +242,6 @@ impl Governor {
             if !urgent && window_ok && pause.is_zero() {
                 st.inflight += cb;
                 self.spend(&mut st, cb as f64);
-                st.idle.requests += u64::from(idle);
-                st.idle.walk_requests += u64::from(walk);
                 return Some(Ticket {
                     pages,
                     reserved: cb,
@@ -303,6 +293,7 @@ impl Governor {
         if unused > 0 {
             self.cv.notify_all();
         }
+        st.idle.requests += u64::from(ticket.idle);
         Sent {
             pages,
             bytes,
@@ -364,7 +355,6 @@ impl Governor {
             urgent_holds: st.holds,
             idle_requests: st.idle.requests,
             idle_window_bytes: Self::idle_window(&st) as u64,
-            walk_requests: st.idle.walk_requests,
             min_rtt_by_size_us: st
                 .class_min
                 .iter()

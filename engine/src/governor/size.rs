@@ -24,7 +24,7 @@ use super::{Governor, State};
 pub const CHUNK_TIME: Duration = Duration::from_micros(40);
 /// A doubled request size is kept when its epoch delivered this much more
 /// than the best of the last [`RECENT_EPOCHS`] at the current size and the
-/// epoch after it.
+/// epoch after it (and faults paid at most [`PROBE_FAULT_COST`] for it).
 const PROBE_GAIN: f64 = 1.4;
 /// Epochs at the current request size a probe is judged against.
 const RECENT_EPOCHS: usize = 4;

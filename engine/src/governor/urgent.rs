@@ -10,6 +10,8 @@ use super::Governor;
 
 /// `last_urgent_us` and `fault_base_ns` before the first fault.
 pub(super) const NO_FAULT: u64 = u64::MAX;
+/// Fewest faults in an epoch whose mean round trip a size probe weighs.
+pub(super) const PROBE_MIN_FAULTS: u32 = 8;
 
 /// A fault's request on the wire, from [`Governor::urgent_begin`] to
 /// [`Governor::urgent_end`].
@@ -48,8 +50,12 @@ impl Governor {
         let rtt = now.duration_since(urgent.at);
         let last = self.urgent.fetch_sub(1, Ordering::AcqRel) == 1;
         let rtt_ns = u64::try_from(rtt.as_nanos()).unwrap_or(NO_FAULT - 1);
-        self.fault_sum_ns.fetch_add(rtt_ns, Ordering::Relaxed);
-        self.fault_n.fetch_add(1, Ordering::Relaxed);
+        if !urgent.after_idle {
+            // A fault after a pause measures the idle bulk, not the size.
+            let mut f = self.faults_since.lock().unwrap_or_else(|p| p.into_inner());
+            f.0 += rtt.as_secs_f64();
+            f.1 = f.1.saturating_add(1);
+        }
         let base = Duration::from_nanos(
             self.fault_base_ns
                 .fetch_min(rtt_ns, Ordering::AcqRel)
@@ -64,13 +70,13 @@ impl Governor {
         }
     }
 
-    /// The mean fault round trip since the last call, in seconds, if
-    /// there were faults. (A fault answered between the two swaps counts
-    /// its time in the next mean: one sample in hundreds.)
+    /// The mean round trip of the faults answered since the last call (not
+    /// counting faults after a pause), in seconds, if there were at least
+    /// [`PROBE_MIN_FAULTS`]: fewer are no measure.
     pub(super) fn take_fault_mean(&self) -> Option<f64> {
-        let n = self.fault_n.swap(0, Ordering::AcqRel);
-        let sum = self.fault_sum_ns.swap(0, Ordering::AcqRel);
-        (n > 0).then(|| sum as f64 / n as f64 * 1e-9)
+        let (sum, n) =
+            std::mem::take(&mut *self.faults_since.lock().unwrap_or_else(|p| p.into_inner()));
+        (n >= PROBE_MIN_FAULTS).then(|| sum / f64::from(n))
     }
 
     /// The fastest fault round trip so far, if a fault has been answered.
@@ -103,6 +109,32 @@ mod tests {
         g.release(t);
         assert!(g.acquire(None).is_none(), "the sweep is held");
         g.urgent_end(u);
+    }
+
+    #[test]
+    fn an_epochs_fault_mean_counts_only_faults_in_play_and_enough_of_them() {
+        let g = Governor::new(4096, 64, true, None).with_idle_after(NEVER);
+        let at = Instant::now();
+        let fault = |us: u64, after_idle: bool| {
+            let mut u = g.urgent_begin();
+            u.at = at;
+            u.after_idle = after_idle;
+            g.urgent_end_at(u, at + Duration::from_micros(us));
+        };
+        for _ in 0..PROBE_MIN_FAULTS - 1 {
+            fault(40, false);
+        }
+        assert_eq!(g.take_fault_mean(), None, "too few faults");
+        // Taking empties the count.
+        for _ in 0..PROBE_MIN_FAULTS {
+            fault(40, false);
+        }
+        fault(60, false);
+        fault(5000, true);
+        let mean = g.take_fault_mean().expect("enough faults");
+        let want = (40.0 * f64::from(PROBE_MIN_FAULTS) + 60.0) / f64::from(PROBE_MIN_FAULTS + 1);
+        assert!((mean * 1e6 - want).abs() < 1e-6, "{mean}");
+        assert_eq!(g.take_fault_mean(), None);
     }
 
     #[test]
