@@ -123,9 +123,6 @@ struct State {
     peak_rate: f64,
     /// The request-size probe.
     probe: SizeProbe,
-    /// Mean fault round trip in the epoch that just ended, seconds, if
-    /// there were faults.
-    epoch_fault: Option<f64>,
     /// The idle window.
     idle: IdleWindow,
     /// The push-rate cap's bucket.
@@ -191,7 +188,6 @@ impl Governor {
                 epoch: Epoch::new(now),
                 peak_rate: 0.0,
                 probe: SizeProbe::new(now, chunk),
-                epoch_fault: None,
                 idle: IdleWindow::new(now),
                 bucket: Bucket::new(now),
                 holds: 0,

@@ -48,17 +48,17 @@ pub(super) enum Stage {
     /// Not probing.
     Idle,
     /// This epoch runs at twice the size `base`; `before` is the rate at
-    /// `base`, `faults` the mean fault round trip then (if any).
+    /// `base`, `before_faults` the mean fault round trip then (if any).
     Doubled {
         base: u32,
         before: f64,
-        faults: Option<f64>,
+        before_faults: Option<f64>,
     },
     /// Back at `base`; the verdict waits for this epoch's rate.
     After {
         base: u32,
         before: f64,
-        faults: Option<f64>,
+        before_faults: Option<f64>,
         doubled: f64,
         doubled_faults: Option<f64>,
     },
@@ -103,8 +103,8 @@ impl Governor {
     /// An epoch of samples ended, having delivered `rate` bytes per
     /// second: the request size for the next one.
     pub(super) fn resize(&self, st: &mut State, rate: f64, now: Instant) {
-        st.epoch_fault = self.take_fault_mean();
-        let chunk = self.next_chunk(st, rate, now);
+        let faults = self.take_fault_mean();
+        let chunk = self.next_chunk(st, rate, faults, now);
         if chunk != st.chunk {
             // Queueing is now judged against the new size's minimum; the
             // window keeps its bytes.
@@ -116,9 +116,16 @@ impl Governor {
     }
 
     /// The request size for the next epoch, given the one that ended
-    /// delivered `rate` bytes per second: probe steps, and a cap at twice
-    /// [`CHUNK_TIME`] of wire time at that rate.
-    pub(super) fn next_chunk(&self, st: &mut State, rate: f64, now: Instant) -> u32 {
+    /// delivered `rate` bytes per second with faults taking `faults`
+    /// seconds on average (if enough of them): probe steps, and a cap at
+    /// twice [`CHUNK_TIME`] of wire time at that rate.
+    pub(super) fn next_chunk(
+        &self,
+        st: &mut State,
+        rate: f64,
+        faults: Option<f64>,
+        now: Instant,
+    ) -> u32 {
         let mut chunk = st.chunk;
         if !matches!(st.probe.stage, Stage::Doubled { .. }) {
             // An epoch at the current size; a new size starts afresh.
@@ -131,7 +138,7 @@ impl Governor {
             st.probe.recent.rotate_right(1);
             st.probe.recent[0] = rate;
             st.probe.recent_faults.rotate_right(1);
-            st.probe.recent_faults[0] = st.epoch_fault;
+            st.probe.recent_faults[0] = faults;
             st.probe.recent_n += 1;
         }
         st.probe.stage = match st.probe.stage {
@@ -147,34 +154,34 @@ impl Governor {
                     // The best of the last epochs at this size: one
                     // that faults held back is no baseline.
                     before: st.probe.recent.iter().copied().fold(0.0, f64::max),
-                    faults: mean(st.probe.recent_faults.iter().flatten()),
+                    before_faults: mean(st.probe.recent_faults.iter().flatten()),
                 }
             }
             Stage::Idle => Stage::Idle,
             Stage::Doubled {
                 base,
                 before,
-                faults,
+                before_faults,
             } => {
                 chunk = base;
                 Stage::After {
                     base,
                     before,
-                    faults,
+                    before_faults,
                     doubled: rate,
-                    doubled_faults: st.epoch_fault,
+                    doubled_faults: faults,
                 }
             }
             Stage::After {
                 base,
                 before,
-                faults,
+                before_faults,
                 doubled,
                 doubled_faults,
             } => {
                 chunk = base;
                 // What the larger size cost the faults around it.
-                let around = mean(faults.iter().chain(st.epoch_fault.iter()));
+                let around = mean(before_faults.iter().chain(faults.iter()));
                 let faults_ok = match (doubled_faults, around) {
                     (Some(d), Some(a)) => d - a <= PROBE_FAULT_COST.as_secs_f64(),
                     _ => true,
@@ -251,7 +258,7 @@ mod tests {
             }
             now += EPOCH;
             let rate = rate_at(st.chunk);
-            st.chunk = g.next_chunk(&mut st, rate, now);
+            st.chunk = g.next_chunk(&mut st, rate, None, now);
         }
         st.chunk
     }
@@ -331,9 +338,9 @@ mod tests {
             for _ in 0..400 {
                 now += EPOCH;
                 let big = st.chunk > 1;
-                st.epoch_fault = Some(45e-6 + if big { cost } else { 0.0 });
+                let faults = Some(45e-6 + if big { cost } else { 0.0 });
                 let rate = if big { 90e6 } else { 60e6 };
-                st.chunk = g.next_chunk(&mut st, rate, now);
+                st.chunk = g.next_chunk(&mut st, rate, faults, now);
             }
             st.chunk
         };
