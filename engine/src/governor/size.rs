@@ -75,10 +75,9 @@ pub(super) struct SizeProbe {
     wait: Duration,
     /// Delivery rates of the last epochs at the current request size,
     /// bytes per second, newest first: what a size probe must beat.
-    recent: [f64; RECENT_EPOCHS],
-    /// Mean fault round trips of the same epochs, seconds (`None`: no
-    /// fault in that epoch).
-    recent_faults: [Option<f64>; RECENT_EPOCHS],
+    /// With each, its mean fault round trip in seconds (`None`: too few
+    /// faults to tell).
+    recent: [(f64, Option<f64>); RECENT_EPOCHS],
     /// The request size `recent` is of, and how many epochs it has had.
     recent_size: u32,
     recent_n: usize,
@@ -91,8 +90,7 @@ impl SizeProbe {
             stage: Stage::Idle,
             next: now + EPOCH,
             wait: PROBE_SOON,
-            recent: [0.0; RECENT_EPOCHS],
-            recent_faults: [None; RECENT_EPOCHS],
+            recent: [(0.0, None); RECENT_EPOCHS],
             recent_size: chunk,
             recent_n: 0,
         }
@@ -130,15 +128,12 @@ impl Governor {
         if !matches!(st.probe.stage, Stage::Doubled { .. }) {
             // An epoch at the current size; a new size starts afresh.
             if st.probe.recent_size != chunk {
-                st.probe.recent = [0.0; RECENT_EPOCHS];
-                st.probe.recent_faults = [None; RECENT_EPOCHS];
+                st.probe.recent = [(0.0, None); RECENT_EPOCHS];
                 st.probe.recent_size = chunk;
                 st.probe.recent_n = 0;
             }
             st.probe.recent.rotate_right(1);
-            st.probe.recent[0] = rate;
-            st.probe.recent_faults.rotate_right(1);
-            st.probe.recent_faults[0] = faults;
+            st.probe.recent[0] = (rate, faults);
             st.probe.recent_n += 1;
         }
         st.probe.stage = match st.probe.stage {
@@ -153,8 +148,8 @@ impl Governor {
                     base: st.chunk,
                     // The best of the last epochs at this size: one
                     // that faults held back is no baseline.
-                    before: st.probe.recent.iter().copied().fold(0.0, f64::max),
-                    before_faults: mean(st.probe.recent_faults.iter().flatten()),
+                    before: st.probe.recent.iter().map(|e| e.0).fold(0.0, f64::max),
+                    before_faults: mean(st.probe.recent.iter().filter_map(|e| e.1.as_ref())),
                 }
             }
             Stage::Idle => Stage::Idle,
