@@ -7,13 +7,15 @@
 #                              [--workloads "hotset seq"] [--runs N] [--out FILE]
 #                              [--guest PATTERN] [--modes REGEX]
 #                              [--bubble-sweep "8 16 32 64 128 256"]
+#                              [--dest-args "ARGS"]
 #
 # --bubble-sweep runs, instead of the modes, push with the paper's and
 # with the adaptive prepager at each bubble radius given (for the plot of
 # network faults against bubble size).
 # Workloads are patterns (hotset, seq, random, stride) or trace:NAME, the
 # program trace traces/NAME.trace. --modes keeps the modes whose label
-# matches REGEX.
+# matches REGEX. --dest-args adds ARGS to every destination run, e.g. a
+# placement: "--fault-cpus 1 --workload-cpus 1 --reply-spin-us 200".
 # Each mode runs N times against one source; the table shows the median
 # run of each (by workload time). Raw reports go to FILE (JSON lines).
 # With --guest, the guest keeps running at the source (writing in
@@ -30,6 +32,7 @@ out=""
 guest=""
 mode_filter=""
 sweep=""
+dest_args=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --rate) rate=$2; shift 2 ;;
@@ -40,6 +43,7 @@ while [ $# -gt 0 ]; do
         --guest) guest=$2; shift 2 ;;
         --modes) mode_filter=$2; shift 2 ;;
         --bubble-sweep) sweep=$2; shift 2 ;;
+        --dest-args) dest_args=$2; shift 2 ;;
         *) echo "fault-under-load: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -98,11 +102,11 @@ for w in $workloads; do
             [ -n "$guest" ] && start_source
             # shellcheck disable=SC2086
             ip netns exec "$name-dst" "$bin" dest --connect 192.0.2.1:7070 --transport tcp \
-                $wargs --json $args > "$out.run" 2>/dev/null || { echo "run failed: $w $label" >&2; continue; }
-            MODE="$label" RATE="$rate" GUEST="$guest" BPS="${floor_bps:-0}" SWEEP="${sweep_radius:-}" KIND="${sweep_kind:-}" python3 -c "
+                $wargs --json $args $dest_args > "$out.run" 2>/dev/null || { echo "run failed: $w $label" >&2; continue; }
+            DEST_ARGS="$dest_args" MODE="$label" RATE="$rate" GUEST="$guest" BPS="${floor_bps:-0}" SWEEP="${sweep_radius:-}" KIND="${sweep_kind:-}" python3 -c "
 import json, os
 r = json.load(open('$out.run'))
-r['mode'] = os.environ['MODE']; r['rate'] = os.environ['RATE']
+r['mode'] = os.environ['MODE']; r['rate'] = os.environ['RATE']; r['dest_args'] = os.environ['DEST_ARGS']
 r['source_guest'] = os.environ['GUEST']; r['iperf3_bps'] = float(os.environ['BPS'])
 if os.environ['SWEEP']:
     r['bubble_sweep'] = int(os.environ['SWEEP']); r['prepager'] = os.environ['KIND']

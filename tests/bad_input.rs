@@ -254,3 +254,32 @@ fn a_zero_push_rate_is_refused_before_anything_starts() {
     assert!(e.contains("push rate of 0"), "{e}");
     assert!(!e.contains("panicked"), "{e}");
 }
+
+#[test]
+fn cpus_the_process_may_not_use_are_refused_before_anything_starts() {
+    for (flag, list, needle) in [
+        (
+            "--lane-cpus",
+            "4095",
+            "--lane-cpus: CPU 4095 is not one this process may run on",
+        ),
+        ("--fault-cpus", "0,4095", "--fault-cpus: CPU 4095"),
+        ("--workload-cpus", "4095", "--workload-cpus: CPU 4095"),
+    ] {
+        let (o, _) = run_bounded(
+            pagewire().args(["dest", "--connect", "127.0.0.1:9", flag, list]),
+            LIMIT,
+        );
+        assert_clean_failure(&o, needle);
+    }
+    // Lists that are not lists are usage errors (clap's exit code 2).
+    for list in ["3-1", "x", "1,,2", "5000"] {
+        let (o, _) = run_bounded(
+            pagewire().args(["dest", "--connect", "127.0.0.1:9", "--lane-cpus", list]),
+            LIMIT,
+        );
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{list}: {e}");
+        assert!(e.contains("not a CPU number or range"), "{list}: {e}");
+    }
+}

@@ -95,6 +95,36 @@ fn demand_paging_and_no_bubble_variants_are_clean() {
 }
 
 #[test]
+fn placed_threads_and_polled_replies_keep_every_page_clean() {
+    // Lanes, the fault service and the workload pinned (all on the first
+    // CPU, the one every machine has), replies polled: the placement a
+    // host that pins its vCPUs uses, with and without the push.
+    let cpu = pagewire_engine::placement::allowed_cpus()[0].to_string();
+    let placed = [
+        "--lane-cpus",
+        &cpu,
+        "--fault-cpus",
+        &cpu,
+        "--workload-cpus",
+        &cpu,
+        "--reply-spin-us",
+        "200",
+    ];
+    for (i, extra) in [&[][..], &["--no-push", "--no-bubble"][..]]
+        .iter()
+        .enumerate()
+    {
+        let src = start_source("16MiB", 40 + i as u64);
+        let mut args = vec!["--workload", "hotset", "--lanes", "2"];
+        args.extend_from_slice(&placed);
+        args.extend_from_slice(extra);
+        let r = dest_json(&src.addr, &args);
+        assert_clean(&r);
+        assert!(u(&r, "network_faults") > 0, "{r}");
+    }
+}
+
+#[test]
 fn bubbling_cuts_network_faults_on_sequential_access() {
     // The sweep is held (--no-push) so that only bubbles can prevent faults.
     let run = |extra: &[&str]| {

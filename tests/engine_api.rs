@@ -6,7 +6,8 @@
 mod common;
 
 use common::*;
-use pagewire_engine::{DestMemory, Migration, MigrationConfig};
+use pagewire_engine::placement::PlacementError;
+use pagewire_engine::{DestMemory, EngineError, Migration, MigrationConfig};
 use pagewire_transport::tcp::{TcpOptions, TcpTransport};
 use pagewire_transport::{page_checksum, PageRange, Transport};
 use std::io::{Read, Write};
@@ -289,6 +290,33 @@ fn bad_configurations_are_refused_before_anything_is_touched() {
     ] {
         let e = Migration::start(t.clone(), bad.clone()).expect_err("refused");
         assert!(e.to_string().contains("are needed"), "{bad:?}: {e}");
+    }
+    // CPUs the process may not run on, for the lanes or the fault service.
+    let absent = 4095;
+    assert!(!pagewire_engine::placement::allowed_cpus().contains(&absent));
+    for (bad, what) in [
+        (
+            MigrationConfig {
+                lane_cpus: vec![0, absent],
+                ..MigrationConfig::default()
+            },
+            "lane_cpus",
+        ),
+        (
+            MigrationConfig {
+                fault_cpus: vec![absent],
+                ..MigrationConfig::default()
+            },
+            "fault_cpus",
+        ),
+    ] {
+        match Migration::start(t.clone(), bad) {
+            Err(EngineError::Placement(PlacementError::NotAllowed { what: w, cpu, .. })) => {
+                assert_eq!((w, cpu), (what, absent));
+            }
+            Err(e) => panic!("{what}: expected a placement error, got {e}"),
+            Ok(_) => panic!("{what}: started on a CPU the process may not use"),
+        }
     }
 }
 

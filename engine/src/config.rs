@@ -34,13 +34,29 @@ pub struct MigrationConfig {
     /// for [`crate::MigrationHandle::release_push`] (pure demand paging
     /// plus bubbles until then).
     pub push: bool,
-    /// Pin lane `i` to core `i % cores`.
+    /// Pin lane `i` to the `i % n`-th of the `n` CPUs the process may run
+    /// on (ignored when `lane_cpus` is given).
     pub pin_lanes: bool,
+    /// CPUs for the lanes: lane `i` runs on `lane_cpus[i % len]`. Empty:
+    /// as `pin_lanes` says. A VMM that pins its vCPUs names CPUs apart from
+    /// theirs, so a lane never holds the CPU a vCPU is woken on.
+    pub lane_cpus: Vec<usize>,
+    /// CPUs the fault service may run on (empty: any). Beside the vCPUs,
+    /// on CPUs no lane uses, its wake-ups and the vCPUs' stay cheap.
+    pub fault_cpus: Vec<usize>,
     /// After each fault, how long the fault service keeps polling the
     /// userfaultfd without sleeping, so the next fault of a burst is read
     /// without a wake-up (zero: sleep at once). Costs a core while it
     /// spins; pays where wake-ups are slow and cores are spare.
     pub fault_spin: Duration,
+    /// How long after a fault the fault service polls for its urgent
+    /// reply without sleeping, before it sleeps on the channel (zero:
+    /// sleep at once). The faulting vCPU is blocked meanwhile, so with the
+    /// fault service on the vCPU's CPU (`fault_cpus`) the poll takes no
+    /// time from the guest; it saves the wake-up on the reply, dearest
+    /// when every CPU is busy. Channels without a file descriptor (RDMA)
+    /// always poll.
+    pub reply_spin: Duration,
     /// Nice value of the lane threads (0 leaves it as inherited): above
     /// the vCPUs', so that on a busy host a vCPU woken from a fault, or the
     /// fault service, does not wait for a lane's time slice. The push still
@@ -72,8 +88,11 @@ impl Default for MigrationConfig {
             batch_pages: 64,
             push: true,
             pin_lanes: true,
+            lane_cpus: Vec::new(),
+            fault_cpus: Vec::new(),
             lane_nice: 10,
             fault_spin: Duration::ZERO,
+            reply_spin: Duration::ZERO,
             flow_control: true,
             push_rate: None,
             recover_timeout: DEFAULT_RECOVER_TIMEOUT,

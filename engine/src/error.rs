@@ -59,6 +59,9 @@ pub enum EngineError {
     /// Guest memory handed in by a VMM is unusable.
     #[error(transparent)]
     Region(#[from] RegionError),
+    /// The engine's threads cannot be placed on the CPUs configured.
+    #[error(transparent)]
+    Placement(#[from] crate::placement::PlacementError),
     /// An engine thread panicked (a bug, or a transport that panicked).
     #[error("engine thread {thread} panicked")]
     Panicked {

@@ -87,6 +87,7 @@ fn fault_loop(
     let mut buf = vec![0u8; shared.page_size()];
     let max = channel.max_outstanding().max(1);
     let spin = shared.config.fault_spin;
+    let reply_spin = shared.config.reply_spin;
     // When the loop last had a fault or a reply to handle.
     let mut active = Instant::now();
     // Since when the urgent link has been lost with no reply since.
@@ -106,7 +107,12 @@ fn fault_loop(
         } else if pending.is_empty() {
             shared.installer.wait_with(None, IDLE_POLL_MS)?
         } else if let Some(fd) = channel.ready_fd() {
-            shared.installer.wait_with(Some(fd), IDLE_POLL_MS)?
+            // The oldest reply is still young: poll for it without
+            // sleeping (its thread is blocked on it anyway).
+            let young = pending.front().is_some_and(|p| p.t0.elapsed() < reply_spin);
+            shared
+                .installer
+                .wait_with(Some(fd), if young { 0 } else { IDLE_POLL_MS })?
         } else {
             // No fd to sleep on (RDMA): busy-poll both.
             shared.installer.wait_with(None, 0)?

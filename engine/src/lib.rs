@@ -23,6 +23,7 @@ pub mod memory;
 pub mod metrics;
 pub mod migration;
 mod parked;
+pub mod placement;
 pub mod precopy;
 pub mod prepager;
 mod region;

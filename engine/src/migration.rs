@@ -16,6 +16,7 @@ use crate::lanes::lane_main;
 use crate::memory::DestMemory;
 use crate::metrics::Metrics;
 use crate::parked::ParkedMigration;
+use crate::placement;
 use crate::precopy::{Precopied, Refreshed};
 use crate::prepager::Prepager;
 use crate::report::{EngineReport, LiveMetrics};
@@ -64,6 +65,8 @@ impl Migration {
             ));
         }
         mem.check_source(&transport.info().layout)?;
+        placement::check("lane_cpus", &config.lane_cpus)?;
+        placement::check("fault_cpus", &config.fault_cpus)?;
         Ok(())
     }
 
@@ -209,23 +212,6 @@ pub(crate) fn view_for(
     )
 }
 
-/// Gives the calling thread nice value `nice`, so that the guest's vCPUs
-/// (and the fault service) win the CPU over background work (lanes, the
-/// zero filler) when they compete.
-fn set_thread_nice(nice: i32) {
-    // SAFETY: setpriority only reads its integer arguments; with
-    // PRIO_PROCESS and 0 it changes the calling thread alone (Linux keeps
-    // nice values per thread).
-    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
-    if r != 0 {
-        tracing::warn!(
-            nice,
-            "cannot set a thread's nice value: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
 /// Starts the fault service, the lanes and the zero filler over open
 /// channels.
 pub(crate) fn launch(
@@ -245,24 +231,31 @@ pub(crate) fn launch(
         "pw-fault".into(),
         Box::new(move || {
             let _guard = FailOnPanic(&s, "pw-fault");
+            if let Err(e) = placement::pin_current_thread("the fault service", &s.config.fault_cpus)
+            {
+                // Checked at start: only a mask changed since then gets here.
+                tracing::warn!("{e}");
+            }
             if let Err(e) = fault_main(&s, urgent) {
                 s.fail(e);
             }
         }),
     ));
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let allowed = placement::allowed_cpus();
     for (i, ch) in lanes.into_iter().enumerate() {
         let s = shared.clone();
-        let core = (s.config.pin_lanes && !cores.is_empty()).then(|| cores[i % cores.len()]);
+        let cpu = placement::lane_cpu(i, &s.config.lane_cpus, s.config.pin_lanes, &allowed);
         threads.push(spawn(
             format!("pw-lane-{i}"),
             Box::new(move || {
                 let _guard = FailOnPanic(&s, "pw-lane");
-                if let Some(c) = core {
-                    core_affinity::set_for_current(c);
+                if let Some(c) = cpu {
+                    if let Err(e) = placement::pin_current_thread("a lane", &[c]) {
+                        tracing::warn!("{e}");
+                    }
                 }
                 if s.config.lane_nice != 0 {
-                    set_thread_nice(s.config.lane_nice);
+                    placement::set_current_nice(s.config.lane_nice);
                 }
                 if let Err(e) = lane_main(&s, i, ch) {
                     s.fail(e);
@@ -275,7 +268,7 @@ pub(crate) fn launch(
         "pw-zero".into(),
         Box::new(move || {
             let _guard = FailOnPanic(&s, "pw-zero");
-            set_thread_nice(19);
+            placement::set_current_nice(19);
             if let Err(e) = crate::zeros::zero_main(&s) {
                 s.fail(e);
             }

@@ -273,6 +273,10 @@ pub(crate) struct WorkloadArgs {
     /// writes them; traces/ has some).
     #[arg(long)]
     pub(crate) trace: Option<PathBuf>,
+    /// CPUs the workload's thread runs on, as a VMM pins a vCPU: a list
+    /// like 1 or 0,2-3 (default: wherever the scheduler puts it).
+    #[arg(long, value_parser = parse_cpus)]
+    pub(crate) workload_cpus: Option<CpuList>,
 }
 
 impl WorkloadArgs {
@@ -294,6 +298,7 @@ impl WorkloadArgs {
             stride: self.stride,
             think_us: self.think_us,
             trace,
+            cpus: CpuList::checked(&self.workload_cpus, "--workload-cpus")?,
         })
     }
 }
@@ -350,9 +355,19 @@ pub(crate) struct EngineArgs {
     /// 50MB or 100MiB (default: unlimited). Faults are never capped.
     #[arg(long, value_parser = parse_rate)]
     pub(crate) push_rate: Option<u64>,
-    /// Do not pin lanes to cores.
-    #[arg(long)]
+    /// Do not pin lanes to cores (by default lane i runs on the i-th CPU
+    /// the process may use, round robin).
+    #[arg(long, conflicts_with = "lane_cpus")]
     pub(crate) no_pin: bool,
+    /// CPUs the lanes run on, round robin: a list like 0 or 0,2-3. A host
+    /// that pins its vCPUs keeps the lanes off their CPUs, so that waking
+    /// a vCPU or the fault service never has to preempt a lane.
+    #[arg(long, value_parser = parse_cpus)]
+    pub(crate) lane_cpus: Option<CpuList>,
+    /// CPUs the fault service runs on (default: any): best beside the
+    /// vCPUs, on CPUs no lane uses.
+    #[arg(long, value_parser = parse_cpus)]
+    pub(crate) fault_cpus: Option<CpuList>,
     /// Nice value of the lane threads (-20..19; 0 leaves it as inherited):
     /// by default 10, so that vCPUs and the fault service win the CPU over
     /// the push when they compete for it.
@@ -364,6 +379,13 @@ pub(crate) struct EngineArgs {
     /// while it spins.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub(crate) fault_spin_us: u64,
+    /// Microseconds the fault service polls for a fault's reply without
+    /// sleeping, counted from the fault (0: sleep on the socket at once).
+    /// The faulting vCPU is blocked meanwhile; polling saves the wake-up
+    /// on the reply at the cost of a CPU while the fault is outstanding.
+    /// Pays with --fault-cpus on the vCPUs' CPUs.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub(crate) reply_spin_us: u64,
     /// Seconds any network read or write may block before the migration
     /// fails (a hung source must not hang the VM forever).
     #[arg(long, default_value_t = 10.0)]
@@ -487,6 +509,49 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
+/// A list of CPU numbers as given on the command line (`0,2-3`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CpuList(pub(crate) Vec<usize>);
+
+impl CpuList {
+    /// The CPUs of `list` (none if absent), refused with the flag's name
+    /// if the process may not run on one of them.
+    fn checked(list: &Option<CpuList>, flag: &'static str) -> Result<Vec<usize>> {
+        let cpus = list.as_ref().map(|l| l.0.clone()).unwrap_or_default();
+        pagewire_engine::placement::check(flag, &cpus)?;
+        Ok(cpus)
+    }
+}
+
+/// Parses a CPU list like `taskset -c` takes: numbers and ranges joined by
+/// commas (`1`, `0,2-3`).
+pub(crate) fn parse_cpus(s: &str) -> Result<CpuList, String> {
+    let mut cpus = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        let bad = || format!("{part:?} is not a CPU number or range (like 0,2-3)");
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (
+                a.trim().parse::<usize>().map_err(|_| bad())?,
+                b.trim().parse::<usize>().map_err(|_| bad())?,
+            ),
+            None => {
+                let c = part.parse::<usize>().map_err(|_| bad())?;
+                (c, c)
+            }
+        };
+        if lo > hi || hi >= 4096 {
+            return Err(bad());
+        }
+        for c in lo..=hi {
+            if !cpus.contains(&c) {
+                cpus.push(c);
+            }
+        }
+    }
+    Ok(CpuList(cpus))
+}
+
 /// Parses a bytes-per-second rate like `parse_size`; zero would stop the
 /// push for good and is refused.
 pub(crate) fn parse_rate(s: &str) -> Result<u64, String> {
@@ -517,8 +582,11 @@ impl EngineArgs {
             batch_pages: self.batch,
             push: !self.no_push,
             pin_lanes: !self.no_pin,
+            lane_cpus: CpuList::checked(&self.lane_cpus, "--lane-cpus")?,
+            fault_cpus: CpuList::checked(&self.fault_cpus, "--fault-cpus")?,
             lane_nice: self.lane_nice,
             fault_spin: std::time::Duration::from_micros(self.fault_spin_us),
+            reply_spin: std::time::Duration::from_micros(self.reply_spin_us),
             flow_control: !self.no_flow_control,
             push_rate: self.push_rate,
             recover_timeout: self.recover_timeout()?,
@@ -566,6 +634,16 @@ impl EngineArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_lists_parse_like_taskset() {
+        assert_eq!(parse_cpus("1"), Ok(CpuList(vec![1])));
+        assert_eq!(parse_cpus("0,2-3"), Ok(CpuList(vec![0, 2, 3])));
+        assert_eq!(parse_cpus(" 3 , 1-2,3"), Ok(CpuList(vec![3, 1, 2])));
+        for bad in ["", "a", "1,", "2-1", "-1", "1-", "4096", "0-4096"] {
+            assert!(parse_cpus(bad).is_err(), "{bad:?} parsed");
+        }
+    }
 
     #[test]
     fn sizes_parse() {

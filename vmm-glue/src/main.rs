@@ -114,6 +114,7 @@ fn start_source_guest(
         stride: 16,
         think_us: g.guest_think_us,
         trace: None,
+        cpus: Vec::new(),
     };
     let (mem, guest) = source_guest::start_synthetic(size, seed, zero_percent, workload)
         .context("cannot start the guest at the source")?;

@@ -51,6 +51,9 @@ pub struct Workload {
     pub think_us: u64,
     /// The trace [`Pattern::Trace`] replays.
     pub trace: Option<Arc<Trace>>,
+    /// CPUs the workload's thread runs on, as a VMM pins a vCPU (empty:
+    /// wherever the scheduler puts it).
+    pub cpus: Vec<usize>,
 }
 
 /// What a workload did.
@@ -130,6 +133,9 @@ impl Workload {
         let mut sink = 0u64;
         let stalls = LatencyHist::default();
         let mut stalled = Duration::ZERO;
+        if let Err(e) = pagewire_engine::placement::pin_current_thread("the workload", &self.cpus) {
+            tracing::warn!("{e}");
+        }
         let t0 = Instant::now();
         for p in self.pages(total) {
             if let Some(page) = mem.page(p) {
@@ -177,6 +183,7 @@ mod tests {
             stride: 16,
             think_us: 0,
             trace: None,
+            cpus: Vec::new(),
         }
     }
 

@@ -1,0 +1,164 @@
+//! Where the engine's threads run: the CPUs they may use and their nice
+//! value.
+//!
+//! A fault costs the guest more than its round trip: the fault service is
+//! woken to read it, and the vCPU is woken when its page is installed. A
+//! wake-up is cheap when the CPU it lands on is idle and dear when that
+//! CPU is busy (an inter-processor interrupt, and inside a virtual machine
+//! an exit). A VMM that pins its vCPUs can keep the lanes off their CPUs
+//! and put the fault service beside them with [`MigrationConfig`]'s
+//! `lane_cpus` and `fault_cpus`.
+//!
+//! [`MigrationConfig`]: crate::MigrationConfig
+
+use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+use nix::unistd::Pid;
+
+/// Why a thread could not be placed as configured.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlacementError {
+    /// A CPU named in the configuration is not one this process may run
+    /// on (absent, offline, or outside its affinity mask).
+    #[error("{what}: CPU {cpu} is not one this process may run on (allowed: {allowed:?})")]
+    NotAllowed {
+        /// Which setting named it.
+        what: &'static str,
+        /// The CPU.
+        cpu: usize,
+        /// The CPUs the process may run on.
+        allowed: Vec<usize>,
+    },
+    /// The kernel refused the affinity change.
+    #[error("cannot set the CPU affinity of {what}: {errno}")]
+    Affinity {
+        /// Which thread.
+        what: &'static str,
+        /// The error.
+        errno: nix::Error,
+    },
+}
+
+/// The CPUs the calling thread may run on, ascending. Empty if the kernel
+/// will not say.
+pub fn allowed_cpus() -> Vec<usize> {
+    match sched_getaffinity(Pid::from_raw(0)) {
+        Ok(set) => (0..CpuSet::count())
+            .filter(|&c| set.is_set(c).unwrap_or(false))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Checks that every CPU in `cpus` is one the process may run on;
+/// `what` names the setting in the error.
+pub fn check(what: &'static str, cpus: &[usize]) -> Result<(), PlacementError> {
+    if cpus.is_empty() {
+        return Ok(());
+    }
+    let allowed = allowed_cpus();
+    match cpus.iter().find(|c| !allowed.contains(c)) {
+        Some(&cpu) => Err(PlacementError::NotAllowed { what, cpu, allowed }),
+        None => Ok(()),
+    }
+}
+
+/// Restricts the calling thread to `cpus` (a VMM may call it for its vCPU
+/// threads). An empty list leaves the thread where it is.
+pub fn pin_current_thread(what: &'static str, cpus: &[usize]) -> Result<(), PlacementError> {
+    if cpus.is_empty() {
+        return Ok(());
+    }
+    let mut set = CpuSet::new();
+    for &c in cpus {
+        set.set(c).map_err(|_| PlacementError::NotAllowed {
+            what,
+            cpu: c,
+            allowed: allowed_cpus(),
+        })?;
+    }
+    sched_setaffinity(Pid::from_raw(0), &set)
+        .map_err(|errno| PlacementError::Affinity { what, errno })
+}
+
+/// Gives the calling thread nice value `nice`, so that the guest's vCPUs
+/// (and the fault service) win the CPU over background work (lanes, the
+/// zero filler) when they compete. A refusal is logged: it is an
+/// optimisation, not a requirement.
+pub(crate) fn set_current_nice(nice: i32) {
+    // SAFETY: setpriority only reads its integer arguments; with
+    // PRIO_PROCESS and 0 it changes the calling thread alone (Linux keeps
+    // nice values per thread).
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if r != 0 {
+        tracing::warn!(
+            nice,
+            "cannot set a thread's nice value: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The CPU lane `lane` runs on: `lane_cpus` round robin when given,
+/// otherwise every allowed CPU round robin when `pin` is set, otherwise
+/// none (the scheduler places it).
+pub(crate) fn lane_cpu(
+    lane: usize,
+    lane_cpus: &[usize],
+    pin: bool,
+    allowed: &[usize],
+) -> Option<usize> {
+    let set = if lane_cpus.is_empty() {
+        if !pin {
+            return None;
+        }
+        allowed
+    } else {
+        lane_cpus
+    };
+    (!set.is_empty()).then(|| set[lane % set.len()])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lanes_go_round_robin_over_the_given_cpus_or_every_allowed_one() {
+        let allowed = [0, 1, 2, 3];
+        assert_eq!(lane_cpu(0, &[], true, &allowed), Some(0));
+        assert_eq!(lane_cpu(5, &[], true, &allowed), Some(1));
+        assert_eq!(lane_cpu(1, &[], false, &allowed), None);
+        assert_eq!(lane_cpu(0, &[2, 3], true, &allowed), Some(2));
+        assert_eq!(lane_cpu(3, &[2, 3], false, &allowed), Some(3));
+        assert_eq!(lane_cpu(0, &[], true, &[]), None);
+    }
+
+    #[test]
+    fn cpus_outside_the_affinity_mask_are_refused_by_name() {
+        let allowed = allowed_cpus();
+        assert!(!allowed.is_empty());
+        assert_eq!(check("lane_cpus", &allowed), Ok(()));
+        assert_eq!(check("lane_cpus", &[]), Ok(()));
+        let absent = CpuSet::count() - 1;
+        assert!(!allowed.contains(&absent));
+        match check("fault_cpus", &[allowed[0], absent]) {
+            Err(PlacementError::NotAllowed { what, cpu, .. }) => {
+                assert_eq!((what, cpu), ("fault_cpus", absent));
+            }
+            other => panic!("expected NotAllowed, got {other:?}"),
+        }
+        assert!(pin_current_thread("test", &[CpuSet::count() + 3]).is_err());
+    }
+
+    #[test]
+    fn a_pinned_thread_runs_only_on_its_cpu() {
+        let allowed = allowed_cpus();
+        let cpu = *allowed.last().expect("some CPU");
+        std::thread::spawn(move || {
+            pin_current_thread("test", &[cpu]).expect("pin");
+            assert_eq!(allowed_cpus(), vec![cpu]);
+        })
+        .join()
+        .expect("thread");
+    }
+}
