@@ -257,29 +257,48 @@ fn a_zero_push_rate_is_refused_before_anything_starts() {
 
 #[test]
 fn cpus_the_process_may_not_use_are_refused_before_anything_starts() {
-    for (flag, list, needle) in [
-        (
-            "--lane-cpus",
-            "4095",
-            "--lane-cpus: CPU 4095 is not one this process may run on",
-        ),
-        ("--fault-cpus", "0,4095", "--fault-cpus: CPU 4095"),
-        ("--workload-cpus", "4095", "--workload-cpus: CPU 4095"),
-    ] {
-        let (o, _) = run_bounded(
-            pagewire().args(["dest", "--connect", "127.0.0.1:9", flag, list]),
-            LIMIT,
-        );
-        assert_clean_failure(&o, needle);
+    use pagewire_engine::placement::{allowed_cpus, max_cpu};
+    let allowed = allowed_cpus();
+    if let Some(absent) = (0..=max_cpu()).find(|c| !allowed.contains(c)) {
+        let a = absent.to_string();
+        let both = format!("{},{absent}", allowed[0]);
+        let not_allowed = format!("CPU {absent} is not one this process may run on");
+        for (cmd, flag, list) in [
+            (
+                &["dest", "--connect", "127.0.0.1:9"][..],
+                "--lane-cpus",
+                a.as_str(),
+            ),
+            (
+                &["dest", "--connect", "127.0.0.1:9"][..],
+                "--fault-cpus",
+                both.as_str(),
+            ),
+            (
+                &["dest", "--connect", "127.0.0.1:9"][..],
+                "--workload-cpus",
+                a.as_str(),
+            ),
+            (&["demo", "--size", "1MiB"][..], "--lane-cpus", a.as_str()),
+        ] {
+            let (o, _) = run_bounded(pagewire().args(cmd).args([flag, list]), LIMIT);
+            assert_clean_failure(&o, &format!("{flag}: {not_allowed}"));
+        }
     }
     // Lists that are not lists are usage errors (clap's exit code 2).
-    for list in ["3-1", "x", "1,,2", "5000"] {
+    let past = (max_cpu() + 1).to_string();
+    for (list, needle) in [
+        ("3-1", "not a CPU number or range"),
+        ("x", "not a CPU number or range"),
+        ("1,,2", "not a CPU number or range"),
+        (past.as_str(), "CPU numbers stop at"),
+    ] {
         let (o, _) = run_bounded(
             pagewire().args(["dest", "--connect", "127.0.0.1:9", "--lane-cpus", list]),
             LIMIT,
         );
         let e = stderr(&o);
         assert_eq!(o.status.code(), Some(2), "{list}: {e}");
-        assert!(e.contains("not a CPU number or range"), "{list}: {e}");
+        assert!(e.contains(needle), "{list}: {e}");
     }
 }

@@ -121,6 +121,11 @@ fn placed_threads_and_polled_replies_keep_every_page_clean() {
         let r = dest_json(&src.addr, &args);
         assert_clean(&r);
         assert!(u(&r, "network_faults") > 0, "{r}");
+        // The flags reached the engine.
+        let cpus = serde_json::json!([cpu.parse::<u64>().unwrap()]);
+        assert_eq!(r["lane_cpus"], cpus, "{r}");
+        assert_eq!(r["fault_cpus"], cpus, "{r}");
+        assert_eq!(u(&r, "reply_spin_us"), 200, "{r}");
     }
 }
 

@@ -37,12 +37,15 @@ pub struct MigrationConfig {
     /// Pin lane `i` to the `i % n`-th of the `n` CPUs the process may run
     /// on (ignored when `lane_cpus` is given).
     pub pin_lanes: bool,
-    /// CPUs for the lanes: lane `i` runs on `lane_cpus[i % len]`. Empty:
-    /// as `pin_lanes` says. A VMM that pins its vCPUs names CPUs apart from
-    /// theirs, so a lane never holds the CPU a vCPU is woken on.
+    /// CPUs for the lanes (and the zero filler): lane `i` runs on
+    /// `lane_cpus[i % len]`. Empty: as `pin_lanes` says. A VMM that pins
+    /// its vCPUs names CPUs apart from theirs, so a lane never holds the
+    /// CPU a vCPU is woken on.
     pub lane_cpus: Vec<usize>,
     /// CPUs the fault service may run on (empty: any). Beside the vCPUs,
-    /// on CPUs no lane uses, its wake-ups and the vCPUs' stay cheap.
+    /// on CPUs kept free of lanes with `lane_cpus`, the fault's delivery
+    /// and the vCPU's wake-up stay on one CPU. Lanes pinned by default
+    /// (`pin_lanes`) use every CPU, these too.
     pub fault_cpus: Vec<usize>,
     /// After each fault, how long the fault service keeps polling the
     /// userfaultfd without sleeping, so the next fault of a burst is read
@@ -51,11 +54,13 @@ pub struct MigrationConfig {
     pub fault_spin: Duration,
     /// How long after a fault the fault service polls for its urgent
     /// reply without sleeping, before it sleeps on the channel (zero:
-    /// sleep at once). The faulting vCPU is blocked meanwhile, so with the
-    /// fault service on the vCPU's CPU (`fault_cpus`) the poll takes no
-    /// time from the guest; it saves the wake-up on the reply, dearest
-    /// when every CPU is busy. Channels without a file descriptor (RDMA)
-    /// always poll.
+    /// sleep at once; a reply later than 50 ms is waited for in the
+    /// channel's receive anyway). It saves the wake-up on the reply,
+    /// dearest when every CPU is busy, and costs a CPU while the fault is
+    /// out: nothing of the guest's only where the fault service shares a
+    /// CPU with the one vCPU that faulted and no lane (`fault_cpus`,
+    /// `lane_cpus`). Channels without a file descriptor (RDMA) always
+    /// poll.
     pub reply_spin: Duration,
     /// Nice value of the lane threads (0 leaves it as inherited): above
     /// the vCPUs', so that on a busy host a vCPU woken from a fault, or the

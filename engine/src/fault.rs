@@ -110,6 +110,9 @@ fn fault_loop(
             // The oldest reply is still young: poll for it without
             // sleeping (its thread is blocked on it anyway).
             let young = pending.front().is_some_and(|p| p.t0.elapsed() < reply_spin);
+            if young {
+                std::hint::spin_loop();
+            }
             shared
                 .installer
                 .wait_with(Some(fd), if young { 0 } else { IDLE_POLL_MS })?

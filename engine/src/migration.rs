@@ -268,6 +268,10 @@ pub(crate) fn launch(
         "pw-zero".into(),
         Box::new(move || {
             let _guard = FailOnPanic(&s, "pw-zero");
+            // Background work, with the lanes when they have CPUs of their own.
+            if let Err(e) = placement::pin_current_thread("the zero filler", &s.config.lane_cpus) {
+                tracing::warn!("{e}");
+            }
             placement::set_current_nice(19);
             if let Err(e) = crate::zeros::zero_main(&s) {
                 s.fail(e);

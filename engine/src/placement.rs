@@ -38,18 +38,70 @@ pub enum PlacementError {
     },
 }
 
-/// The CPUs the calling thread may run on, ascending. Empty if the kernel
-/// will not say.
+/// The CPUs the process may run on, ascending: its `Cpus_allowed_list`
+/// (the main thread's mask, which a cpuset or `taskset -p` sets), or the
+/// calling thread's mask if that cannot be read. Empty only if neither
+/// can be read (logged).
 pub fn allowed_cpus() -> Vec<usize> {
-    match sched_getaffinity(Pid::from_raw(0)) {
-        Ok(set) => (0..CpuSet::count())
-            .filter(|&c| set.is_set(c).unwrap_or(false))
-            .collect(),
-        Err(_) => Vec::new(),
-    }
+    let listed = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .and_then(|l| parse_cpu_list(l.trim()).ok())
+        });
+    let mut cpus = match listed {
+        Some(c) => c,
+        None => match sched_getaffinity(Pid::from_raw(0)) {
+            Ok(set) => (0..CpuSet::count())
+                .filter(|&c| set.is_set(c).unwrap_or(false))
+                .collect(),
+            Err(e) => {
+                tracing::warn!("cannot read which CPUs this process may use: {e}");
+                Vec::new()
+            }
+        },
+    };
+    cpus.sort_unstable();
+    cpus
 }
 
-/// Checks that every CPU in `cpus` is one the process may run on;
+/// The highest CPU number a list may name (the kernel's affinity masks
+/// here hold [`CpuSet::count`] CPUs).
+pub fn max_cpu() -> usize {
+    CpuSet::count() - 1
+}
+
+/// Parses a CPU list as the kernel prints it and `taskset -c` takes it:
+/// numbers and ranges joined by commas (`1`, `0,2-3`). Order is kept,
+/// repeats dropped.
+pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
+    let mut cpus = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        let bad = || format!("{part:?} is not a CPU number or range (like 0,2-3)");
+        let num = |t: &str| t.trim().parse::<usize>().map_err(|_| bad());
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (num(a)?, num(b)?),
+            None => (num(part)?, num(part)?),
+        };
+        if lo > hi {
+            return Err(bad());
+        }
+        if hi > max_cpu() {
+            return Err(format!("{part:?}: CPU numbers stop at {}", max_cpu()));
+        }
+        for c in lo..=hi {
+            if !cpus.contains(&c) {
+                cpus.push(c);
+            }
+        }
+    }
+    Ok(cpus)
+}
+
+/// Checks that every CPU in `cpus` is one the process may run on (see
+/// [`allowed_cpus`]);
 /// `what` names the setting in the error.
 pub fn check(what: &'static str, cpus: &[usize]) -> Result<(), PlacementError> {
     if cpus.is_empty() {
@@ -99,8 +151,9 @@ pub(crate) fn set_current_nice(nice: i32) {
 }
 
 /// The CPU lane `lane` runs on: `lane_cpus` round robin when given,
-/// otherwise every allowed CPU round robin when `pin` is set, otherwise
-/// none (the scheduler places it).
+/// otherwise every allowed CPU round robin when `pin` is set (the fault
+/// service's CPUs too: name `lane_cpus` to keep lanes off them),
+/// otherwise none (the scheduler places it).
 pub(crate) fn lane_cpu(
     lane: usize,
     lane_cpus: &[usize],
@@ -139,15 +192,32 @@ mod tests {
         assert!(!allowed.is_empty());
         assert_eq!(check("lane_cpus", &allowed), Ok(()));
         assert_eq!(check("lane_cpus", &[]), Ok(()));
-        let absent = CpuSet::count() - 1;
-        assert!(!allowed.contains(&absent));
+        let Some(absent) = (0..=max_cpu()).find(|c| !allowed.contains(c)) else {
+            return; // every CPU there is may be used: nothing to refuse
+        };
         match check("fault_cpus", &[allowed[0], absent]) {
             Err(PlacementError::NotAllowed { what, cpu, .. }) => {
                 assert_eq!((what, cpu), ("fault_cpus", absent));
             }
             other => panic!("expected NotAllowed, got {other:?}"),
         }
-        assert!(pin_current_thread("test", &[CpuSet::count() + 3]).is_err());
+        assert!(pin_current_thread("test", &[max_cpu() + 3]).is_err());
+    }
+
+    #[test]
+    fn cpu_lists_parse_like_taskset() {
+        assert_eq!(parse_cpu_list("1"), Ok(vec![1]));
+        assert_eq!(parse_cpu_list("0,2-3"), Ok(vec![0, 2, 3]));
+        assert_eq!(parse_cpu_list(" 3 , 1-2,3"), Ok(vec![3, 1, 2]));
+        for bad in ["", "a", "1,", "2-1", "-1", "1-", "0--1"] {
+            let e = parse_cpu_list(bad).expect_err(bad);
+            assert!(e.contains("not a CPU number or range"), "{bad:?}: {e}");
+        }
+        let past = (max_cpu() + 1).to_string();
+        let e = parse_cpu_list(&past).expect_err("past the mask");
+        assert!(e.contains("CPU numbers stop at"), "{e}");
+        // What the kernel prints for this process parses.
+        assert!(!allowed_cpus().is_empty());
     }
 
     #[test]
@@ -156,7 +226,11 @@ mod tests {
         let cpu = *allowed.last().expect("some CPU");
         std::thread::spawn(move || {
             pin_current_thread("test", &[cpu]).expect("pin");
-            assert_eq!(allowed_cpus(), vec![cpu]);
+            let mask = sched_getaffinity(Pid::from_raw(0)).expect("mask");
+            let on: Vec<usize> = (0..CpuSet::count())
+                .filter(|&c| mask.is_set(c).unwrap_or(false))
+                .collect();
+            assert_eq!(on, vec![cpu]);
         })
         .join()
         .expect("thread");

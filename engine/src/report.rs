@@ -106,6 +106,12 @@ pub struct EngineReport {
     pub push: bool,
     /// Bulk bytes-per-second cap, if any.
     pub push_rate: Option<u64>,
+    /// CPUs the lanes were given (empty: see `pin_lanes`).
+    pub lane_cpus: Vec<usize>,
+    /// CPUs the fault service was given (empty: any).
+    pub fault_cpus: Vec<usize>,
+    /// How long the fault service polled for a reply before sleeping, µs.
+    pub reply_spin_us: u64,
     /// Width of one timeline step, in ms.
     pub timeline_step_ms: u64,
     /// Faults per timeline step, from the start.
@@ -191,6 +197,9 @@ pub(crate) fn build(s: &Shared) -> EngineReport {
         bubble: s.config.bubble,
         push: s.config.push,
         push_rate: s.config.push_rate,
+        lane_cpus: s.config.lane_cpus.clone(),
+        fault_cpus: s.config.fault_cpus.clone(),
+        reply_spin_us: u64::try_from(s.config.reply_spin.as_micros()).unwrap_or(u64::MAX),
         timeline_step_ms: crate::metrics::TIMELINE_MS,
         faults_over_time,
         pages_over_time,

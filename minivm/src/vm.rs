@@ -227,10 +227,15 @@ impl MiniVm {
     }
 }
 
-/// Pins the calling thread to `core`.
+/// Pins the calling thread to `core`; a core past what a CPU set holds
+/// is ignored (callers check cores against the process's CPUs first).
 fn core_pin(core: usize) {
+    if core >= libc::CPU_SETSIZE as usize {
+        return;
+    }
     // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes
-    // inside it; sched_setaffinity reads `size_of` bytes of it.
+    // inside it (`core` is below CPU_SETSIZE); sched_setaffinity reads
+    // `size_of` bytes of it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(core, &mut set);

@@ -365,7 +365,7 @@ pub(crate) struct EngineArgs {
     #[arg(long, value_parser = parse_cpus)]
     pub(crate) lane_cpus: Option<CpuList>,
     /// CPUs the fault service runs on (default: any): best beside the
-    /// vCPUs, on CPUs no lane uses.
+    /// vCPUs. Lanes still use every CPU unless --lane-cpus keeps them off.
     #[arg(long, value_parser = parse_cpus)]
     pub(crate) fault_cpus: Option<CpuList>,
     /// Nice value of the lane threads (-20..19; 0 leaves it as inherited):
@@ -379,12 +379,13 @@ pub(crate) struct EngineArgs {
     /// while it spins.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub(crate) fault_spin_us: u64,
-    /// Microseconds the fault service polls for a fault's reply without
-    /// sleeping, counted from the fault (0: sleep on the socket at once).
-    /// The faulting vCPU is blocked meanwhile; polling saves the wake-up
-    /// on the reply at the cost of a CPU while the fault is outstanding.
-    /// Pays with --fault-cpus on the vCPUs' CPUs.
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    /// Microseconds (at most 50000) the fault service polls for a fault's
+    /// reply without sleeping, counted from the fault (0: sleep on the
+    /// socket at once). Polling saves the wake-up on the reply at the cost
+    /// of a CPU while the fault is out; it takes nothing from the guest
+    /// only where the fault service shares a CPU with the one vCPU that
+    /// faulted (--fault-cpus) and no lane (--lane-cpus).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=50_000))]
     pub(crate) reply_spin_us: u64,
     /// Seconds any network read or write may block before the migration
     /// fails (a hung source must not hang the VM forever).
@@ -526,30 +527,7 @@ impl CpuList {
 /// Parses a CPU list like `taskset -c` takes: numbers and ranges joined by
 /// commas (`1`, `0,2-3`).
 pub(crate) fn parse_cpus(s: &str) -> Result<CpuList, String> {
-    let mut cpus = Vec::new();
-    for part in s.split(',') {
-        let part = part.trim();
-        let bad = || format!("{part:?} is not a CPU number or range (like 0,2-3)");
-        let (lo, hi) = match part.split_once('-') {
-            Some((a, b)) => (
-                a.trim().parse::<usize>().map_err(|_| bad())?,
-                b.trim().parse::<usize>().map_err(|_| bad())?,
-            ),
-            None => {
-                let c = part.parse::<usize>().map_err(|_| bad())?;
-                (c, c)
-            }
-        };
-        if lo > hi || hi >= 4096 {
-            return Err(bad());
-        }
-        for c in lo..=hi {
-            if !cpus.contains(&c) {
-                cpus.push(c);
-            }
-        }
-    }
-    Ok(CpuList(cpus))
+    pagewire_engine::placement::parse_cpu_list(s).map(CpuList)
 }
 
 /// Parses a bytes-per-second rate like `parse_size`; zero would stop the
@@ -634,16 +612,6 @@ impl EngineArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cpu_lists_parse_like_taskset() {
-        assert_eq!(parse_cpus("1"), Ok(CpuList(vec![1])));
-        assert_eq!(parse_cpus("0,2-3"), Ok(CpuList(vec![0, 2, 3])));
-        assert_eq!(parse_cpus(" 3 , 1-2,3"), Ok(CpuList(vec![3, 1, 2])));
-        for bad in ["", "a", "1,", "2-1", "-1", "1-", "4096", "0-4096"] {
-            assert!(parse_cpus(bad).is_err(), "{bad:?} parsed");
-        }
-    }
 
     #[test]
     fn sizes_parse() {

@@ -34,6 +34,9 @@ pub enum VmDemoError {
     /// Memory, sockets or state transfer failed.
     #[error("{0}")]
     Setup(String),
+    /// A vCPU core the process may not run on.
+    #[error(transparent)]
+    Placement(#[from] pagewire_engine::placement::PlacementError),
 }
 
 fn setup<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> VmDemoError {
@@ -199,6 +202,7 @@ pub fn run_vm_demo(opts: &VmDemoOptions) -> Result<VmDemoReport, VmDemoError> {
         )));
     }
     let cores = &opts.vcpu_cores;
+    pagewire_engine::placement::check("vcpu_cores", cores)?;
     // 1. The whole run without migration.
     let mut local = map(cfg.memory)?;
     let (out, local_took) = run_vm(&mut local, cfg, None, None, cores)?;

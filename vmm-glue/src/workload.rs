@@ -125,7 +125,8 @@ impl Workload {
     }
 
     /// Runs the workload on `mem`, reading one word of each touched page.
-    /// Blocks on faults like a vCPU would.
+    /// Blocks on faults like a vCPU would. With `cpus` set, the calling
+    /// thread stays pinned to them afterwards.
     pub fn run(&self, mem: &DestMemory) -> WorkloadStats {
         let total = mem.layout().total_pages();
         let mut touched = vec![false; total as usize];
