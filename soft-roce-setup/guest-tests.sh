@@ -220,6 +220,13 @@ for spin in 0 100; do
     measure /tmp/spin.json dest --connect 127.0.0.1:7070 --transport rdma --fault-spin-us $spin --workload random --no-push --no-bubble
     echo "PERF pagewire rdma --fault-spin-us $spin demand faults: engine p50 $(num p50 /tmp/spin.json) us; guest stall p50 $(stall p50 /tmp/spin.json) p99 $(stall p99 /tmp/spin.json) us; workload $(wl_ms /tmp/spin.json) ms"
 done
+# The fault service on the workload's CPU and no lane there (this guest
+# has two vCPUs): a fault is then served without a wake-up across CPUs.
+# Over TCP it also polls for the reply (RDMA always polls).
+measure /tmp/placed.json dest --connect 127.0.0.1:7070 --transport rdma --lane-cpus 0 --fault-cpus 1 --workload-cpus 1 --workload random --no-push --no-bubble
+echo "PERF pagewire rdma demand faults, fault service beside the workload: engine p50 $(num p50 /tmp/placed.json) us; guest stall p50 $(stall p50 /tmp/placed.json) p99 $(stall p99 /tmp/placed.json) us; workload $(wl_ms /tmp/placed.json) ms"
+measure /tmp/placed.json dest --connect 127.0.0.1:7070 --transport tcp --lane-cpus 0 --fault-cpus 1 --workload-cpus 1 --reply-spin-us 2000 --workload random --no-push --no-bubble
+echo "PERF pagewire tcp demand faults, fault service beside the workload, polling: engine p50 $(num p50 /tmp/placed.json) us; guest stall p50 $(stall p50 /tmp/placed.json) p99 $(stall p99 /tmp/placed.json) us; workload $(wl_ms /tmp/placed.json) ms"
 # The same faults without a network, in the same boot: the in-process
 # transport (a memcpy) under the same uffd delivery, wake-ups and install,
 # which is what a fault costs here beyond the READ.
