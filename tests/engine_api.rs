@@ -86,6 +86,20 @@ fn delaying_relay(target: String, delay: Duration) -> String {
 
 #[test]
 fn concurrent_faults_are_served_concurrently() {
+    concurrent_faults(Vec::new());
+}
+
+#[test]
+fn concurrent_faults_are_served_concurrently_by_several_fault_services() {
+    // Two services, on two CPUs where there are two: every fault wakes
+    // both, whichever reads it serves it, and each page still comes once.
+    let allowed = pagewire_engine::placement::allowed_cpus();
+    let two = vec![allowed[0], *allowed.last().unwrap()];
+    concurrent_faults(two);
+}
+
+fn concurrent_faults(fault_cpus: Vec<usize>) {
+    let services = fault_cpus.len().max(1);
     let src = start_source("2MiB", 21);
     // Every reply takes 50 ms longer: faults served one after another
     // would never overlap; served concurrently, they all wait together.
@@ -101,6 +115,7 @@ fn concurrent_faults_are_served_concurrently() {
     // pace it for a 50 ms round trip, which only makes the test slow.
     let config = MigrationConfig {
         flow_control: false,
+        fault_cpus,
         ..demand_only()
     };
     let h = Migration::start(t.clone(), config).expect("start");
@@ -126,6 +141,7 @@ fn concurrent_faults_are_served_concurrently() {
         "{threads} threads faulting at once never had two requests outstanding: {r:?}"
     );
     assert_eq!(r.network_faults as usize, threads, "{r:?}");
+    assert_eq!(r.fault_services, services, "{r:?}");
 }
 
 #[test]

@@ -29,7 +29,7 @@ fn thread_cpus(name: &str) -> Vec<String> {
 }
 
 #[test]
-fn lanes_and_the_fault_service_run_on_the_cpus_configured() {
+fn lanes_and_fault_services_run_on_the_cpus_configured() {
     let allowed = pagewire_engine::placement::allowed_cpus();
     let last = *allowed.last().unwrap();
     let first = allowed[0];
@@ -44,7 +44,7 @@ fn lanes_and_the_fault_service_run_on_the_cpus_configured() {
             lanes: 3,
             push: false,
             lane_cpus: vec![first],
-            fault_cpus: vec![last],
+            fault_cpus: vec![last, first],
             ..MigrationConfig::default()
         },
     )
@@ -52,10 +52,15 @@ fn lanes_and_the_fault_service_run_on_the_cpus_configured() {
     let (lanes, fault) = (first.to_string(), last.to_string());
     wait_until("lanes and fault service placed", || {
         let l = thread_cpus("pw-lane-");
-        l.len() == 3 && l.iter().all(|c| *c == lanes) && thread_cpus("pw-fault") == [fault.clone()]
+        let mut f = thread_cpus("pw-fault-");
+        f.sort();
+        let mut want = vec![fault.clone(), lanes.clone()];
+        want.sort();
+        l.len() == 3 && l.iter().all(|c| *c == lanes) && f == want
     });
     h.release_push();
     let r = h.wait().unwrap();
     assert_eq!(r.lane_cpus, vec![first]);
-    assert_eq!(r.fault_cpus, vec![last]);
+    assert_eq!(r.fault_cpus, vec![last, first]);
+    assert_eq!(r.fault_services, 2);
 }

@@ -42,10 +42,13 @@ pub struct MigrationConfig {
     /// its vCPUs names CPUs apart from theirs, so a lane never holds the
     /// CPU a vCPU is woken on.
     pub lane_cpus: Vec<usize>,
-    /// CPUs the fault service may run on (empty: any). Beside the vCPUs,
-    /// on CPUs kept free of lanes with `lane_cpus`, the fault's delivery
-    /// and the vCPU's wake-up stay on one CPU. Lanes pinned by default
-    /// (`pin_lanes`) use every CPU, these too.
+    /// CPUs for the fault services: one runs pinned on each CPU listed,
+    /// with its own urgent channel, all reading the one userfaultfd. The
+    /// service on a faulting vCPU's CPU is woken there, without a wake-up
+    /// across CPUs, and usually reads the fault first; but every fault
+    /// wakes every service. Empty: one service, unpinned. A VMM that pins
+    /// its vCPUs lists their CPUs (and keeps the lanes off them with
+    /// `lane_cpus`).
     pub fault_cpus: Vec<usize>,
     /// After each fault, how long the fault service keeps polling the
     /// userfaultfd without sleeping, so the next fault of a burst is read
@@ -57,7 +60,7 @@ pub struct MigrationConfig {
     /// sleep at once; a reply later than 50 ms is waited for in the
     /// channel's receive anyway). It saves the wake-up on the reply,
     /// dearest when every CPU is busy, and costs a CPU while the fault is
-    /// out: nothing of the guest's only where the fault service shares a
+    /// out: nothing of the guest's only where a fault service shares a
     /// CPU with the one vCPU that faulted and no lane (`fault_cpus`,
     /// `lane_cpus`). Channels without a file descriptor (RDMA) always
     /// poll.

@@ -1,6 +1,9 @@
-//! The fault service: one event loop that reads userfaultfd events and
+//! A fault service: an event loop that reads userfaultfd events and
 //! keeps several urgent requests outstanding at once, so concurrent faults
-//! are served concurrently and never queue behind one another.
+//! are served concurrently and never queue behind one another. Several
+//! services may read the same userfaultfd (one per CPU, see
+//! [`crate::placement`]): each serves the faults it reads, on its own
+//! urgent channel.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -137,7 +140,8 @@ fn fault_loop(
                     // link is back.
                     recover(shared, channel, &pending, e, &mut outage)?;
                 }
-                let n = pending.len() as u64;
+                // Over every fault service, not only this one's.
+                let n = u64::from(shared.governor.urgent_outstanding());
                 shared
                     .metrics
                     .max_concurrent_faults

@@ -124,7 +124,7 @@ impl Migration {
         let landed = offer_landing(transport.as_ref(), &mem)?;
         // Open every channel before the guest may fault: a source that is
         // unreachable fails here, not in the middle of a fault.
-        let urgent = transport.open(ChannelClass::Urgent)?;
+        let urgent = open_urgent(transport.as_ref(), &config)?;
         let lanes = (0..config.lanes)
             .map(|l| transport.open(ChannelClass::Bulk(l as u16)))
             .collect::<Result<Vec<_>, _>>()?;
@@ -212,11 +212,23 @@ pub(crate) fn view_for(
     )
 }
 
-/// Starts the fault service, the lanes and the zero filler over open
-/// channels.
+/// Opens one urgent channel for each fault service `config` asks for.
+pub(crate) fn open_urgent(
+    transport: &dyn Transport,
+    config: &MigrationConfig,
+) -> Result<Vec<Box<dyn PageChannel>>, EngineError> {
+    let services = placement::fault_service_cpus(&config.fault_cpus);
+    Ok(services
+        .iter()
+        .map(|_| transport.open(ChannelClass::Urgent))
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Starts the fault services (one per urgent channel), the lanes and the
+/// zero filler over open channels.
 pub(crate) fn launch(
     shared: Arc<Shared>,
-    urgent: Box<dyn PageChannel>,
+    urgent: Vec<Box<dyn PageChannel>>,
     lanes: Vec<Box<dyn PageChannel>>,
 ) -> MigrationHandle {
     let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
@@ -226,21 +238,26 @@ pub(crate) fn launch(
             .map_err(|error| EngineError::Thread { name, error })
     };
     let mut threads = Vec::new();
-    let s = shared.clone();
-    threads.push(spawn(
-        "pw-fault".into(),
-        Box::new(move || {
-            let _guard = FailOnPanic(&s, "pw-fault");
-            if let Err(e) = placement::pin_current_thread("the fault service", &s.config.fault_cpus)
-            {
-                // Checked at start: only a mask changed since then gets here.
-                tracing::warn!("{e}");
-            }
-            if let Err(e) = fault_main(&s, urgent) {
-                s.fail(e);
-            }
-        }),
-    ));
+    let services = placement::fault_service_cpus(&shared.config.fault_cpus);
+    for (i, (ch, cpu)) in urgent.into_iter().zip(services).enumerate() {
+        let s = shared.clone();
+        threads.push(spawn(
+            format!("pw-fault-{i}"),
+            Box::new(move || {
+                let _guard = FailOnPanic(&s, "pw-fault");
+                if let Some(c) = cpu {
+                    // Checked at start: only a mask changed since then
+                    // gets here.
+                    if let Err(e) = placement::pin_current_thread("a fault service", &[c]) {
+                        tracing::warn!("{e}");
+                    }
+                }
+                if let Err(e) = fault_main(&s, ch) {
+                    s.fail(e);
+                }
+            }),
+        ));
+    }
     let allowed = placement::allowed_cpus();
     for (i, ch) in lanes.into_iter().enumerate() {
         let s = shared.clone();

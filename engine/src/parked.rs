@@ -90,9 +90,9 @@ impl ParkedMigration {
             Ok(l) => l,
             Err(e) => return Err(back(e, arc)),
         };
-        let urgent = match transport.open(ChannelClass::Urgent) {
+        let urgent = match crate::migration::open_urgent(transport.as_ref(), &arc.config) {
             Ok(c) => c,
-            Err(e) => return Err(back(e.into(), arc)),
+            Err(e) => return Err(back(e, arc)),
         };
         let lanes = match (0..arc.config.lanes)
             .map(|l| transport.open(ChannelClass::Bulk(l as u16)))

@@ -1,13 +1,16 @@
 //! Where the engine's threads run: the CPUs they may use and their nice
 //! value.
 //!
-//! A fault costs the guest more than its round trip: the fault service is
+//! A fault costs the guest more than its round trip: a fault service is
 //! woken to read it, and the vCPU is woken when its page is installed. A
-//! wake-up is cheap when the CPU it lands on is idle and dear when that
-//! CPU is busy (an inter-processor interrupt, and inside a virtual machine
-//! an exit). A VMM that pins its vCPUs can keep the lanes off their CPUs
-//! and put the fault service beside them with [`MigrationConfig`]'s
-//! `lane_cpus` and `fault_cpus`.
+//! wake-up across CPUs onto a busy CPU waits its turn there; on the
+//! vCPU's own CPU, which the blocked vCPU has just left, it does not.
+//! [`MigrationConfig`]'s `fault_cpus` runs a fault service pinned on each
+//! CPU it names, all reading the one userfaultfd: the service on the
+//! faulting vCPU's CPU is woken there and usually reads the fault first.
+//! Every fault wakes every service, though, which costs CPU the push may
+//! need; so by default one unpinned service runs. `lane_cpus` keeps the
+//! lanes off the vCPUs' CPUs.
 //!
 //! [`MigrationConfig`]: crate::MigrationConfig
 
@@ -150,6 +153,16 @@ pub(crate) fn set_current_nice(nice: i32) {
     }
 }
 
+/// The fault services to start, by the CPU each is pinned to: one on each
+/// of `fault_cpus`, or a single one the scheduler places when none are
+/// named.
+pub fn fault_service_cpus(fault_cpus: &[usize]) -> Vec<Option<usize>> {
+    if fault_cpus.is_empty() {
+        return vec![None];
+    }
+    fault_cpus.iter().map(|&c| Some(c)).collect()
+}
+
 /// The CPU lane `lane` runs on: `lane_cpus` round robin when given,
 /// otherwise every allowed CPU round robin when `pin` is set (the fault
 /// service's CPUs too: name `lane_cpus` to keep lanes off them),
@@ -184,6 +197,13 @@ mod tests {
         assert_eq!(lane_cpu(0, &[2, 3], true, &allowed), Some(2));
         assert_eq!(lane_cpu(3, &[2, 3], false, &allowed), Some(3));
         assert_eq!(lane_cpu(0, &[], true, &[]), None);
+    }
+
+    #[test]
+    fn a_fault_service_runs_on_each_cpu_named_or_one_anywhere() {
+        assert_eq!(fault_service_cpus(&[5, 2]), vec![Some(5), Some(2)]);
+        assert_eq!(fault_service_cpus(&[3]), vec![Some(3)]);
+        assert_eq!(fault_service_cpus(&[]), vec![None]);
     }
 
     #[test]

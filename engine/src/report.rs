@@ -108,7 +108,10 @@ pub struct EngineReport {
     pub push_rate: Option<u64>,
     /// CPUs the lanes were given (empty: see `pin_lanes`).
     pub lane_cpus: Vec<usize>,
-    /// CPUs the fault service was given (empty: any).
+    /// Fault services that ran (each with its own urgent channel).
+    pub fault_services: usize,
+    /// CPUs the fault services were pinned to, one each (empty: one
+    /// service, unpinned).
     pub fault_cpus: Vec<usize>,
     /// How long the fault service polled for a reply before sleeping, µs.
     pub reply_spin_us: u64,
@@ -151,6 +154,7 @@ pub struct LiveMetrics {
 
 /// Builds the final report of a migration.
 pub(crate) fn build(s: &Shared) -> EngineReport {
+    let services = crate::placement::fault_service_cpus(&s.config.fault_cpus);
     let m = &s.metrics;
     let (faults_over_time, pages_over_time) = m.timeline().into_iter().unzip();
     let finished = s.finished.get().copied().unwrap_or_else(Instant::now);
@@ -198,7 +202,8 @@ pub(crate) fn build(s: &Shared) -> EngineReport {
         push: s.config.push,
         push_rate: s.config.push_rate,
         lane_cpus: s.config.lane_cpus.clone(),
-        fault_cpus: s.config.fault_cpus.clone(),
+        fault_services: services.len(),
+        fault_cpus: services.iter().flatten().copied().collect(),
         reply_spin_us: u64::try_from(s.config.reply_spin.as_micros()).unwrap_or(u64::MAX),
         timeline_step_ms: crate::metrics::TIMELINE_MS,
         faults_over_time,

@@ -364,8 +364,11 @@ pub(crate) struct EngineArgs {
     /// a vCPU or the fault service never has to preempt a lane.
     #[arg(long, value_parser = parse_cpus)]
     pub(crate) lane_cpus: Option<CpuList>,
-    /// CPUs the fault service runs on (default: any): best beside the
-    /// vCPUs. Lanes still use every CPU unless --lane-cpus keeps them off.
+    /// Run a fault service pinned on each of these CPUs (default: one,
+    /// unpinned). The service on a faulting vCPU's CPU serves it without
+    /// a wake-up across CPUs: name the vCPUs' CPUs. Every fault wakes every
+    /// service, which costs CPU the push may need. Lanes still use every
+    /// CPU unless --lane-cpus keeps them off.
     #[arg(long, value_parser = parse_cpus)]
     pub(crate) fault_cpus: Option<CpuList>,
     /// Nice value of the lane threads (-20..19; 0 leaves it as inherited):
@@ -383,7 +386,7 @@ pub(crate) struct EngineArgs {
     /// reply without sleeping, counted from the fault (0: sleep on the
     /// socket at once). Polling saves the wake-up on the reply at the cost
     /// of a CPU while the fault is out; it takes nothing from the guest
-    /// only where the fault service shares a CPU with the one vCPU that
+    /// only where a fault service shares a CPU with the one vCPU that
     /// faulted (--fault-cpus) and no lane (--lane-cpus).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=50_000))]
     pub(crate) reply_spin_us: u64,

@@ -40,6 +40,11 @@ impl Governor {
         }
     }
 
+    /// Faults' requests outstanding now, over every fault service.
+    pub fn urgent_outstanding(&self) -> u32 {
+        self.urgent.load(Ordering::Acquire)
+    }
+
     /// A fault's request has been answered.
     pub fn urgent_end(&self, urgent: Urgent) {
         self.urgent_end_at(urgent, Instant::now());
