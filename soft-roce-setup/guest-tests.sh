@@ -225,6 +225,10 @@ done
 # Over TCP it also polls for the reply (RDMA always polls).
 measure /tmp/placed.json dest --connect 127.0.0.1:7070 --transport rdma --lane-cpus 0 --fault-cpus 1 --workload-cpus 1 --workload random --no-push --no-bubble
 echo "PERF pagewire rdma demand faults, fault service beside the workload: engine p50 $(num p50 /tmp/placed.json) us; guest stall p50 $(stall p50 /tmp/placed.json) p99 $(stall p99 /tmp/placed.json) us; workload $(wl_ms /tmp/placed.json) ms"
+# A fault service on each vCPU, nothing else pinned: whichever vCPU the
+# workload runs on, a service is woken there.
+measure /tmp/placed.json dest --connect 127.0.0.1:7070 --transport rdma --fault-cpus 0,1 --workload random --no-push --no-bubble
+echo "PERF pagewire rdma demand faults, a fault service on each vCPU: engine p50 $(num p50 /tmp/placed.json) us; guest stall p50 $(stall p50 /tmp/placed.json) p99 $(stall p99 /tmp/placed.json) us; workload $(wl_ms /tmp/placed.json) ms"
 measure /tmp/placed.json dest --connect 127.0.0.1:7070 --transport tcp --lane-cpus 0 --fault-cpus 1 --workload-cpus 1 --reply-spin-us 2000 --workload random --no-push --no-bubble
 echo "PERF pagewire tcp demand faults, fault service beside the workload, polling: engine p50 $(num p50 /tmp/placed.json) us; guest stall p50 $(stall p50 /tmp/placed.json) p99 $(stall p99 /tmp/placed.json) us; workload $(wl_ms /tmp/placed.json) ms"
 # The same faults without a network, in the same boot: the in-process
