@@ -127,15 +127,16 @@ fn placed_threads_and_polled_replies_keep_every_page_clean() {
         assert_eq!(r["fault_cpus"], cpus, "{r}");
         assert_eq!(u(&r, "reply_spin_us"), 200, "{r}");
     }
-    // A fault service on each CPU (two, on the same CPU where there is
-    // one): every fault wakes both, each page still arrives once.
+    // A fault service on each of two CPUs (one where there is one CPU):
+    // every fault wakes both, each page still arrives once.
     let allowed = pagewire_engine::placement::allowed_cpus();
     let both = format!("{},{}", allowed[0], allowed.last().unwrap());
+    let services = allowed.len().min(2) as u64;
     for (i, w) in ["random", "seq"].into_iter().enumerate() {
         let src = start_source("16MiB", 50 + i as u64);
         let r = dest_json(&src.addr, &["--workload", w, "--fault-cpus", &both]);
         assert_clean(&r);
-        assert_eq!(u(&r, "fault_services"), 2, "{r}");
+        assert_eq!(u(&r, "fault_services"), services, "{r}");
     }
 }
 

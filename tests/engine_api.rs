@@ -99,7 +99,7 @@ fn concurrent_faults_are_served_concurrently_by_several_fault_services() {
 }
 
 fn concurrent_faults(fault_cpus: Vec<usize>) {
-    let services = fault_cpus.len().max(1);
+    let services = pagewire_engine::placement::fault_service_cpus(&fault_cpus).len();
     let src = start_source("2MiB", 21);
     // Every reply takes 50 ms longer: faults served one after another
     // would never overlap; served concurrently, they all wait together.
@@ -307,6 +307,20 @@ fn bad_configurations_are_refused_before_anything_is_touched() {
         let e = Migration::start(t.clone(), bad.clone()).expect_err("refused");
         assert!(e.to_string().contains("are needed"), "{bad:?}: {e}");
     }
+    // More channels than a source keeps queue pairs for.
+    let e = Migration::start(
+        t.clone(),
+        MigrationConfig {
+            lanes: pagewire_engine::placement::MAX_CHANNELS,
+            ..MigrationConfig::default()
+        },
+    )
+    .expect_err("refused");
+    assert!(
+        e.to_string()
+            .contains("channels (lanes and fault services)"),
+        "{e}"
+    );
     // CPUs the process may not run on, for the lanes or the fault service.
     let allowed = pagewire_engine::placement::allowed_cpus();
     let absent = pagewire_engine::placement::max_cpu() + 1;

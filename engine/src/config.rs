@@ -42,7 +42,8 @@ pub struct MigrationConfig {
     /// its vCPUs names CPUs apart from theirs, so a lane never holds the
     /// CPU a vCPU is woken on.
     pub lane_cpus: Vec<usize>,
-    /// CPUs for the fault services: one runs pinned on each CPU listed,
+    /// CPUs for the fault services: one runs pinned on each CPU listed
+    /// (before, this was one service allowed on all of them),
     /// with its own urgent channel, all reading the one userfaultfd. The
     /// service on a faulting vCPU's CPU is woken there, without a wake-up
     /// across CPUs, and usually reads the fault first; but every fault
@@ -50,12 +51,12 @@ pub struct MigrationConfig {
     /// its vCPUs lists their CPUs (and keeps the lanes off them with
     /// `lane_cpus`).
     pub fault_cpus: Vec<usize>,
-    /// After each fault, how long the fault service keeps polling the
+    /// After each fault, how long a fault service keeps polling the
     /// userfaultfd without sleeping, so the next fault of a burst is read
     /// without a wake-up (zero: sleep at once). Costs a core while it
     /// spins; pays where wake-ups are slow and cores are spare.
     pub fault_spin: Duration,
-    /// How long after a fault the fault service polls for its urgent
+    /// How long after a fault a fault service polls for its urgent
     /// reply without sleeping, before it sleeps on the channel (zero:
     /// sleep at once; a reply later than 50 ms is waited for in the
     /// channel's receive anyway). It saves the wake-up on the reply,
@@ -66,7 +67,7 @@ pub struct MigrationConfig {
     /// poll.
     pub reply_spin: Duration,
     /// Nice value of the lane threads (0 leaves it as inherited): above
-    /// the vCPUs', so that on a busy host a vCPU woken from a fault, or the
+    /// the vCPUs', so that on a busy host a vCPU woken from a fault, or a
     /// fault service, does not wait for a lane's time slice. The push still
     /// gets every cycle the guest leaves.
     pub lane_nice: i32,

@@ -35,9 +35,12 @@ const STALLED: std::time::Duration = std::time::Duration::from_millis(50);
 const IDLE_POLL_MS: i32 = 20;
 
 /// Reads userfaultfd events: removals are applied at once, faults wait
-/// in `faults` for the loop. Only the fault service reads events, so an
-/// install that finds the owner changing its mappings (EAGAIN) on this
-/// thread reads them here, and lanes just wait.
+/// in `faults` for the loop. Only fault services read events, so an
+/// install that finds the owner changing its mappings (EAGAIN) on a
+/// service reads them there, and lanes just wait. With several services
+/// the event may be another's: reading and applying happen under
+/// [`Shared::events`], so a drain that finds nothing returns only once
+/// whatever another service read is applied.
 struct Events {
     buf: EventBuffer,
     read: Vec<UffdEvent>,
@@ -46,6 +49,7 @@ struct Events {
 
 impl Events {
     fn drain(&mut self, shared: &Shared) -> Result<(), EngineError> {
+        let _applied = shared.events.lock().unwrap_or_else(|p| p.into_inner());
         shared
             .installer
             .read_events(&mut self.buf, &mut self.read)?;
@@ -124,8 +128,13 @@ fn fault_loop(
             shared.installer.wait_with(None, 0)?
         };
         if faults {
+            let before = ev.faults.len();
             ev.drain(shared)?;
-            active = Instant::now();
+            // Every service is woken by every fault: only the one that
+            // read it counts as active (and spins for the next).
+            if ev.faults.len() > before {
+                active = Instant::now();
+            }
         }
         while let Some((addr, t0)) = ev.faults.pop_front() {
             let page = serve_fault(shared, addr, t0, &mut || ev.drain(shared))?;
@@ -141,7 +150,7 @@ fn fault_loop(
                     recover(shared, channel, &pending, e, &mut outage)?;
                 }
                 // Over every fault service, not only this one's.
-                let n = u64::from(shared.governor.urgent_outstanding());
+                let n = u64::from(urgent.outstanding());
                 shared
                     .metrics
                     .max_concurrent_faults

@@ -1,10 +1,9 @@
 //! The pagewire post-copy engine.
 //!
 //! At the destination, guest memory starts empty and registered with
-//! userfaultfd. A vCPU touching a missing page faults; the fault handler
-//! claims the page in the [`state::PageStateMap`], fetches it on the
-//! transport's urgent channel, installs it with UFFDIO_COPY and wakes the
-//! vCPU. Meanwhile pusher lanes prepage the bubble around the last fault
+//! userfaultfd. A vCPU touching a missing page faults; a fault service
+//! claims the page in the [`state::PageStateMap`], fetches it on its
+//! urgent channel, installs it with UFFDIO_COPY and wakes the vCPU. Meanwhile pusher lanes prepage the bubble around the last fault
 //! and sweep the rest, so the migration ends in bounded time. Zero pages
 //! never cross the wire. The engine sees only the
 //! [`pagewire_transport::Transport`] trait, never a backend.

@@ -88,14 +88,15 @@ impl LatencyHist {
     }
 }
 
-/// Live counters, updated by the fault handler and the lanes.
+/// Live counters, updated by the fault services and the lanes.
 #[derive(Debug)]
 pub struct Metrics {
     /// Fault events handled.
     pub faults: AtomicU64,
     /// Faults whose page this handler fetched over the transport.
     pub network_faults: AtomicU64,
-    /// Faults on a page a lane was already fetching (waited, not refetched).
+    /// Faults on a page a lane (or another fault service) was already
+    /// fetching (waited, not refetched).
     pub inflight_faults: AtomicU64,
     /// Faults on zero pages, served with UFFDIO_ZEROPAGE.
     pub zero_faults: AtomicU64,

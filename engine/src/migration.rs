@@ -67,6 +67,14 @@ impl Migration {
         mem.check_source(&transport.info().layout)?;
         placement::check("lane_cpus", &config.lane_cpus)?;
         placement::check("fault_cpus", &config.fault_cpus)?;
+        let channels = config.lanes + placement::fault_service_cpus(&config.fault_cpus).len();
+        if channels > placement::MAX_CHANNELS {
+            return Err(EngineError::Memory(format!(
+                "{channels} channels (lanes and fault services) are more than the {} a migration \
+                 opens",
+                placement::MAX_CHANNELS
+            )));
+        }
         Ok(())
     }
 
@@ -245,6 +253,8 @@ pub(crate) fn launch(
             format!("pw-fault-{i}"),
             Box::new(move || {
                 let _guard = FailOnPanic(&s, "pw-fault");
+                s.fault_services
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if let Some(c) = cpu {
                     // Checked at start: only a mask changed since then
                     // gets here.

@@ -154,14 +154,24 @@ pub(crate) fn set_current_nice(nice: i32) {
 }
 
 /// The fault services to start, by the CPU each is pinned to: one on each
-/// of `fault_cpus`, or a single one the scheduler places when none are
-/// named.
+/// CPU of `fault_cpus` (a CPU named twice gets one), or a single one the
+/// scheduler places when none are named.
 pub fn fault_service_cpus(fault_cpus: &[usize]) -> Vec<Option<usize>> {
     if fault_cpus.is_empty() {
         return vec![None];
     }
-    fault_cpus.iter().map(|&c| Some(c)).collect()
+    let mut cpus: Vec<Option<usize>> = Vec::new();
+    for &c in fault_cpus {
+        if !cpus.contains(&Some(c)) {
+            cpus.push(Some(c));
+        }
+    }
+    cpus
 }
+
+/// Most channels (fault services plus lanes) a migration opens: a source
+/// keeps 64 RDMA queue pairs per destination, and reconnects need room.
+pub const MAX_CHANNELS: usize = 48;
 
 /// The CPU lane `lane` runs on: `lane_cpus` round robin when given,
 /// otherwise every allowed CPU round robin when `pin` is set (the fault
@@ -203,6 +213,7 @@ mod tests {
     fn a_fault_service_runs_on_each_cpu_named_or_one_anywhere() {
         assert_eq!(fault_service_cpus(&[5, 2]), vec![Some(5), Some(2)]);
         assert_eq!(fault_service_cpus(&[3]), vec![Some(3)]);
+        assert_eq!(fault_service_cpus(&[3, 1, 3]), vec![Some(3), Some(1)]);
         assert_eq!(fault_service_cpus(&[]), vec![None]);
     }
 

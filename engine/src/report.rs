@@ -202,7 +202,7 @@ pub(crate) fn build(s: &Shared) -> EngineReport {
         push: s.config.push,
         push_rate: s.config.push_rate,
         lane_cpus: s.config.lane_cpus.clone(),
-        fault_services: services.len(),
+        fault_services: s.fault_services.load(std::sync::atomic::Ordering::Relaxed),
         fault_cpus: services.iter().flatten().copied().collect(),
         reply_spin_us: u64::try_from(s.config.reply_spin.as_micros()).unwrap_or(u64::MAX),
         timeline_step_ms: crate::metrics::TIMELINE_MS,

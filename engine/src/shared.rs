@@ -1,4 +1,4 @@
-//! State shared by the fault service and the pusher lanes of one
+//! State shared by the fault services and the pusher lanes of one
 //! migration.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -49,6 +49,13 @@ pub(crate) struct Shared {
     /// Pages to fetch before anything else: those that were being fetched
     /// when a migration stopped, before it was resumed.
     pub retry: Mutex<Vec<u64>>,
+    /// Held by a fault service from reading userfaultfd events until it
+    /// has applied them: with several services, one whose install waits
+    /// on the owner's mapping change may find that another read the
+    /// event; it then waits here until that one has applied it.
+    pub events: Mutex<()>,
+    /// Fault services running (each counts itself in).
+    pub fault_services: AtomicUsize,
     /// After pre-copy: pages the source's guest wrote after the handshake
     /// (a transport the migration resumes over is seen through
     /// [`crate::precopy::Refreshed`] with them).
@@ -90,6 +97,8 @@ impl Shared {
             waiters: Mutex::new(Vec::new()),
             waiting: AtomicUsize::new(0),
             retry: Mutex::new(Vec::new()),
+            events: Mutex::new(()),
+            fault_services: AtomicUsize::new(0),
             written: None,
         }
     }
@@ -417,6 +426,9 @@ impl Shared {
             return Err(EngineError::Aborted);
         }
         std::thread::sleep(std::time::Duration::from_micros(20));
+        // An event a fault service has read but not yet applied is applied
+        // by the time this returns.
+        drop(self.events.lock().unwrap_or_else(|p| p.into_inner()));
         Ok(())
     }
 

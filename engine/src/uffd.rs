@@ -539,29 +539,32 @@ impl PageInstaller {
             return self.install_zero_with(range, true, busy);
         }
         let (addr, len) = self.span(range)?;
-        let r = self.uffd.r#continue(addr as *mut libc::c_void, len, true);
-        match r {
-            Ok(n) => Ok(Installed {
-                pages: n / self.mem.layout().page_size() as u64,
-                already_present: 0,
-            }),
-            Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EEXIST => {
-                self.wake(range)?;
-                Ok(Installed {
-                    pages: 0,
-                    already_present: u64::from(range.count),
-                })
-            }
-            Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EAGAIN => {
-                busy()?;
-                self.map_present_with(range, busy)
-            }
-            // Not in the file: punched out, reads as zeros (the kernel
-            // allocates a zeroed page).
-            Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EFAULT => {
-                self.zeropage_with(range, true, busy)
-            }
-            Err(e) => Err(uffd_err("UFFDIO_CONTINUE")(e)),
+        loop {
+            let r = self.uffd.r#continue(addr as *mut libc::c_void, len, true);
+            return match r {
+                Ok(n) => Ok(Installed {
+                    pages: n / self.mem.layout().page_size() as u64,
+                    already_present: 0,
+                }),
+                Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EEXIST => {
+                    self.wake(range)?;
+                    Ok(Installed {
+                        pages: 0,
+                        already_present: u64::from(range.count),
+                    })
+                }
+                // The owner is changing its mappings: let it, then retry.
+                Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EAGAIN => {
+                    busy()?;
+                    continue;
+                }
+                // Not in the file: punched out, reads as zeros (the kernel
+                // allocates a zeroed page).
+                Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EFAULT => {
+                    self.zeropage_with(range, true, busy)
+                }
+                Err(e) => Err(uffd_err("UFFDIO_CONTINUE")(e)),
+            };
         }
     }
 

@@ -74,7 +74,22 @@ fn run_on(
 
 #[test]
 fn every_page_arrives_once_with_push_and_bubbles() {
-    let r = run(MigrationConfig::default(), |i| i * 7);
+    every_page_once(MigrationConfig::default());
+}
+
+#[test]
+fn every_page_arrives_once_with_two_fault_services() {
+    let cpus = pagewire_engine::placement::allowed_cpus();
+    every_page_once(MigrationConfig {
+        fault_cpus: vec![cpus[0], *cpus.last().unwrap()],
+        ..MigrationConfig::default()
+    });
+}
+
+fn every_page_once(config: MigrationConfig) {
+    let want = pagewire_engine::placement::fault_service_cpus(&config.fault_cpus).len();
+    let r = run(config, |i| i * 7);
+    assert_eq!(r.fault_services, want);
     assert_eq!(r.pages_total, 2048);
     assert_eq!(r.duplicate_pages, 0);
     assert_eq!(r.install_conflicts, 0);
@@ -212,6 +227,18 @@ fn advise(mem: &DestMemory, p: u64, advice: libc::c_int) {
 
 #[test]
 fn shared_memory_dropped_by_its_owner_reads_as_its_file_says() {
+    dropped_by_its_owner(Vec::new());
+}
+
+#[test]
+fn shared_memory_dropped_by_its_owner_reads_as_its_file_says_with_two_fault_services() {
+    // Either service may read the owner's REMOVE events, the other's
+    // installs waiting on them.
+    let cpus = pagewire_engine::placement::allowed_cpus();
+    dropped_by_its_owner(vec![cpus[0], *cpus.last().unwrap()]);
+}
+
+fn dropped_by_its_owner(fault_cpus: Vec<usize>) {
     let pages = 2048u64;
     let src = source(pages);
     let t: Arc<dyn Transport> = Arc::new(InProcTransport::new(src.clone()));
@@ -219,6 +246,7 @@ fn shared_memory_dropped_by_its_owner_reads_as_its_file_says() {
     let cfg = MigrationConfig {
         push: false,
         bubble: 0,
+        fault_cpus,
         ..MigrationConfig::default()
     };
     let h = Migration::start_with_memory(t.clone(), mem.clone(), cfg).unwrap();

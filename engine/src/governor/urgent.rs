@@ -23,6 +23,16 @@ pub struct Urgent {
     /// Sent while the guest was idle: its round trip shows what the idle
     /// bulk cost it.
     pub(super) after_idle: bool,
+    /// Faults' requests outstanding with this one, over every service.
+    outstanding: u32,
+}
+
+impl Urgent {
+    /// Faults' requests outstanding when this one went out, this one
+    /// included, over every fault service.
+    pub fn outstanding(&self) -> u32 {
+        self.outstanding
+    }
 }
 
 impl Governor {
@@ -33,16 +43,12 @@ impl Governor {
         // The time first: whoever sees the count sees the time too.
         self.last_urgent_us
             .store(self.born.elapsed().as_micros() as u64, Ordering::Release);
-        self.urgent.fetch_add(1, Ordering::AcqRel);
+        let before = self.urgent.fetch_add(1, Ordering::AcqRel);
         Urgent {
             at: Instant::now(),
             after_idle,
+            outstanding: before.saturating_add(1),
         }
-    }
-
-    /// Faults' requests outstanding now, over every fault service.
-    pub fn urgent_outstanding(&self) -> u32 {
-        self.urgent.load(Ordering::Acquire)
     }
 
     /// A fault's request has been answered.

@@ -84,9 +84,9 @@ impl Drop for Live {
     }
 }
 
-/// Queue pairs one control connection keeps: far more than a destination's
-/// channels (one per lane plus the urgent one); each reconnect of a
-/// channel makes a new one, and the oldest go first.
+/// Queue pairs one control connection keeps: more than a destination's
+/// channels (one per lane and one per fault service, 48 at most); each
+/// reconnect of a channel makes a new one, and the oldest go first.
 const MAX_QUEUE_PAIRS: usize = 64;
 
 /// Sets up RDMA queue pairs for destinations that ask (the source side of
