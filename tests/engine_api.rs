@@ -307,18 +307,19 @@ fn bad_configurations_are_refused_before_anything_is_touched() {
         let e = Migration::start(t.clone(), bad.clone()).expect_err("refused");
         assert!(e.to_string().contains("are needed"), "{bad:?}: {e}");
     }
-    // More channels than a source keeps queue pairs for.
+    // More fault services than a migration runs: refused before the CPUs
+    // are looked at.
+    let many: Vec<usize> = (0..=pagewire_engine::placement::MAX_FAULT_SERVICES).collect();
     let e = Migration::start(
         t.clone(),
         MigrationConfig {
-            lanes: pagewire_engine::placement::MAX_CHANNELS,
+            fault_cpus: many,
             ..MigrationConfig::default()
         },
     )
     .expect_err("refused");
     assert!(
-        e.to_string()
-            .contains("channels (lanes and fault services)"),
+        e.to_string().contains("fault services are more than"),
         "{e}"
     );
     // CPUs the process may not run on, for the lanes or the fault service.

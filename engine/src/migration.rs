@@ -65,16 +65,15 @@ impl Migration {
             ));
         }
         mem.check_source(&transport.info().layout)?;
-        placement::check("lane_cpus", &config.lane_cpus)?;
-        placement::check("fault_cpus", &config.fault_cpus)?;
-        let channels = config.lanes + placement::fault_service_cpus(&config.fault_cpus).len();
-        if channels > placement::MAX_CHANNELS {
+        let services = placement::fault_service_cpus(&config.fault_cpus).len();
+        if services > placement::MAX_FAULT_SERVICES {
             return Err(EngineError::Memory(format!(
-                "{channels} channels (lanes and fault services) are more than the {} a migration \
-                 opens",
-                placement::MAX_CHANNELS
+                "{services} fault services are more than the {} a migration runs",
+                placement::MAX_FAULT_SERVICES
             )));
         }
+        placement::check("lane_cpus", &config.lane_cpus)?;
+        placement::check("fault_cpus", &config.fault_cpus)?;
         Ok(())
     }
 

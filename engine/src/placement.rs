@@ -169,9 +169,10 @@ pub fn fault_service_cpus(fault_cpus: &[usize]) -> Vec<Option<usize>> {
     cpus
 }
 
-/// Most channels (fault services plus lanes) a migration opens: a source
-/// keeps 64 RDMA queue pairs per destination, and reconnects need room.
-pub const MAX_CHANNELS: usize = 48;
+/// Most fault services a migration runs: each has its own urgent channel
+/// (an RDMA queue pair and its staging memory), and every fault wakes
+/// every service.
+pub const MAX_FAULT_SERVICES: usize = 16;
 
 /// The CPU lane `lane` runs on: `lane_cpus` round robin when given,
 /// otherwise every allowed CPU round robin when `pin` is set (the fault

@@ -85,7 +85,7 @@ impl Drop for Live {
 }
 
 /// Queue pairs one control connection keeps: more than a destination's
-/// channels (one per lane and one per fault service, 48 at most); each
+/// channels (one per lane and one per fault service) on most hosts; each
 /// reconnect of a channel makes a new one, and the oldest go first.
 const MAX_QUEUE_PAIRS: usize = 64;
 
