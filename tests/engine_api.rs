@@ -99,7 +99,9 @@ fn concurrent_faults_are_served_concurrently_by_several_fault_services() {
 }
 
 fn concurrent_faults(fault_cpus: Vec<usize>) {
-    let services = pagewire_engine::placement::fault_service_cpus(&fault_cpus).len();
+    let services = pagewire_engine::placement::fault_service_cpus(&fault_cpus)
+        .expect("a few services")
+        .len();
     let src = start_source("2MiB", 21);
     // Every reply takes 50 ms longer: faults served one after another
     // would never overlap; served concurrently, they all wait together.

@@ -65,13 +65,7 @@ impl Migration {
             ));
         }
         mem.check_source(&transport.info().layout)?;
-        let services = placement::fault_service_cpus(&config.fault_cpus).len();
-        if services > placement::MAX_FAULT_SERVICES {
-            return Err(EngineError::Memory(format!(
-                "{services} fault services are more than the {} a migration runs",
-                placement::MAX_FAULT_SERVICES
-            )));
-        }
+        placement::fault_service_cpus(&config.fault_cpus)?;
         placement::check("lane_cpus", &config.lane_cpus)?;
         placement::check("fault_cpus", &config.fault_cpus)?;
         Ok(())
@@ -219,23 +213,26 @@ pub(crate) fn view_for(
     )
 }
 
+/// A fault service's urgent channel, and the CPU the service is pinned to
+/// (`None`: anywhere).
+pub(crate) type UrgentChannel = (Option<usize>, Box<dyn PageChannel>);
+
 /// Opens one urgent channel for each fault service `config` asks for.
 pub(crate) fn open_urgent(
     transport: &dyn Transport,
     config: &MigrationConfig,
-) -> Result<Vec<Box<dyn PageChannel>>, EngineError> {
-    let services = placement::fault_service_cpus(&config.fault_cpus);
-    Ok(services
-        .iter()
-        .map(|_| transport.open(ChannelClass::Urgent))
-        .collect::<Result<Vec<_>, _>>()?)
+) -> Result<Vec<UrgentChannel>, EngineError> {
+    placement::fault_service_cpus(&config.fault_cpus)?
+        .into_iter()
+        .map(|cpu| Ok((cpu, transport.open(ChannelClass::Urgent)?)))
+        .collect()
 }
 
-/// Starts the fault services (one per urgent channel), the lanes and the
-/// zero filler over open channels.
+/// Starts a fault service on each urgent channel, the lanes and the zero
+/// filler over open channels.
 pub(crate) fn launch(
     shared: Arc<Shared>,
-    urgent: Vec<Box<dyn PageChannel>>,
+    urgent: Vec<UrgentChannel>,
     lanes: Vec<Box<dyn PageChannel>>,
 ) -> MigrationHandle {
     let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
@@ -245,8 +242,7 @@ pub(crate) fn launch(
             .map_err(|error| EngineError::Thread { name, error })
     };
     let mut threads = Vec::new();
-    let services = placement::fault_service_cpus(&shared.config.fault_cpus);
-    for (i, (ch, cpu)) in urgent.into_iter().zip(services).enumerate() {
+    for (i, (cpu, ch)) in urgent.into_iter().enumerate() {
         let s = shared.clone();
         threads.push(spawn(
             format!("pw-fault-{i}"),
@@ -255,11 +251,7 @@ pub(crate) fn launch(
                 s.fault_services
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if let Some(c) = cpu {
-                    // Checked at start: only a mask changed since then
-                    // gets here.
-                    if let Err(e) = placement::pin_current_thread("a fault service", &[c]) {
-                        tracing::warn!("{e}");
-                    }
+                    placement::pin_or_warn("a fault service", &[c]);
                 }
                 if let Err(e) = fault_main(&s, ch) {
                     s.fail(e);
@@ -276,9 +268,7 @@ pub(crate) fn launch(
             Box::new(move || {
                 let _guard = FailOnPanic(&s, "pw-lane");
                 if let Some(c) = cpu {
-                    if let Err(e) = placement::pin_current_thread("a lane", &[c]) {
-                        tracing::warn!("{e}");
-                    }
+                    placement::pin_or_warn("a lane", &[c]);
                 }
                 if s.config.lane_nice != 0 {
                     placement::set_current_nice(s.config.lane_nice);
@@ -295,9 +285,7 @@ pub(crate) fn launch(
         Box::new(move || {
             let _guard = FailOnPanic(&s, "pw-zero");
             // Background work, with the lanes when they have CPUs of their own.
-            if let Err(e) = placement::pin_current_thread("the zero filler", &s.config.lane_cpus) {
-                tracing::warn!("{e}");
-            }
+            placement::pin_or_warn("the zero filler", &s.config.lane_cpus);
             placement::set_current_nice(19);
             if let Err(e) = crate::zeros::zero_main(&s) {
                 s.fail(e);

@@ -31,6 +31,15 @@ pub enum PlacementError {
         /// The CPUs the process may run on.
         allowed: Vec<usize>,
     },
+    /// More fault services than a migration runs (see
+    /// [`MAX_FAULT_SERVICES`]).
+    #[error("{services} fault services are more than the {max} a migration runs")]
+    TooManyServices {
+        /// Services the configuration asks for.
+        services: usize,
+        /// The most a migration runs.
+        max: usize,
+    },
     /// The kernel refused the affinity change.
     #[error("cannot set the CPU affinity of {what}: {errno}")]
     Affinity {
@@ -56,9 +65,7 @@ pub fn allowed_cpus() -> Vec<usize> {
     let mut cpus = match listed {
         Some(c) => c,
         None => match sched_getaffinity(Pid::from_raw(0)) {
-            Ok(set) => (0..CpuSet::count())
-                .filter(|&c| set.is_set(c).unwrap_or(false))
-                .collect(),
+            Ok(set) => cpus_in(&set),
             Err(e) => {
                 tracing::warn!("cannot read which CPUs this process may use: {e}");
                 Vec::new()
@@ -67,6 +74,13 @@ pub fn allowed_cpus() -> Vec<usize> {
     };
     cpus.sort_unstable();
     cpus
+}
+
+/// The CPUs set in `set`, ascending.
+fn cpus_in(set: &CpuSet) -> Vec<usize> {
+    (0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect()
 }
 
 /// The highest CPU number a list may name (the kernel's affinity masks
@@ -104,8 +118,7 @@ pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
 }
 
 /// Checks that every CPU in `cpus` is one the process may run on (see
-/// [`allowed_cpus`]);
-/// `what` names the setting in the error.
+/// [`allowed_cpus`]); `what` names the setting in the error.
 pub fn check(what: &'static str, cpus: &[usize]) -> Result<(), PlacementError> {
     if cpus.is_empty() {
         return Ok(());
@@ -135,6 +148,15 @@ pub fn pin_current_thread(what: &'static str, cpus: &[usize]) -> Result<(), Plac
         .map_err(|errno| PlacementError::Affinity { what, errno })
 }
 
+/// [`pin_current_thread`] for an engine thread at its start: the CPUs
+/// were checked when the migration started, so a refusal (a mask changed
+/// since) is logged and the thread runs where it is.
+pub(crate) fn pin_or_warn(what: &'static str, cpus: &[usize]) {
+    if let Err(e) = pin_current_thread(what, cpus) {
+        tracing::warn!("{e}");
+    }
+}
+
 /// Gives the calling thread nice value `nice`, so that the guest's vCPUs
 /// (and the fault service) win the CPU over background work (lanes, the
 /// zero filler) when they compete. A refusal is logged: it is an
@@ -155,10 +177,11 @@ pub(crate) fn set_current_nice(nice: i32) {
 
 /// The fault services to start, by the CPU each is pinned to: one on each
 /// CPU of `fault_cpus` (a CPU named twice gets one), or a single one the
-/// scheduler places when none are named.
-pub fn fault_service_cpus(fault_cpus: &[usize]) -> Vec<Option<usize>> {
+/// scheduler places when none are named. More than
+/// [`MAX_FAULT_SERVICES`] are refused.
+pub fn fault_service_cpus(fault_cpus: &[usize]) -> Result<Vec<Option<usize>>, PlacementError> {
     if fault_cpus.is_empty() {
-        return vec![None];
+        return Ok(vec![None]);
     }
     let mut cpus: Vec<Option<usize>> = Vec::new();
     for &c in fault_cpus {
@@ -166,7 +189,13 @@ pub fn fault_service_cpus(fault_cpus: &[usize]) -> Vec<Option<usize>> {
             cpus.push(Some(c));
         }
     }
-    cpus
+    if cpus.len() > MAX_FAULT_SERVICES {
+        return Err(PlacementError::TooManyServices {
+            services: cpus.len(),
+            max: MAX_FAULT_SERVICES,
+        });
+    }
+    Ok(cpus)
 }
 
 /// Most fault services a migration runs: each has its own urgent channel
@@ -212,10 +241,18 @@ mod tests {
 
     #[test]
     fn a_fault_service_runs_on_each_cpu_named_or_one_anywhere() {
-        assert_eq!(fault_service_cpus(&[5, 2]), vec![Some(5), Some(2)]);
-        assert_eq!(fault_service_cpus(&[3]), vec![Some(3)]);
-        assert_eq!(fault_service_cpus(&[3, 1, 3]), vec![Some(3), Some(1)]);
-        assert_eq!(fault_service_cpus(&[]), vec![None]);
+        assert_eq!(fault_service_cpus(&[5, 2]), Ok(vec![Some(5), Some(2)]));
+        assert_eq!(fault_service_cpus(&[3]), Ok(vec![Some(3)]));
+        assert_eq!(fault_service_cpus(&[3, 1, 3]), Ok(vec![Some(3), Some(1)]));
+        assert_eq!(fault_service_cpus(&[]), Ok(vec![None]));
+        let many: Vec<usize> = (0..=MAX_FAULT_SERVICES).collect();
+        assert_eq!(
+            fault_service_cpus(&many),
+            Err(PlacementError::TooManyServices {
+                services: MAX_FAULT_SERVICES + 1,
+                max: MAX_FAULT_SERVICES
+            })
+        );
     }
 
     #[test]
@@ -259,10 +296,7 @@ mod tests {
         std::thread::spawn(move || {
             pin_current_thread("test", &[cpu]).expect("pin");
             let mask = sched_getaffinity(Pid::from_raw(0)).expect("mask");
-            let on: Vec<usize> = (0..CpuSet::count())
-                .filter(|&c| mask.is_set(c).unwrap_or(false))
-                .collect();
-            assert_eq!(on, vec![cpu]);
+            assert_eq!(cpus_in(&mask), vec![cpu]);
         })
         .join()
         .expect("thread");

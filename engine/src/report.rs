@@ -154,7 +154,6 @@ pub struct LiveMetrics {
 
 /// Builds the final report of a migration.
 pub(crate) fn build(s: &Shared) -> EngineReport {
-    let services = crate::placement::fault_service_cpus(&s.config.fault_cpus);
     let m = &s.metrics;
     let (faults_over_time, pages_over_time) = m.timeline().into_iter().unzip();
     let finished = s.finished.get().copied().unwrap_or_else(Instant::now);
@@ -203,7 +202,13 @@ pub(crate) fn build(s: &Shared) -> EngineReport {
         push_rate: s.config.push_rate,
         lane_cpus: s.config.lane_cpus.clone(),
         fault_services: s.fault_services.load(std::sync::atomic::Ordering::Relaxed),
-        fault_cpus: services.iter().flatten().copied().collect(),
+        // The services' CPUs, as fault_service_cpus gives them (a CPU
+        // named twice runs one).
+        fault_cpus: crate::placement::fault_service_cpus(&s.config.fault_cpus)
+            .unwrap_or_default()
+            .into_iter()
+            .flatten()
+            .collect(),
         reply_spin_us: u64::try_from(s.config.reply_spin.as_micros()).unwrap_or(u64::MAX),
         timeline_step_ms: crate::metrics::TIMELINE_MS,
         faults_over_time,
