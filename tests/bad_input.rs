@@ -284,6 +284,15 @@ fn cpus_the_process_may_not_use_are_refused_before_anything_starts() {
             let (o, _) = run_bounded(pagewire().args(cmd).args([flag, list]), LIMIT);
             assert_clean_failure(&o, &format!("{flag}: {not_allowed}"));
         }
+        // vm-demo's vCPU cores, checked before any VM starts (a core past
+        // a CPU set's size used to panic).
+        for core in [a.clone(), (max_cpu() + 100).to_string()] {
+            let (o, _) = run_bounded(pagewire().args(["vm-demo", "--vcpu-cores", &core]), LIMIT);
+            assert_clean_failure(
+                &o,
+                &format!("vcpu_cores: CPU {core} is not one this process"),
+            );
+        }
     }
     // Lists that are not lists are usage errors (clap's exit code 2).
     let past = (max_cpu() + 1).to_string();

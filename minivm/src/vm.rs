@@ -227,18 +227,12 @@ impl MiniVm {
     }
 }
 
-/// Pins the calling thread to `core`; a core past what a CPU set holds
-/// is ignored (callers check cores against the process's CPUs first).
+/// Pins the calling thread to `core`; a core the kernel refuses (past
+/// what a CPU set holds, or not the process's) is ignored: callers check
+/// cores against the process's CPUs first.
 fn core_pin(core: usize) {
-    if core >= libc::CPU_SETSIZE as usize {
-        return;
-    }
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes
-    // inside it (`core` is below CPU_SETSIZE); sched_setaffinity reads
-    // `size_of` bytes of it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(core, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(core).is_ok() {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
     }
 }
