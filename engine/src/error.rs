@@ -68,6 +68,10 @@ pub enum EngineError {
         /// Which thread.
         thread: &'static str,
     },
+    /// The eventfd that wakes the fault services at the end could not be
+    /// created (the process is out of file descriptors).
+    #[error("cannot create the migration's eventfd: {0}")]
+    EventFd(std::io::Error),
     /// Another part of the migration failed first; see the first error.
     #[error("migration aborted")]
     Aborted,

@@ -31,7 +31,9 @@ struct Pending {
 const STALLED: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// How long the loop sleeps on the userfaultfd when nothing is
-/// outstanding, before it looks at the stop conditions again.
+/// outstanding, before it looks at the stop conditions again (the last
+/// page's arrival and a stop wake it at once, through
+/// [`Shared::done_fd`]).
 const IDLE_POLL_MS: i32 = 20;
 
 /// Reads userfaultfd events: removals are applied at once, faults wait
@@ -110,9 +112,11 @@ fn fault_loop(
             // Just served a fault: the next of a burst comes soon; look
             // for it without sleeping (no wake-up to pay).
             std::hint::spin_loop();
-            shared.installer.wait_with(None, 0)?
+            shared.installer.wait_with(None, None, 0)?
         } else if pending.is_empty() {
-            shared.installer.wait_with(None, IDLE_POLL_MS)?
+            shared
+                .installer
+                .wait_with(None, Some(shared.done_fd()), IDLE_POLL_MS)?
         } else if let Some(fd) = channel.ready_fd() {
             // The oldest reply is still young: poll for it without
             // sleeping (its thread is blocked on it anyway).
@@ -120,12 +124,14 @@ fn fault_loop(
             if young {
                 std::hint::spin_loop();
             }
-            shared
-                .installer
-                .wait_with(Some(fd), if young { 0 } else { IDLE_POLL_MS })?
+            shared.installer.wait_with(
+                Some(fd),
+                Some(shared.done_fd()),
+                if young { 0 } else { IDLE_POLL_MS },
+            )?
         } else {
             // No fd to sleep on (RDMA): busy-poll both.
-            shared.installer.wait_with(None, 0)?
+            shared.installer.wait_with(None, None, 0)?
         };
         if faults {
             let before = ev.faults.len();

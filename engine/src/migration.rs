@@ -144,7 +144,7 @@ impl Migration {
             config.clone(),
             Governor::new(page_size, batch, config.flow_control, config.push_rate),
             limits,
-        );
+        )?;
         shared.written = precopied.map(|p| p.written.clone());
         shared.landed = landed;
         let shared = Arc::new(shared);
@@ -396,7 +396,7 @@ impl MigrationHandle {
 
     fn stop_threads(&mut self) {
         if !self.threads.is_empty() {
-            self.shared.abort.store(true, Ordering::SeqCst);
+            self.shared.stop();
             for t in self.threads.drain(..) {
                 let _ = t.join();
             }

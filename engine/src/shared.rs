@@ -1,11 +1,13 @@
 //! State shared by the fault services and the pusher lanes of one
 //! migration.
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use pagewire_transport::{FetchLimits, PageRange, Transport};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::MigrationConfig;
 use crate::error::EngineError;
@@ -37,7 +39,11 @@ pub(crate) struct Shared {
     /// Fault counts per block: the sweep pushes hot blocks first.
     pub heat: HeatMap,
     pub push_released: AtomicBool,
-    pub abort: AtomicBool,
+    abort: AtomicBool,
+    /// Readable once the migration has every page or is stopping: wakes
+    /// fault services sleeping on the userfaultfd, so that the migration
+    /// ends when its last page arrives, not when their poll times out.
+    done: EventFd,
     pub error: Mutex<Option<EngineError>>,
     pub started: Instant,
     /// How long starting took.
@@ -73,6 +79,24 @@ impl Shared {
         config: MigrationConfig,
         governor: Governor,
         limits: FetchLimits,
+    ) -> Result<Self, EngineError> {
+        let done = EventFd::new(EFD_NONBLOCK).map_err(EngineError::EventFd)?;
+        Ok(Self::with_done(
+            states, installer, transport, prepager, metrics, config, governor, limits, done,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn with_done(
+        states: PageStateMap,
+        installer: PageInstaller,
+        transport: Arc<dyn Transport>,
+        prepager: Prepager,
+        metrics: Metrics,
+        config: MigrationConfig,
+        governor: Governor,
+        limits: FetchLimits,
+        done: EventFd,
     ) -> Self {
         let heat = HeatMap::new(states.len());
         Self {
@@ -100,6 +124,7 @@ impl Shared {
             events: Mutex::new(()),
             fault_services: AtomicUsize::new(0),
             written: None,
+            done,
         }
     }
 
@@ -137,7 +162,10 @@ impl Shared {
             self.config.flow_control,
             self.config.push_rate,
         );
-        let resumed = Self::new(
+        // The stop rang the eventfd: quiet it for the new threads (a read
+        // resets it; an error means it was not readable).
+        let _ = self.done.read();
+        let resumed = Self::with_done(
             self.states,
             self.installer,
             transport,
@@ -146,6 +174,7 @@ impl Shared {
             self.config,
             governor,
             limits,
+            self.done,
         );
         resumed.push_released.store(true, Ordering::Relaxed);
         Self {
@@ -167,7 +196,37 @@ impl Shared {
         if slot.is_none() {
             *slot = Some(e);
         }
+        drop(slot);
+        self.stop();
+    }
+
+    /// Tells every thread to stop (after an error, or on the owner's
+    /// abort).
+    pub fn stop(&self) {
         self.abort.store(true, Ordering::SeqCst);
+        self.ring_done();
+    }
+
+    /// Wakes the fault services: the migration has every page or is
+    /// stopping. The eventfd stays readable from then on.
+    fn ring_done(&self) {
+        // Only fails when the counter would overflow, which takes 2^64 - 1
+        // rings; a ring already pending is enough either way.
+        let _ = self.done.write(1);
+    }
+
+    /// The descriptor that becomes readable once the migration has every
+    /// page or is stopping (see [`Self::stop`]).
+    pub fn done_fd(&self) -> std::os::fd::RawFd {
+        self.done.as_raw_fd()
+    }
+
+    /// Records that every page is here (first call only) and wakes the
+    /// fault services.
+    fn note_finished(&self) {
+        if self.finished.set(Instant::now()).is_ok() {
+            self.ring_done();
+        }
     }
 
     /// Whether the migration is stopping on an error or an abort.
@@ -202,7 +261,7 @@ impl Shared {
             .mark_present(range.first, u64::from(range.count), origin);
         self.metrics.timeline_pages(u64::from(range.count));
         if self.states.all_present() {
-            let _ = self.finished.set(Instant::now());
+            self.note_finished();
         }
         if self.waiting.load(Ordering::Acquire) > 0 {
             let now = Instant::now();
@@ -414,7 +473,7 @@ impl Shared {
         }
         Metrics::add(&self.metrics.removed_pages, removed);
         if self.states.all_present() {
-            let _ = self.finished.set(Instant::now());
+            self.note_finished();
         }
         tracing::debug!(start, end, removed, "guest memory removed by its owner");
     }

@@ -583,32 +583,33 @@ impl PageInstaller {
     /// Waits up to `timeout_ms` for fault events; returns whether any are
     /// ready to read.
     pub fn wait_readable(&self, timeout_ms: i32) -> Result<bool, EngineError> {
-        Ok(self.wait_with(None, timeout_ms)?.0)
+        Ok(self.wait_with(None, None, timeout_ms)?.0)
     }
 
-    /// Waits up to `timeout_ms` (0: just look) for fault events or for
-    /// `other` to become readable; returns (faults ready, other ready).
+    /// Waits up to `timeout_ms` (0: just look) for fault events, for
+    /// `other` to become readable, or for `done` to become readable (which
+    /// only ends the wait: the caller looks at why itself); returns
+    /// (faults ready, other ready).
     pub fn wait_with(
         &self,
         other: Option<RawFd>,
+        done: Option<RawFd>,
         timeout_ms: i32,
     ) -> Result<(bool, bool), EngineError> {
+        let pollfd = |fd: Option<RawFd>| libc::pollfd {
+            // poll ignores a negative fd.
+            fd: fd.unwrap_or(-1),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         let mut pfds = [
-            libc::pollfd {
-                fd: self.uffd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: other.unwrap_or(-1),
-                events: libc::POLLIN,
-                revents: 0,
-            },
+            pollfd(Some(self.uffd.as_raw_fd())),
+            pollfd(other),
+            pollfd(done),
         ];
-        let count = if other.is_some() { 2 } else { 1 };
-        // SAFETY: `pfds` holds `count` valid pollfds for the duration of
-        // the call (a negative fd is ignored by poll).
-        let n = unsafe { libc::poll(pfds.as_mut_ptr(), count, timeout_ms) };
+        // SAFETY: `pfds` holds `pfds.len()` valid pollfds for the duration
+        // of the call (a negative fd is ignored by poll).
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
