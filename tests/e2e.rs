@@ -120,7 +120,11 @@ fn placed_threads_and_polled_replies_keep_every_page_clean() {
         args.extend_from_slice(extra);
         let r = dest_json(&src.addr, &args);
         assert_clean(&r);
-        assert!(u(&r, "network_faults") > 0, "{r}");
+        // Without the push every page the workload touches is a network
+        // fault (with it, a busy machine may let the push finish first).
+        if i == 1 {
+            assert!(u(&r, "network_faults") > 0, "{r}");
+        }
         // The flags reached the engine.
         let cpus = serde_json::json!([cpu.parse::<u64>().unwrap()]);
         assert_eq!(r["lane_cpus"], cpus, "{r}");

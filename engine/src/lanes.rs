@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use pagewire_transport::{ChannelClass, PageChannel, PageRange, TransportError};
 use tracing::debug;
 
+use crate::arrival::Arrival;
 use crate::error::EngineError;
 use crate::governor::Sent;
 use crate::link::reconnect;
@@ -256,25 +257,35 @@ fn receive_one(
     pool: &mut Vec<Vec<u8>>,
     outage: &mut Option<Instant>,
 ) -> Result<(), EngineError> {
-    let Some(len) = pending.front().map(|p| p.len) else {
+    let Some(mut p) = pending.pop_front() else {
         return Ok(());
     };
     let mut buf = pool.pop().unwrap_or_default();
     if !shared.landed {
-        buf.resize(len, 0);
+        buf.resize(p.len, 0);
     }
-    if let Err(e) = shared.recv(channel, &mut buf) {
+    // Pages a fault waits on are installed as soon as they are here.
+    let mut arrival = Arrival::new(shared, &p.pieces, p.origin);
+    let got = if shared.landed {
+        channel.recv_landed_streaming(&mut |n| arrival.arrived(n, &[]))
+    } else {
+        channel.recv_streaming(&mut buf, &mut |d| arrival.arrived(d.len(), d))
+    };
+    if let Err(e) = got {
         pool.push(buf);
+        // Pages installed before the reply broke off are here: ask again
+        // only for the rest.
+        let rest = arrival.rest()?;
+        p.len = rest.iter().map(|r| r.count as usize).sum::<usize>() * shared.page_size();
+        p.pieces = rest;
+        pending.push_front(p);
         return recover(shared, lane, channel, pending, e, outage);
     }
     *outage = None;
-    let Some(p) = pending.pop_front() else {
-        return Ok(());
-    };
     if let Some(sent) = p.sent {
         shared.governor.complete(sent);
     }
-    shared.install_fetched(&p.pieces, &buf, p.origin, &mut || shared.lane_busy())?;
+    let done = arrival.finish(&buf);
     pool.push(buf);
-    Ok(())
+    done
 }

@@ -10,6 +10,7 @@
 
 #![deny(missing_docs)]
 
+mod arrival;
 pub mod config;
 pub mod error;
 mod fault;

@@ -122,6 +122,9 @@ pub struct Metrics {
     pub reconnects: AtomicU64,
     /// Pages asked for again because their reply was lost with a link.
     pub resent_pages: AtomicU64,
+    /// Pages installed before the rest of their bulk reply had arrived,
+    /// because a fault waited on them.
+    pub early_pages: AtomicU64,
     /// Time from a link loss to the channel reopened.
     pub recovery: LatencyHist,
     /// Every fault, from reading its event to waking its thread.
@@ -184,6 +187,7 @@ impl Metrics {
             link_losses: counter(),
             reconnects: counter(),
             resent_pages: counter(),
+            early_pages: counter(),
             recovery: LatencyHist::default(),
             all: LatencyHist::default(),
             network: LatencyHist::default(),

@@ -72,6 +72,10 @@ pub struct EngineReport {
     /// Pages asked for again because their reply was lost with a link
     /// (not duplicates: each was installed once).
     pub resent_pages: u64,
+    /// Pages installed before the rest of their bulk reply had arrived,
+    /// because a fault waited on them (the link delivers a reply a piece
+    /// at a time).
+    pub early_pages: u64,
     /// Pages received more than once (must be 0).
     pub duplicate_pages: u64,
     /// Installs that found the page already mapped.
@@ -180,6 +184,7 @@ pub(crate) fn build(s: &Shared) -> EngineReport {
         link_losses: Metrics::get(&m.link_losses),
         reconnects: Metrics::get(&m.reconnects),
         resent_pages: Metrics::get(&m.resent_pages),
+        early_pages: Metrics::get(&m.early_pages),
         recovery_us: m.recovery.summary(),
         duplicate_pages: Metrics::get(&m.duplicate_pages),
         install_conflicts: Metrics::get(&m.install_conflicts),

@@ -279,6 +279,16 @@ impl Shared {
         }
     }
 
+    /// Whether a fault waits on a page of `ranges`.
+    pub fn waits_in(&self, ranges: &[PageRange]) -> bool {
+        if self.waiting.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        w.iter()
+            .any(|&(page, _)| ranges.iter().any(|r| page >= r.first && page < r.end()))
+    }
+
     /// A fault found `page` being fetched by someone else: its install
     /// wakes the faulting thread; this only times the wait.
     pub fn wait_for(&self, page: u64, t0: Instant) {

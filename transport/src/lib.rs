@@ -149,6 +149,21 @@ pub trait PageChannel: Send {
     /// Waits up to the channel's I/O timeout.
     fn recv(&mut self, buf: &mut [u8]) -> Result<(), TransportError>;
 
+    /// [`PageChannel::recv`], telling `arrived` about the bytes at the
+    /// front of `buf` that hold their final contents while the rest is
+    /// still coming (each call with a longer prefix). The caller may use
+    /// those bytes at once; the whole of `buf` is filled only when this
+    /// returns `Ok`. A channel that receives a reply all at once (the
+    /// default) never calls `arrived`.
+    fn recv_streaming(
+        &mut self,
+        buf: &mut [u8],
+        arrived: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), TransportError> {
+        let _ = arrived;
+        self.recv(buf)
+    }
+
     /// Whether a reply can be received without waiting.
     fn reply_ready(&mut self) -> Result<bool, TransportError>;
 
@@ -178,6 +193,18 @@ pub trait PageChannel: Send {
     /// [`PageChannel::send_landed`], to have landed its pages.
     fn recv_landed(&mut self) -> Result<(), TransportError> {
         Err(TransportError::Misuse("this channel has no landing memory"))
+    }
+
+    /// [`PageChannel::recv_landed`], telling `arrived` how many bytes of
+    /// the reply (its ranges in request order, back to back) have landed
+    /// while the rest is still coming, as
+    /// [`PageChannel::recv_streaming`] does.
+    fn recv_landed_streaming(
+        &mut self,
+        arrived: &mut dyn FnMut(usize),
+    ) -> Result<(), TransportError> {
+        let _ = arrived;
+        self.recv_landed()
     }
 
     /// Fetches `ranges` into `buf`, one after another: range `i` lands right

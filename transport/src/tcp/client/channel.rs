@@ -25,7 +25,15 @@ impl PageChannel for TcpChannel {
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
-        self.conn.recv_fetch(buf, self.page_size)
+        self.conn.recv_fetch(buf, self.page_size, &mut |_| {})
+    }
+
+    fn recv_streaming(
+        &mut self,
+        buf: &mut [u8],
+        arrived: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), TransportError> {
+        self.conn.recv_fetch(buf, self.page_size, arrived)
     }
 
     fn send_landed(&mut self, ranges: &[PageRange]) -> Result<(), TransportError> {
@@ -35,7 +43,15 @@ impl PageChannel for TcpChannel {
 
     fn recv_landed(&mut self) -> Result<(), TransportError> {
         let landing = Landing::of(&self.landing)?.clone();
-        self.conn.recv_fetch_landed(&landing)
+        self.conn.recv_fetch_landed(&landing, &mut |_| {})
+    }
+
+    fn recv_landed_streaming(
+        &mut self,
+        arrived: &mut dyn FnMut(usize),
+    ) -> Result<(), TransportError> {
+        let landing = Landing::of(&self.landing)?.clone();
+        self.conn.recv_fetch_landed(&landing, arrived)
     }
 
     fn reply_ready(&mut self) -> Result<bool, TransportError> {

@@ -210,6 +210,7 @@ impl Conn {
         &mut self,
         buf: &mut [u8],
         page_size: usize,
+        arrived: &mut dyn FnMut(&[u8]),
     ) -> Result<(), TransportError> {
         let front = self
             .outstanding
@@ -226,12 +227,38 @@ impl Conn {
             });
         }
         self.reply_head(want_len)?;
-        self.stream.read_exact(buf).map_err(|e| self.read_err(e))
+        let mut filled = 0;
+        while filled < buf.len() {
+            filled += self.read_some(&mut buf[filled..])?;
+            if filled < buf.len() {
+                arrived(&buf[..filled]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what the connection has of the current reply, at least one
+    /// byte, into `buf`.
+    fn read_some(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
+        loop {
+            match self.stream.read(buf) {
+                Ok(0) if !buf.is_empty() => {
+                    return Err(self.read_err(io::ErrorKind::UnexpectedEof.into()))
+                }
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.read_err(e)),
+            }
+        }
     }
 
     /// Receives the reply to the oldest outstanding fetch, sent to land,
     /// straight into `landing`: each range's bytes at its own place.
-    pub(super) fn recv_fetch_landed(&mut self, landing: &Landing) -> Result<(), TransportError> {
+    pub(super) fn recv_fetch_landed(
+        &mut self,
+        landing: &Landing,
+        arrived: &mut dyn FnMut(usize),
+    ) -> Result<(), TransportError> {
         let front = self
             .outstanding
             .front()
@@ -246,6 +273,7 @@ impl Conn {
             landing.populate(*r);
         }
         let ranges = self.reply_head(want_len)?.landed.unwrap_or_default();
+        let mut landed = 0;
         for r in ranges {
             // SAFETY: this channel sent the request for these pages (their
             // fetcher holds them, see `Landing::new`) and no other slice
@@ -253,7 +281,15 @@ impl Conn {
             let dst = unsafe { landing.bytes_mut(r) }.ok_or(TransportError::Misuse(
                 "a landed range outside the landing memory",
             ))?;
-            self.stream.read_exact(dst).map_err(|e| self.read_err(e))?;
+            let mut filled = 0;
+            while filled < dst.len() {
+                let n = self.read_some(&mut dst[filled..])?;
+                filled += n;
+                landed += n;
+                if landed < want_len {
+                    arrived(landed);
+                }
+            }
         }
         Ok(())
     }

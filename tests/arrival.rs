@@ -1,0 +1,239 @@
+//! Bulk replies installed as they arrive: a thread faulting on a page of a
+//! reply that is still coming gets its page before the rest of the reply
+//! is here, and a reply that breaks off after some of its pages were
+//! installed asks again only for the others. Against a real `pagewire
+//! source` process; a wrapper on the lane's channel holds the reply half
+//! way (as a slow link does) until the faulting thread has its page.
+
+mod common;
+
+use common::*;
+use pagewire_engine::{Migration, MigrationConfig};
+use pagewire_transport::tcp::{TcpOptions, TcpTransport};
+use pagewire_transport::{
+    page_checksum, ChannelClass, FetchLimits, PageChannel, PageRange, SourceInfo, SourceStats,
+    Transport, TransportError,
+};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long the gate holds a reply at most: a bound for the failing case
+/// only (the page arrives early or the test fails), never a measurement.
+const HOLD_AT_MOST: Duration = Duration::from_secs(30);
+
+/// What the test and the held lane tell each other.
+#[derive(Default)]
+struct Gate {
+    /// Still to hold a reply (the first of two pages or more).
+    armed: AtomicBool,
+    /// The page whose bytes (and only the bytes before its reply's
+    /// second page) have arrived.
+    held: Mutex<Option<u64>>,
+    held_cv: Condvar,
+    /// The faulting thread has its page.
+    touched: AtomicBool,
+    /// The reply was let go because the faulting thread had its page
+    /// (not because the bound ran out).
+    released_by_touch: AtomicBool,
+    /// Pages of the held reply.
+    held_pages: Mutex<u64>,
+    /// After the hold, the reply breaks off (the link is lost).
+    break_after: bool,
+}
+
+struct Gated {
+    inner: Arc<dyn Transport>,
+    gate: Arc<Gate>,
+}
+
+struct GatedChannel {
+    inner: Box<dyn PageChannel>,
+    gate: Arc<Gate>,
+    page_size: usize,
+    sent: VecDeque<Vec<PageRange>>,
+}
+
+impl PageChannel for GatedChannel {
+    fn send(&mut self, r: &[PageRange]) -> Result<(), TransportError> {
+        self.inner.send(r)?;
+        self.sent.push_back(r.to_vec());
+        Ok(())
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
+        self.recv_streaming(buf, &mut |_| {})
+    }
+    fn recv_streaming(
+        &mut self,
+        buf: &mut [u8],
+        arrived: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), TransportError> {
+        let ranges = self.sent.pop_front().unwrap_or_default();
+        self.inner.recv(buf)?;
+        let ps = self.page_size;
+        if buf.len() < 2 * ps || !self.gate.armed.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let g = &self.gate;
+        *g.held_pages.lock().unwrap() = (buf.len() / ps) as u64;
+        *g.held.lock().unwrap() = Some(ranges[0].first);
+        g.held_cv.notify_all();
+        // Only the first page is here; the engine is told again and again
+        // (as each new read would) until the faulting thread has it.
+        let t0 = Instant::now();
+        while !g.touched.load(Ordering::SeqCst) && t0.elapsed() < HOLD_AT_MOST {
+            arrived(&buf[..ps]);
+            thread::sleep(Duration::from_millis(1));
+        }
+        g.released_by_touch
+            .store(g.touched.load(Ordering::SeqCst), Ordering::SeqCst);
+        if g.break_after {
+            return Err(TransportError::Closed {
+                context: "the test broke the reply off".into(),
+            });
+        }
+        Ok(())
+    }
+    fn reply_ready(&mut self) -> Result<bool, TransportError> {
+        self.inner.reply_ready()
+    }
+    fn ready_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.inner.ready_fd()
+    }
+    fn outstanding(&self) -> usize {
+        self.inner.outstanding()
+    }
+    fn max_outstanding(&self) -> usize {
+        self.inner.max_outstanding()
+    }
+}
+
+impl Transport for Gated {
+    fn name(&self) -> &'static str {
+        "gated"
+    }
+    fn info(&self) -> &SourceInfo {
+        self.inner.info()
+    }
+    fn open(&self, class: ChannelClass) -> Result<Box<dyn PageChannel>, TransportError> {
+        let ch = self.inner.open(class)?;
+        Ok(match class {
+            ChannelClass::Bulk(_) => Box::new(GatedChannel {
+                inner: ch,
+                gate: self.gate.clone(),
+                page_size: self.inner.info().layout.page_size(),
+                sent: VecDeque::new(),
+            }),
+            _ => ch,
+        })
+    }
+    fn limits(&self) -> FetchLimits {
+        self.inner.limits()
+    }
+    fn checksums(&self, r: PageRange) -> Result<Vec<u64>, TransportError> {
+        self.inner.checksums(r)
+    }
+    fn source_stats(&self) -> Result<SourceStats, TransportError> {
+        self.inner.source_stats()
+    }
+}
+
+/// Holds the first bulk reply of two pages or more after its first page,
+/// touches that page from another thread, and checks that the touch
+/// returned while the reply was held; then the whole migration.
+fn fault_on_a_page_still_arriving(break_after: bool) {
+    let src = start_source("8MiB", 21);
+    let inner: Arc<dyn Transport> = Arc::new(
+        TcpTransport::connect(
+            &src.addr,
+            TcpOptions {
+                io_timeout: Duration::from_secs(60),
+                ..TcpOptions::default()
+            },
+        )
+        .expect("connect"),
+    );
+    let gate = Arc::new(Gate {
+        armed: AtomicBool::new(true),
+        break_after,
+        ..Gate::default()
+    });
+    let t: Arc<dyn Transport> = Arc::new(Gated {
+        inner: inner.clone(),
+        gate: gate.clone(),
+    });
+    let handle = Migration::start(
+        t,
+        MigrationConfig {
+            lanes: 1,
+            bubble: 0,
+            // Full batches from the first request on.
+            flow_control: false,
+            ..MigrationConfig::default()
+        },
+    )
+    .expect("start");
+    let mem = handle.memory().clone();
+    let page = {
+        let held = gate.held.lock().unwrap();
+        let (held, _) = gate
+            .held_cv
+            .wait_timeout_while(held, HOLD_AT_MOST, |h| h.is_none())
+            .unwrap();
+        held.expect("no bulk reply of two pages or more")
+    };
+    let vcpu = {
+        let (mem, gate) = (mem.clone(), gate.clone());
+        thread::spawn(move || {
+            let sum = page_checksum(mem.page(page).expect("page"));
+            gate.touched.store(true, Ordering::SeqCst);
+            sum
+        })
+    };
+    let sum = vcpu.join().expect("vcpu");
+    // Bounded: a page installed twice would leave the migration waiting
+    // for a page count it never reaches.
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(handle.wait());
+    });
+    let report = rx
+        .recv_timeout(HOLD_AT_MOST)
+        .expect("the migration did not end")
+        .expect("migration");
+    assert!(
+        gate.released_by_touch.load(Ordering::SeqCst),
+        "the faulting thread got page {page} only when its whole reply had arrived"
+    );
+    let total = inner.info().layout.total_pages();
+    let want = inner.checksums(PageRange::new(0, total as u32)).unwrap();
+    assert_eq!(
+        sum, want[page as usize],
+        "page {page} as the thread read it"
+    );
+    for (p, w) in want.iter().enumerate() {
+        assert_eq!(page_checksum(mem.page(p as u64).unwrap()), *w, "page {p}");
+    }
+    assert!(report.early_pages >= 1, "{report:?}");
+    assert_eq!(report.duplicate_pages, 0, "a page fetched twice");
+    assert_eq!(report.install_conflicts, 0);
+    if break_after {
+        assert_eq!(report.link_losses, 1);
+        // The held reply's first page was not asked for again (other
+        // requests outstanding on the channel were).
+        let held_pages = *gate.held_pages.lock().unwrap();
+        assert!(report.resent_pages >= held_pages - 1, "{report:?}");
+    }
+}
+
+#[test]
+fn a_fault_on_a_page_still_arriving_gets_it_before_the_rest_of_the_reply() {
+    fault_on_a_page_still_arriving(false);
+}
+
+#[test]
+fn a_reply_broken_off_after_an_early_page_asks_again_only_for_the_rest() {
+    fault_on_a_page_still_arriving(true);
+}
