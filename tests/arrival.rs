@@ -8,11 +8,11 @@
 mod common;
 
 use common::*;
-use pagewire_engine::{Migration, MigrationConfig};
+use pagewire_engine::{DestMemory, InstallPath, Migration, MigrationConfig};
 use pagewire_transport::tcp::{TcpOptions, TcpTransport};
 use pagewire_transport::{
-    page_checksum, ChannelClass, FetchLimits, PageChannel, PageRange, SourceInfo, SourceStats,
-    Transport, TransportError,
+    page_checksum, ChannelClass, FetchLimits, Landing, PageChannel, PageRange, SourceInfo,
+    SourceStats, Transport, TransportError,
 };
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,6 +62,11 @@ impl PageChannel for GatedChannel {
         self.sent.push_back(r.to_vec());
         Ok(())
     }
+    fn send_landed(&mut self, r: &[PageRange]) -> Result<(), TransportError> {
+        self.inner.send_landed(r)?;
+        self.sent.push_back(r.to_vec());
+        Ok(())
+    }
     fn recv(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
         self.recv_streaming(buf, &mut |_| {})
     }
@@ -70,31 +75,20 @@ impl PageChannel for GatedChannel {
         buf: &mut [u8],
         arrived: &mut dyn FnMut(&[u8]),
     ) -> Result<(), TransportError> {
-        let ranges = self.sent.pop_front().unwrap_or_default();
         self.inner.recv(buf)?;
         let ps = self.page_size;
-        if buf.len() < 2 * ps || !self.gate.armed.swap(false, Ordering::SeqCst) {
-            return Ok(());
-        }
-        let g = &self.gate;
-        *g.held_pages.lock().unwrap() = (buf.len() / ps) as u64;
-        *g.held.lock().unwrap() = Some(ranges[0].first);
-        g.held_cv.notify_all();
-        // Only the first page is here; the engine is told again and again
-        // (as each new read would) until the faulting thread has it.
-        let t0 = Instant::now();
-        while !g.touched.load(Ordering::SeqCst) && t0.elapsed() < HOLD_AT_MOST {
-            arrived(&buf[..ps]);
-            thread::sleep(Duration::from_millis(1));
-        }
-        g.released_by_touch
-            .store(g.touched.load(Ordering::SeqCst), Ordering::SeqCst);
-        if g.break_after {
-            return Err(TransportError::Closed {
-                context: "the test broke the reply off".into(),
-            });
-        }
-        Ok(())
+        self.hold(&mut || arrived(&buf[..ps]))
+    }
+    fn recv_landed(&mut self) -> Result<(), TransportError> {
+        self.recv_landed_streaming(&mut |_| {})
+    }
+    fn recv_landed_streaming(
+        &mut self,
+        arrived: &mut dyn FnMut(usize),
+    ) -> Result<(), TransportError> {
+        self.inner.recv_landed()?;
+        let ps = self.page_size;
+        self.hold(&mut || arrived(ps))
     }
     fn reply_ready(&mut self) -> Result<bool, TransportError> {
         self.inner.reply_ready()
@@ -107,6 +101,37 @@ impl PageChannel for GatedChannel {
     }
     fn max_outstanding(&self) -> usize {
         self.inner.max_outstanding()
+    }
+}
+
+impl GatedChannel {
+    /// The reply to the oldest request is here: when it is the one to
+    /// hold, tells the engine (with `first_page_arrived`) that only its
+    /// first page is, again and again as each new read would, until the
+    /// faulting thread has that page; then lets it go, or breaks it off.
+    fn hold(&mut self, first_page_arrived: &mut dyn FnMut()) -> Result<(), TransportError> {
+        let ranges = self.sent.pop_front().unwrap_or_default();
+        let pages: u64 = ranges.iter().map(|r| u64::from(r.count)).sum();
+        if pages < 2 || !self.gate.armed.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let g = &self.gate;
+        *g.held_pages.lock().unwrap() = pages;
+        *g.held.lock().unwrap() = Some(ranges[0].first);
+        g.held_cv.notify_all();
+        let t0 = Instant::now();
+        while !g.touched.load(Ordering::SeqCst) && t0.elapsed() < HOLD_AT_MOST {
+            first_page_arrived();
+            thread::sleep(Duration::from_millis(1));
+        }
+        g.released_by_touch
+            .store(g.touched.load(Ordering::SeqCst), Ordering::SeqCst);
+        if g.break_after {
+            return Err(TransportError::Closed {
+                context: "the test broke the reply off".into(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -138,12 +163,15 @@ impl Transport for Gated {
     fn source_stats(&self) -> Result<SourceStats, TransportError> {
         self.inner.source_stats()
     }
+    fn set_landing(&self, landing: Arc<Landing>) -> Result<bool, TransportError> {
+        self.inner.set_landing(landing)
+    }
 }
 
 /// Holds the first bulk reply of two pages or more after its first page,
 /// touches that page from another thread, and checks that the touch
 /// returned while the reply was held; then the whole migration.
-fn fault_on_a_page_still_arriving(break_after: bool) {
+fn fault_on_a_page_still_arriving(break_after: bool, shared: bool) {
     let src = start_source("8MiB", 21);
     let inner: Arc<dyn Transport> = Arc::new(
         TcpTransport::connect(
@@ -164,17 +192,20 @@ fn fault_on_a_page_still_arriving(break_after: bool) {
         inner: inner.clone(),
         gate: gate.clone(),
     });
-    let handle = Migration::start(
-        t,
-        MigrationConfig {
-            lanes: 1,
-            bubble: 0,
-            // Full batches from the first request on.
-            flow_control: false,
-            ..MigrationConfig::default()
-        },
-    )
-    .expect("start");
+    let config = MigrationConfig {
+        lanes: 1,
+        bubble: 0,
+        // Full batches from the first request on.
+        flow_control: false,
+        ..MigrationConfig::default()
+    };
+    let handle = if shared {
+        // A memfd: pages land in it and are mapped with UFFDIO_CONTINUE.
+        let mem = DestMemory::new_shared(&inner.info().layout).expect("memfd memory");
+        Migration::start_with_memory(t, Arc::new(mem), config).expect("start")
+    } else {
+        Migration::start(t, config).expect("start")
+    };
     let mem = handle.memory().clone();
     let page = {
         let held = gate.held.lock().unwrap();
@@ -217,6 +248,12 @@ fn fault_on_a_page_still_arriving(break_after: bool) {
         assert_eq!(page_checksum(mem.page(p as u64).unwrap()), *w, "page {p}");
     }
     assert!(report.early_pages >= 1, "{report:?}");
+    let path = if shared {
+        InstallPath::Landed
+    } else {
+        InstallPath::Copy
+    };
+    assert_eq!(report.install_path, path);
     assert_eq!(report.duplicate_pages, 0, "a page fetched twice");
     assert_eq!(report.install_conflicts, 0);
     if break_after {
@@ -230,10 +267,20 @@ fn fault_on_a_page_still_arriving(break_after: bool) {
 
 #[test]
 fn a_fault_on_a_page_still_arriving_gets_it_before_the_rest_of_the_reply() {
-    fault_on_a_page_still_arriving(false);
+    fault_on_a_page_still_arriving(false, false);
 }
 
 #[test]
 fn a_reply_broken_off_after_an_early_page_asks_again_only_for_the_rest() {
-    fault_on_a_page_still_arriving(true);
+    fault_on_a_page_still_arriving(true, false);
+}
+
+#[test]
+fn a_page_landed_in_shared_memory_is_mapped_before_the_rest_of_its_reply() {
+    fault_on_a_page_still_arriving(false, true);
+}
+
+#[test]
+fn a_landed_reply_broken_off_after_an_early_page_asks_again_only_for_the_rest() {
+    fault_on_a_page_still_arriving(true, true);
 }
