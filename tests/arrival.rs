@@ -3,7 +3,8 @@
 //! is here, and a reply that breaks off after some of its pages were
 //! installed asks again only for the others. Against a real `pagewire
 //! source` process; a wrapper on the lane's channel holds the reply half
-//! way (as a slow link does) until the faulting thread has its page.
+//! way (as a slow link does) until the faulting thread has its page. The
+//! TCP channel itself reports a reply that trickles in, a piece at a time.
 
 mod common;
 
@@ -11,8 +12,8 @@ use common::*;
 use pagewire_engine::{DestMemory, InstallPath, Migration, MigrationConfig};
 use pagewire_transport::tcp::{TcpOptions, TcpTransport};
 use pagewire_transport::{
-    page_checksum, ChannelClass, FetchLimits, Landing, PageChannel, PageRange, SourceInfo,
-    SourceStats, Transport, TransportError,
+    page_checksum, ChannelClass, FetchLimits, Landing, LandingSpan, PageChannel, PageRange,
+    SourceInfo, SourceStats, Transport, TransportError,
 };
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,10 +39,12 @@ struct Gate {
     /// The reply was let go because the faulting thread had its page
     /// (not because the bound ran out).
     released_by_touch: AtomicBool,
-    /// Pages of the held reply.
-    held_pages: Mutex<u64>,
+    /// The ranges of the held reply.
+    held_ranges: Mutex<Vec<PageRange>>,
     /// After the hold, the reply breaks off (the link is lost).
     break_after: bool,
+    /// Bulk requests sent once a reply was held (resends included).
+    sent_after_hold: Mutex<Vec<PageRange>>,
 }
 
 struct Gated {
@@ -59,12 +62,12 @@ struct GatedChannel {
 impl PageChannel for GatedChannel {
     fn send(&mut self, r: &[PageRange]) -> Result<(), TransportError> {
         self.inner.send(r)?;
-        self.sent.push_back(r.to_vec());
+        self.note_sent(r);
         Ok(())
     }
     fn send_landed(&mut self, r: &[PageRange]) -> Result<(), TransportError> {
         self.inner.send_landed(r)?;
-        self.sent.push_back(r.to_vec());
+        self.note_sent(r);
         Ok(())
     }
     fn recv(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
@@ -105,6 +108,17 @@ impl PageChannel for GatedChannel {
 }
 
 impl GatedChannel {
+    fn note_sent(&mut self, r: &[PageRange]) {
+        self.sent.push_back(r.to_vec());
+        if self.gate.held.lock().unwrap().is_some() {
+            self.gate
+                .sent_after_hold
+                .lock()
+                .unwrap()
+                .extend_from_slice(r);
+        }
+    }
+
     /// The reply to the oldest request is here: when it is the one to
     /// hold, tells the engine (with `first_page_arrived`) that only its
     /// first page is, again and again as each new read would, until the
@@ -116,7 +130,7 @@ impl GatedChannel {
             return Ok(());
         }
         let g = &self.gate;
-        *g.held_pages.lock().unwrap() = pages;
+        *g.held_ranges.lock().unwrap() = ranges.clone();
         *g.held.lock().unwrap() = Some(ranges[0].first);
         g.held_cv.notify_all();
         let t0 = Instant::now();
@@ -256,12 +270,29 @@ fn fault_on_a_page_still_arriving(break_after: bool, shared: bool) {
     assert_eq!(report.install_path, path);
     assert_eq!(report.duplicate_pages, 0, "a page fetched twice");
     assert_eq!(report.install_conflicts, 0);
+    // The page the thread got early was never asked for again.
+    let again = gate.sent_after_hold.lock().unwrap();
+    assert!(
+        !again.iter().any(|r| page >= r.first && page < r.end()),
+        "page {page} asked for again: {again:?}"
+    );
     if break_after {
         assert_eq!(report.link_losses, 1);
-        // The held reply's first page was not asked for again (other
-        // requests outstanding on the channel were).
-        let held_pages = *gate.held_pages.lock().unwrap();
+        // The rest of the held reply was (with whatever else was
+        // outstanding on the channel).
+        let held = gate.held_ranges.lock().unwrap();
+        let held_pages: u64 = held.iter().map(|r| u64::from(r.count)).sum();
         assert!(report.resent_pages >= held_pages - 1, "{report:?}");
+        // Its second page, the first it had not installed.
+        let second = if held[0].count > 1 {
+            held[0].first + 1
+        } else {
+            held[1].first
+        };
+        assert!(
+            again.iter().any(|r| second >= r.first && second < r.end()),
+            "page {second}, of the held reply, was not asked for again: {again:?}"
+        );
     }
 }
 
@@ -283,4 +314,120 @@ fn a_page_landed_in_shared_memory_is_mapped_before_the_rest_of_its_reply() {
 #[test]
 fn a_landed_reply_broken_off_after_an_early_page_asks_again_only_for_the_rest() {
     fault_on_a_page_still_arriving(true, true);
+}
+
+/// A relay on loopback that passes the source's bytes on 1000 at a time,
+/// 1 ms apart: a reply of many pages reaches the destination in pieces,
+/// as over a slow link.
+fn trickling_relay(target: String) -> String {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    thread::spawn(move || {
+        for client in l.incoming().flatten() {
+            let Ok(server) = TcpStream::connect(&target) else {
+                continue;
+            };
+            let _ = client.set_nodelay(true);
+            let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            thread::spawn(move || {
+                let mut b = vec![0u8; 1 << 16];
+                while let Ok(n @ 1..) = c_in.read(&mut b) {
+                    if s_out.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+            let (mut s_in, mut c_out) = (server, client);
+            thread::spawn(move || {
+                let mut b = vec![0u8; 1000];
+                while let Ok(n @ 1..) = s_in.read(&mut b) {
+                    if c_out.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                    thread::sleep(Duration::from_millis(1));
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// What a channel reported while a reply trickled in: every report
+/// covered more than none and less than all of it, none shorter than the
+/// one before, and the bytes reported were final.
+fn check_reports(reports: &[usize], total: usize) {
+    assert!(
+        !reports.is_empty(),
+        "a {total}-byte reply that took 250 ms to arrive was never reported in part"
+    );
+    assert!(reports.windows(2).all(|w| w[0] <= w[1]), "{reports:?}");
+    assert!(reports.iter().all(|&n| n > 0 && n < total), "{reports:?}");
+}
+
+/// The TCP channel reports a reply's bytes as they are read: into a
+/// buffer (each prefix already holding the source's bytes) and into
+/// landing memory.
+#[test]
+fn tcp_tells_the_caller_about_a_reply_as_it_arrives() {
+    let src = start_source("8MiB", 22);
+    let relay = trickling_relay(src.addr.clone());
+    let t = TcpTransport::connect(
+        &relay,
+        TcpOptions {
+            io_timeout: Duration::from_secs(60),
+            ..TcpOptions::default()
+        },
+    )
+    .expect("connect");
+    let ps = t.info().layout.page_size();
+    let pages = 64u32;
+    let total = pages as usize * ps;
+    let want = t.checksums(PageRange::new(0, pages)).unwrap();
+    let sums = |bytes: &[u8]| -> Vec<u64> { bytes.chunks(ps).map(page_checksum).collect() };
+
+    // Into a buffer: each prefix reported holds the source's pages.
+    let mut ch = t.open(ChannelClass::Bulk(0)).expect("channel");
+    ch.send(&[PageRange::new(0, pages)]).unwrap();
+    let mut buf = vec![0u8; total];
+    let mut reports = Vec::new();
+    ch.recv_streaming(&mut buf, &mut |prefix| {
+        let full = prefix.len() / ps;
+        assert_eq!(
+            sums(&prefix[..full * ps]),
+            want[..full],
+            "a page reported early"
+        );
+        reports.push(prefix.len());
+    })
+    .expect("recv");
+    check_reports(&reports, total);
+    assert_eq!(sums(&buf), want);
+
+    // Into landing memory, a second request in the same landing.
+    let mut map = memmap2::MmapMut::map_anon(total).unwrap();
+    let addr = map.as_mut_ptr() as usize;
+    let span = LandingSpan {
+        first_page: 0,
+        pages: u64::from(pages),
+        addr,
+    };
+    let map = Arc::new(map);
+    // SAFETY: `map` is this process's memory, readable and writable for
+    // the span, kept mapped by the landing's owner; only the channel
+    // writes it until the reply is in, and it is read after that.
+    let landing = unsafe { Landing::new(ps, vec![span], map.clone()) }.expect("landing");
+    assert!(t.set_landing(Arc::new(landing)).unwrap());
+    let mut ch = t.open(ChannelClass::Bulk(1)).expect("channel");
+    ch.send_landed(&[
+        PageRange::new(0, pages / 2),
+        PageRange::new(u64::from(pages / 2), pages / 2),
+    ])
+    .unwrap();
+    let mut reports = Vec::new();
+    ch.recv_landed_streaming(&mut |n| reports.push(n))
+        .expect("recv landed");
+    check_reports(&reports, total);
+    assert_eq!(sums(&map[..]), want);
 }

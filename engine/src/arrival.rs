@@ -4,6 +4,8 @@
 //! takes a while to cross; without this, a fault on its first page would
 //! wait for its last.
 
+use std::time::{Duration, Instant};
+
 use pagewire_transport::PageRange;
 
 use crate::error::EngineError;
@@ -21,6 +23,9 @@ pub(crate) struct Arrival<'a> {
     installed: u64,
     /// The first install error: nothing more is installed after it.
     failed: Option<EngineError>,
+    /// Time spent installing pages before the reply was complete: not
+    /// part of the reply's round trip.
+    spent: Duration,
 }
 
 impl<'a> Arrival<'a> {
@@ -32,6 +37,7 @@ impl<'a> Arrival<'a> {
             origin,
             installed: 0,
             failed: None,
+            spent: Duration::ZERO,
         }
     }
 
@@ -41,18 +47,29 @@ impl<'a> Arrival<'a> {
     pub fn arrived(&mut self, bytes: usize, data: &[u8]) {
         let ps = self.shared.page_size();
         let full = (bytes / ps) as u64;
-        if self.failed.is_some() || full <= self.installed {
+        if self.failed.is_some() || full <= self.installed || !self.shared.has_waiters() {
             return;
         }
         let fresh = slice(self.pieces, self.installed, full);
         if !self.shared.waits_in(&fresh) {
             return;
         }
-        let before = self.installed;
+        let (before, t0) = (self.installed, Instant::now());
         match self.install(&fresh, full, data) {
             Ok(()) => Metrics::add(&self.shared.metrics.early_pages, full - before),
             Err(e) => self.failed = Some(e),
         }
+        self.spent += t0.elapsed();
+    }
+
+    /// Pages of the reply installed so far.
+    pub fn installed(&self) -> u64 {
+        self.installed
+    }
+
+    /// Time spent installing pages while the reply was still coming.
+    pub fn spent(&self) -> Duration {
+        self.spent
     }
 
     /// The whole reply is here (in `data`, unless the migration lands

@@ -273,17 +273,35 @@ fn receive_one(
     };
     if let Err(e) = got {
         pool.push(buf);
+        if arrival.installed() > 0 {
+            // The link carried pages since it was last lost.
+            *outage = None;
+        }
         // Pages installed before the reply broke off are here: ask again
         // only for the rest.
-        let rest = arrival.rest()?;
-        p.len = rest.iter().map(|r| r.count as usize).sum::<usize>() * shared.page_size();
-        p.pieces = rest;
-        pending.push_front(p);
+        let rest = arrival.rest().inspect_err(|_| {
+            tracing::warn!(lane, "the reply broke off ({e}) after an install failed");
+        })?;
+        if rest.is_empty() {
+            // Every page is here (a channel that reported the whole reply
+            // as arrived before failing): nothing to ask again.
+            if let Some(sent) = p.sent {
+                shared.governor.complete(sent);
+            }
+        } else {
+            p.len = rest.iter().map(|r| r.count as usize).sum::<usize>() * shared.page_size();
+            p.pieces = rest;
+            pending.push_front(p);
+        }
         return recover(shared, lane, channel, pending, e, outage);
     }
     *outage = None;
     if let Some(sent) = p.sent {
-        shared.governor.complete(sent);
+        // The reply's round trip, without the installs done while it came.
+        let now = Instant::now();
+        shared
+            .governor
+            .complete_at(sent, now.checked_sub(arrival.spent()).unwrap_or(now));
     }
     let done = arrival.finish(&buf);
     pool.push(buf);

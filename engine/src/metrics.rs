@@ -123,7 +123,7 @@ pub struct Metrics {
     /// Pages asked for again because their reply was lost with a link.
     pub resent_pages: AtomicU64,
     /// Pages installed before the rest of their bulk reply had arrived,
-    /// because a fault waited on them.
+    /// because a fault waited on one of them.
     pub early_pages: AtomicU64,
     /// Time from a link loss to the channel reopened.
     pub recovery: LatencyHist,

@@ -73,8 +73,8 @@ pub struct EngineReport {
     /// (not duplicates: each was installed once).
     pub resent_pages: u64,
     /// Pages installed before the rest of their bulk reply had arrived,
-    /// because a fault waited on them (the link delivers a reply a piece
-    /// at a time).
+    /// because a fault waited on one of them (the link delivers a reply a
+    /// piece at a time).
     pub early_pages: u64,
     /// Pages received more than once (must be 0).
     pub duplicate_pages: u64,

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use pagewire_transport::{FetchLimits, PageRange, Transport};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::config::MigrationConfig;
 use crate::error::EngineError;
@@ -80,7 +80,7 @@ impl Shared {
         governor: Governor,
         limits: FetchLimits,
     ) -> Result<Self, EngineError> {
-        let done = EventFd::new(EFD_NONBLOCK).map_err(EngineError::EventFd)?;
+        let done = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(EngineError::EventFd)?;
         Ok(Self::with_done(
             states, installer, transport, prepager, metrics, config, governor, limits, done,
         ))
@@ -277,6 +277,11 @@ impl Shared {
             });
             self.waiting.store(w.len(), Ordering::Release);
         }
+    }
+
+    /// Whether any fault waits on a page a lane is fetching.
+    pub fn has_waiters(&self) -> bool {
+        self.waiting.load(Ordering::Acquire) > 0
     }
 
     /// Whether a fault waits on a page of `ranges`.

@@ -67,7 +67,10 @@ impl Landing {
     /// Every span must be memory of this process, readable and writable
     /// for `pages * page_size` bytes, that stays mapped as long as `owner`
     /// lives. While a request landing pages is outstanding nothing else
-    /// may read or write those pages' bytes (the engine claims a page
+    /// may read or write those pages' bytes, except whole pages its
+    /// channel has reported landed
+    /// ([`crate::PageChannel::recv_landed_streaming`]), which the channel
+    /// never writes again (the engine claims a page
     /// before asking for it, and the guest cannot see this mapping).
     pub unsafe fn new(
         page_size: usize,
@@ -182,13 +185,26 @@ impl Landing {
     /// make two live slices over the same pages.
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn bytes_mut(&self, range: PageRange) -> Option<&mut [u8]> {
+        // SAFETY: the caller's contract, for the whole range.
+        unsafe { self.bytes_mut_from(range, 0) }
+    }
+
+    /// The bytes of `range` from its `from`-th byte on, to write into,
+    /// when the range lies in one span and `from` is inside it: the bytes
+    /// before `from` may meanwhile be the guest's (pages reported landed
+    /// and mapped).
+    ///
+    /// # Safety
+    /// As [`Landing::bytes_mut`], for the bytes from `from` on.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn bytes_mut_from(&self, range: PageRange, from: usize) -> Option<&mut [u8]> {
         let addr = self.locate(range)?;
-        let len = range.count as usize * self.page_size;
-        // SAFETY: `addr..addr + len` lies in one span, which the contract
-        // of `new` keeps mapped and writable while `self` (and its owner)
-        // lives; the caller holds the pages and makes no other slice over
-        // them.
-        Some(unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) })
+        let len = (range.count as usize * self.page_size).checked_sub(from)?;
+        // SAFETY: `addr + from..addr + from + len` lies in one span, which
+        // the contract of `new` keeps mapped and writable while `self` (and
+        // its owner) lives; the caller holds those pages and makes no other
+        // slice over them.
+        Some(unsafe { std::slice::from_raw_parts_mut((addr + from) as *mut u8, len) })
     }
 }
 

@@ -151,10 +151,11 @@ pub trait PageChannel: Send {
 
     /// [`PageChannel::recv`], telling `arrived` about the bytes at the
     /// front of `buf` that hold their final contents while the rest is
-    /// still coming (each call with a longer prefix). The caller may use
-    /// those bytes at once; the whole of `buf` is filled only when this
-    /// returns `Ok`. A channel that receives a reply all at once (the
-    /// default) never calls `arrived`.
+    /// still coming (each call with a prefix no shorter than the last,
+    /// never the whole of `buf`). The caller may use those bytes at once;
+    /// the whole of `buf` is filled only when this returns `Ok`. A channel
+    /// that receives a reply all at once (the default, and wrappers that
+    /// do not forward this) never calls `arrived`.
     fn recv_streaming(
         &mut self,
         buf: &mut [u8],
@@ -198,7 +199,9 @@ pub trait PageChannel: Send {
     /// [`PageChannel::recv_landed`], telling `arrived` how many bytes of
     /// the reply (its ranges in request order, back to back) have landed
     /// while the rest is still coming, as
-    /// [`PageChannel::recv_streaming`] does.
+    /// [`PageChannel::recv_streaming`] does. Whole pages among those bytes
+    /// are never written again: the caller may map them into the guest
+    /// at once.
     fn recv_landed_streaming(
         &mut self,
         arrived: &mut dyn FnMut(usize),

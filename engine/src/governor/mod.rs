@@ -321,8 +321,9 @@ impl Governor {
         self.complete_at(sent, Instant::now());
     }
 
-    /// [`Self::complete`] at `now`.
-    fn complete_at(&self, sent: Sent, now: Instant) {
+    /// [`Self::complete`], the reply having arrived at `now` (earlier
+    /// than the call when the caller did other work meanwhile).
+    pub fn complete_at(&self, sent: Sent, now: Instant) {
         let rtt = now.duration_since(sent.at);
         let mut st = self.lock();
         st.inflight -= sent.bytes.min(st.inflight);

@@ -275,15 +275,17 @@ impl Conn {
         let ranges = self.reply_head(want_len)?.landed.unwrap_or_default();
         let mut landed = 0;
         for r in ranges {
-            // SAFETY: this channel sent the request for these pages (their
-            // fetcher holds them, see `Landing::new`) and no other slice
-            // over them is live: each range is read, then dropped.
-            let dst = unsafe { landing.bytes_mut(r) }.ok_or(TransportError::Misuse(
-                "a landed range outside the landing memory",
-            ))?;
+            let len = r.count as usize * landing.page_size();
             let mut filled = 0;
-            while filled < dst.len() {
-                let n = self.read_some(&mut dst[filled..])?;
+            while filled < len {
+                // SAFETY: this channel sent the request for these pages
+                // (their fetcher holds them, see `Landing::new`); the slice
+                // covers only bytes not yet reported landed (pages reported
+                // may be the guest's now) and lives for this one read.
+                let dst = unsafe { landing.bytes_mut_from(r, filled) }.ok_or(
+                    TransportError::Misuse("a landed range outside the landing memory"),
+                )?;
+                let n = self.read_some(dst)?;
                 filled += n;
                 landed += n;
                 if landed < want_len {
