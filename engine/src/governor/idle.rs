@@ -157,17 +157,31 @@ impl Governor {
     /// The guest waited `wait` for a page a lane was fetching. While idle,
     /// a wait [`IDLE_HURT`] longer than the fastest fault means the
     /// page's request queued behind idle bulk: the idle window is cut as
-    /// for a late fault. (A short wait raises nothing: waits come many at a
-    /// time; faults after pauses raise the ceiling.)
+    /// for a late fault; a wait within half of that of it raises the
+    /// ceiling again, as a fault on time does (waits come many at a time:
+    /// where the CPU, not a queue, makes some long, the short ones keep
+    /// the window open). Before any fault has been answered (a guest
+    /// walking memory behind the push may never fault over the network),
+    /// the fastest idle round trip stands in for the fastest fault: the
+    /// first idle requests are a page each.
     pub fn waited(&self, wait: Duration) {
+        self.waited_at(wait, Instant::now());
+    }
+
+    /// [`Self::waited`], the wait having ended at `now`.
+    fn waited_at(&self, wait: Duration, now: Instant) {
         if !self.idle() {
             return;
         }
-        if self
-            .fault_base()
-            .is_some_and(|b| wait.saturating_sub(b) > IDLE_HURT)
-        {
-            self.cut_idle(&mut self.lock(), wait, Instant::now());
+        let Some(base) = self.fault_base().or_else(|| self.lock().idle.base) else {
+            return;
+        };
+        let late = wait.saturating_sub(base);
+        let mut st = self.lock();
+        if late > IDLE_HURT {
+            self.cut_idle(&mut st, wait, now);
+        } else if late < IDLE_HURT / 2 {
+            st.idle.ceiling = (st.idle.ceiling * 2.0).min(MAX_WINDOW);
         }
     }
 
@@ -277,6 +291,33 @@ mod tests {
             round(&g, &mut at, rtt, usize::MAX);
         }
         (g, at)
+    }
+
+    #[test]
+    fn waits_on_pages_in_flight_cut_the_idle_window_before_any_fault() {
+        // A guest walking memory behind the push: no fault ever goes out,
+        // so the fastest idle round trip (50 µs) is the base.
+        let (g, mut at) = opened(Duration::from_micros(50));
+        let open = g.stats().idle_window_bytes;
+        assert_eq!(g.fault_base(), None);
+        // A wait within IDLE_HURT of it cuts nothing...
+        g.waited_at(
+            Duration::from_micros(50) + IDLE_HURT,
+            at + Duration::from_secs(1),
+        );
+        assert_eq!(g.stats().idle_window_bytes, open);
+        // ...one behind 400 µs of idle bulk halves the window, which does
+        // not grow past that...
+        g.waited_at(Duration::from_micros(450), at + Duration::from_secs(2));
+        assert_eq!(g.stats().idle_window_bytes, open / 2);
+        for _ in 0..3 {
+            round(&g, &mut at, Duration::from_micros(50), usize::MAX);
+        }
+        assert_eq!(g.stats().idle_window_bytes, open / 2);
+        // ...until a short wait raises the ceiling again.
+        g.waited_at(Duration::from_micros(55), at);
+        round(&g, &mut at, Duration::from_micros(50), usize::MAX);
+        assert_eq!(g.stats().idle_window_bytes, open);
     }
 
     #[test]
