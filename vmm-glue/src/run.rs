@@ -89,7 +89,7 @@ impl RunReport {
              \x20 faults            {faults} ({nf} network, {inflight} waited on a lane, {zf} zero)\n\
              \x20 fault latency     p50 {p50:.1} us, p99 {p99:.1} us, max {max:.1} us (all faults)\n\
              \x20   network         p50 {np50:.1} us, p99 {np99:.1} us ({ncount})\n\
-             \x20   waited on lane  p50 {ip50:.1} us, p99 {ip99:.1} us ({icount})\n\
+             \x20   waited on lane  p50 {ip50:.1} us, p99 {ip99:.1} us ({icount}; {early} pages installed before the rest of their reply)\n\
              \x20   most at once    {conc} faults waiting on the network\n\
              \x20 flow control      {flow}\n\
              \x20 link              {losses} losses, {reconnects} reconnects (recovery p50 {rec50:.1} ms, max {recmax:.1} ms), {resent} pages asked again\n\
@@ -145,6 +145,7 @@ impl RunReport {
             rec50 = e.recovery_us.p50 / 1000.0,
             recmax = e.recovery_us.max / 1000.0,
             resent = e.resent_pages,
+            early = e.early_pages,
             pre = e.prepaged_pages,
             hits = self.prepaged_hits,
             pushed = e.pushed_pages,
