@@ -316,44 +316,6 @@ fn a_landed_reply_broken_off_after_an_early_page_asks_again_only_for_the_rest() 
     fault_on_a_page_still_arriving(true, true);
 }
 
-/// A relay on loopback that passes the source's bytes on 1000 at a time,
-/// 1 ms apart: a reply of many pages reaches the destination in pieces,
-/// as over a slow link.
-fn trickling_relay(target: String) -> String {
-    use std::io::{Read, Write};
-    use std::net::{TcpListener, TcpStream};
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    thread::spawn(move || {
-        for client in l.incoming().flatten() {
-            let Ok(server) = TcpStream::connect(&target) else {
-                continue;
-            };
-            let _ = client.set_nodelay(true);
-            let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-            thread::spawn(move || {
-                let mut b = vec![0u8; 1 << 16];
-                while let Ok(n @ 1..) = c_in.read(&mut b) {
-                    if s_out.write_all(&b[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-            let (mut s_in, mut c_out) = (server, client);
-            thread::spawn(move || {
-                let mut b = vec![0u8; 1000];
-                while let Ok(n @ 1..) = s_in.read(&mut b) {
-                    if c_out.write_all(&b[..n]).is_err() {
-                        break;
-                    }
-                    thread::sleep(Duration::from_millis(1));
-                }
-            });
-        }
-    });
-    addr
-}
-
 /// What a channel reported while a reply trickled in: every report
 /// covered more than none and less than all of it, none shorter than the
 /// one before, and the bytes reported were final.
@@ -372,7 +334,8 @@ fn check_reports(reports: &[usize], total: usize) {
 #[test]
 fn tcp_tells_the_caller_about_a_reply_as_it_arrives() {
     let src = start_source("8MiB", 22);
-    let relay = trickling_relay(src.addr.clone());
+    // A slow link: the source's bytes passed on 1000 at a time, 1 ms apart.
+    let relay = slow_relay(src.addr.clone(), 1000, Duration::from_millis(1));
     let t = TcpTransport::connect(
         &relay,
         TcpOptions {

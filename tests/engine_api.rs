@@ -10,7 +10,6 @@ use pagewire_engine::placement::PlacementError;
 use pagewire_engine::{DestMemory, EngineError, Migration, MigrationConfig};
 use pagewire_transport::tcp::{TcpOptions, TcpTransport};
 use pagewire_transport::{page_checksum, PageRange, Transport};
-use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
@@ -48,42 +47,6 @@ fn nonzero_pages(t: &Arc<dyn Transport>, from: u64, n: usize) -> Vec<u64> {
         .collect()
 }
 
-/// A relay on loopback that holds every chunk from the source for
-/// `delay` before passing it on: a long link, without netem.
-fn delaying_relay(target: String, delay: Duration) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    thread::spawn(move || {
-        for client in l.incoming().flatten() {
-            let Ok(server) = TcpStream::connect(&target) else {
-                continue;
-            };
-            let _ = client.set_nodelay(true);
-            let _ = server.set_nodelay(true);
-            let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-            thread::spawn(move || {
-                let mut b = vec![0u8; 1 << 16];
-                while let Ok(n @ 1..) = c_in.read(&mut b) {
-                    if s_out.write_all(&b[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-            let (mut s_in, mut c_out) = (server, client);
-            thread::spawn(move || {
-                let mut b = vec![0u8; 1 << 16];
-                while let Ok(n @ 1..) = s_in.read(&mut b) {
-                    thread::sleep(delay);
-                    if c_out.write_all(&b[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[test]
 fn concurrent_faults_are_served_concurrently() {
     concurrent_faults(Vec::new());
@@ -105,7 +68,8 @@ fn concurrent_faults(fault_cpus: Vec<usize>) {
     let src = start_source("2MiB", 21);
     // Every reply takes 50 ms longer: faults served one after another
     // would never overlap; served concurrently, they all wait together.
-    let relay = delaying_relay(src.addr.clone(), Duration::from_millis(50));
+    // A long link: every chunk from the source held 50 ms.
+    let relay = slow_relay(src.addr.clone(), 1 << 16, Duration::from_millis(50));
     let t = connect(&relay, Duration::from_secs(10));
     let threads = 8;
     let pages = nonzero_pages(&t, 100, threads);

@@ -144,7 +144,8 @@ impl Migration {
             config.clone(),
             Governor::new(page_size, batch, config.flow_control, config.push_rate),
             limits,
-        )?;
+            Shared::done_eventfd()?,
+        );
         shared.written = precopied.map(|p| p.written.clone());
         shared.landed = landed;
         let shared = Arc::new(shared);

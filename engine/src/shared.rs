@@ -69,25 +69,15 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        states: PageStateMap,
-        installer: PageInstaller,
-        transport: Arc<dyn Transport>,
-        prepager: Prepager,
-        metrics: Metrics,
-        config: MigrationConfig,
-        governor: Governor,
-        limits: FetchLimits,
-    ) -> Result<Self, EngineError> {
-        let done = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(EngineError::EventFd)?;
-        Ok(Self::with_done(
-            states, installer, transport, prepager, metrics, config, governor, limits, done,
-        ))
+    /// A new eventfd to tell the fault services the migration is over
+    /// (see [`Self::stop`]); fails only when the process is out of file
+    /// descriptors.
+    pub fn done_eventfd() -> Result<EventFd, EngineError> {
+        EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(EngineError::EventFd)
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn with_done(
+    pub fn new(
         states: PageStateMap,
         installer: PageInstaller,
         transport: Arc<dyn Transport>,
@@ -165,7 +155,7 @@ impl Shared {
         // The stop rang the eventfd: quiet it for the new threads (a read
         // resets it; an error means it was not readable).
         let _ = self.done.read();
-        let resumed = Self::with_done(
+        let resumed = Self::new(
             self.states,
             self.installer,
             transport,
