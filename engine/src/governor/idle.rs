@@ -160,10 +160,10 @@ impl Governor {
     /// for a late fault; a wait within half of that of it raises the
     /// ceiling again, as a fault on time does (waits come many at a time:
     /// where the CPU, not a queue, makes some long, the short ones keep
-    /// the window open). Before any fault has been answered (a guest
-    /// walking memory behind the push may never fault over the network),
-    /// the fastest idle round trip stands in for the fastest fault: the
-    /// first idle requests are a page each.
+    /// the window open). Before any fault has been answered there is no
+    /// base to judge a wait by, and waits change nothing: a cut then
+    /// could cap the window for good in a guest that does not wait again
+    /// (the fastest idle round trip as the base did, under emulation).
     pub fn waited(&self, wait: Duration) {
         self.waited_at(wait, Instant::now());
     }
@@ -173,7 +173,7 @@ impl Governor {
         if !self.idle() {
             return;
         }
-        let Some(base) = self.fault_base().or_else(|| self.lock().idle.base) else {
+        let Some(base) = self.fault_base() else {
             return;
         };
         let late = wait.saturating_sub(base);
@@ -294,28 +294,33 @@ mod tests {
     }
 
     #[test]
-    fn waits_on_pages_in_flight_cut_the_idle_window_before_any_fault() {
-        // A guest walking memory behind the push: no fault ever goes out,
-        // so the fastest idle round trip (50 µs) is the base.
+    fn waits_on_pages_in_flight_cut_the_idle_window_and_short_ones_reopen_it() {
         let (g, mut at) = opened(Duration::from_micros(50));
         let open = g.stats().idle_window_bytes;
-        assert_eq!(g.fault_base(), None);
+        // Before any fault, waits change nothing.
+        g.waited_at(Duration::from_millis(5), at + Duration::from_secs(1));
+        assert_eq!(g.stats().idle_window_bytes, open);
+        // A fault on time after a pause sets the base (60 µs).
+        let mut u = g.urgent_begin();
+        u.at = at + Duration::from_secs(2);
+        g.urgent_end_at(u, u.at + Duration::from_micros(60));
+        assert_eq!(g.stats().idle_window_bytes, open);
         // A wait within IDLE_HURT of it cuts nothing...
         g.waited_at(
-            Duration::from_micros(50) + IDLE_HURT,
-            at + Duration::from_secs(1),
+            Duration::from_micros(60) + IDLE_HURT,
+            at + Duration::from_secs(3),
         );
         assert_eq!(g.stats().idle_window_bytes, open);
         // ...one behind 400 µs of idle bulk halves the window, which does
         // not grow past that...
-        g.waited_at(Duration::from_micros(450), at + Duration::from_secs(2));
+        g.waited_at(Duration::from_micros(460), at + Duration::from_secs(4));
         assert_eq!(g.stats().idle_window_bytes, open / 2);
         for _ in 0..3 {
             round(&g, &mut at, Duration::from_micros(50), usize::MAX);
         }
         assert_eq!(g.stats().idle_window_bytes, open / 2);
         // ...until a short wait raises the ceiling again.
-        g.waited_at(Duration::from_micros(55), at);
+        g.waited_at(Duration::from_micros(65), at);
         round(&g, &mut at, Duration::from_micros(50), usize::MAX);
         assert_eq!(g.stats().idle_window_bytes, open);
     }
