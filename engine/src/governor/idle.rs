@@ -44,6 +44,10 @@ pub const IDLE_DRAIN: Duration = Duration::from_micros(500);
 /// ceiling doubles again.
 pub const IDLE_HURT: Duration = Duration::from_micros(80);
 
+/// Before any fault, a cut made by waits alone holds this long after the
+/// last late wait; then the idle window may grow again as it likes.
+pub const SOFT_HOLD: Duration = Duration::from_millis(20);
+
 /// The idle window's state.
 #[derive(Debug)]
 pub(super) struct IdleWindow {
@@ -65,6 +69,8 @@ pub(super) struct IdleWindow {
     /// Most the idle window may grow to: halved when a fault after an
     /// idle period came back late ([`IDLE_HURT`]).
     ceiling: f64,
+    /// Until when a ceiling set by waits alone, before any fault, holds.
+    soft_until: Option<Instant>,
 }
 
 impl IdleWindow {
@@ -78,6 +84,7 @@ impl IdleWindow {
             base: None,
             refused: 0,
             ceiling: MAX_WINDOW,
+            soft_until: None,
         }
     }
 }
@@ -119,6 +126,10 @@ impl Governor {
     /// Adapts the idle window to the round trip `rtt` of an idle request
     /// (see the module docs).
     pub(super) fn adapt_idle(&self, st: &mut State, sent: &Sent, rtt: Duration, now: Instant) {
+        if st.idle.soft_until.is_some_and(|t| now > t) {
+            st.idle.soft_until = None;
+            st.idle.ceiling = MAX_WINDOW;
+        }
         let base = st.idle.base.map_or(rtt, |b| b.min(rtt));
         st.idle.base = Some(base);
         let drain = IDLE_DRAIN.as_secs_f64();
@@ -160,10 +171,12 @@ impl Governor {
     /// for a late fault; a wait within half of that of it raises the
     /// ceiling again, as a fault on time does (waits come many at a time:
     /// where the CPU, not a queue, makes some long, the short ones keep
-    /// the window open). Before any fault has been answered there is no
-    /// base to judge a wait by, and waits change nothing: a cut then
-    /// could cap the window for good in a guest that does not wait again
-    /// (the fastest idle round trip as the base did, under emulation).
+    /// the window open). Before any fault has been answered (a guest
+    /// walking memory behind the push may never fault over the network),
+    /// the fastest idle round trip stands in for the fastest fault, and
+    /// the ceiling such waits set holds only [`SOFT_HOLD`] past the last
+    /// late one: a guest that waits once and never again would otherwise
+    /// keep a window cut before it had grown for good.
     pub fn waited(&self, wait: Duration) {
         self.waited_at(wait, Instant::now());
     }
@@ -173,13 +186,17 @@ impl Governor {
         if !self.idle() {
             return;
         }
-        let Some(base) = self.fault_base() else {
+        let fault_base = self.fault_base();
+        let mut st = self.lock();
+        let Some(base) = fault_base.or(st.idle.base) else {
             return;
         };
         let late = wait.saturating_sub(base);
-        let mut st = self.lock();
         if late > IDLE_HURT {
             self.cut_idle(&mut st, wait, now);
+            if fault_base.is_none() {
+                st.idle.soft_until = Some(now + SOFT_HOLD);
+            }
         } else if late < IDLE_HURT / 2 {
             st.idle.ceiling = (st.idle.ceiling * 2.0).min(MAX_WINDOW);
         }
@@ -216,6 +233,8 @@ impl Governor {
     /// window is cut; on time, the window's ceiling doubles.
     pub(super) fn judge_after_idle(&self, rtt: Duration, base: Duration, now: Instant) {
         let mut st = self.lock();
+        // A fault's verdict replaces what waits alone had set.
+        st.idle.soft_until = None;
         if rtt - base > IDLE_HURT {
             self.cut_idle(&mut st, rtt, now);
         } else {
@@ -297,9 +316,21 @@ mod tests {
     fn waits_on_pages_in_flight_cut_the_idle_window_and_short_ones_reopen_it() {
         let (g, mut at) = opened(Duration::from_micros(50));
         let open = g.stats().idle_window_bytes;
-        // Before any fault, waits change nothing.
-        g.waited_at(Duration::from_millis(5), at + Duration::from_secs(1));
-        assert_eq!(g.stats().idle_window_bytes, open);
+        // Before any fault, the fastest idle round trip (50 µs) is the
+        // base: a late wait cuts...
+        g.waited_at(Duration::from_millis(5), at + Duration::from_millis(100));
+        assert_eq!(g.stats().idle_window_bytes, open / 2);
+        // ...and holds for a while (a round is 10 ms)...
+        at += Duration::from_millis(100);
+        round(&g, &mut at, Duration::from_micros(50), usize::MAX);
+        assert_eq!(g.stats().idle_window_bytes, open / 2);
+        // ...but not past SOFT_HOLD after the last one: it grows again.
+        at += SOFT_HOLD;
+        for _ in 0..2 {
+            round(&g, &mut at, Duration::from_micros(50), usize::MAX);
+        }
+        assert!(g.stats().idle_window_bytes >= open, "{:?}", g.stats());
+        let open = g.stats().idle_window_bytes;
         // A fault on time after a pause sets the base (60 µs).
         let mut u = g.urgent_begin();
         u.at = at + Duration::from_secs(2);

@@ -32,7 +32,7 @@ mod window;
 
 use epoch::Epoch;
 use idle::IdleWindow;
-pub use idle::{IDLE_AFTER, IDLE_DRAIN, IDLE_HURT};
+pub use idle::{IDLE_AFTER, IDLE_DRAIN, IDLE_HURT, SOFT_HOLD};
 use push_rate::Bucket;
 use size::SizeProbe;
 pub use size::{CHUNK_TIME, PROBE_FAULT_COST};
