@@ -128,7 +128,11 @@ impl Governor {
     pub(super) fn adapt_idle(&self, st: &mut State, sent: &Sent, rtt: Duration, now: Instant) {
         if st.idle.soft_until.is_some_and(|t| now > t) {
             st.idle.soft_until = None;
-            st.idle.ceiling = MAX_WINDOW;
+            // Only what waits alone set lapses: once a fault has been
+            // answered, its verdicts rule the ceiling.
+            if self.fault_base().is_none() {
+                st.idle.ceiling = MAX_WINDOW;
+            }
         }
         let base = st.idle.base.map_or(rtt, |b| b.min(rtt));
         st.idle.base = Some(base);
@@ -186,8 +190,10 @@ impl Governor {
         if !self.idle() {
             return;
         }
-        let fault_base = self.fault_base();
         let mut st = self.lock();
+        // Read under the lock: a fault's verdict (taken under it too)
+        // comes after its base is set, so a wait judged here sees both.
+        let fault_base = self.fault_base();
         let Some(base) = fault_base.or(st.idle.base) else {
             return;
         };
@@ -354,6 +360,28 @@ mod tests {
         g.waited_at(Duration::from_micros(65), at);
         round(&g, &mut at, Duration::from_micros(50), usize::MAX);
         assert_eq!(g.stats().idle_window_bytes, open);
+    }
+
+    #[test]
+    fn once_a_fault_is_answered_a_cut_by_waits_does_not_lapse() {
+        let (g, mut at) = opened(Duration::from_micros(50));
+        let open = g.stats().idle_window_bytes;
+        // Before any fault a late wait cuts, for SOFT_HOLD...
+        g.waited_at(Duration::from_millis(5), at + Duration::from_millis(100));
+        assert_eq!(g.stats().idle_window_bytes, open / 2);
+        // ...then a fault is answered (not after a pause: no verdict on
+        // the idle window, only a base).
+        let mut u = g.urgent_begin();
+        u.after_idle = false;
+        u.at = at + Duration::from_millis(101);
+        g.urgent_end_at(u, u.at + Duration::from_micros(60));
+        assert!(g.fault_base().is_some());
+        // Past SOFT_HOLD the cut stays: faults rule the ceiling now.
+        at += Duration::from_millis(100) + SOFT_HOLD;
+        for _ in 0..3 {
+            round(&g, &mut at, Duration::from_micros(50), usize::MAX);
+        }
+        assert_eq!(g.stats().idle_window_bytes, open / 2);
     }
 
     #[test]
