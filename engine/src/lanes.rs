@@ -266,11 +266,7 @@ fn receive_one(
     }
     // Pages a fault waits on are installed as soon as they are here.
     let mut arrival = Arrival::new(shared, &p.pieces, p.origin);
-    let got = if shared.landed {
-        channel.recv_landed_streaming(&mut |n| arrival.arrived(n, &[]))
-    } else {
-        channel.recv_streaming(&mut buf, &mut |d| arrival.arrived(d.len(), d))
-    };
+    let got = shared.recv_streaming(channel, &mut buf, &mut |n, d| arrival.arrived(n, d));
     if let Err(e) = got {
         pool.push(buf);
         if arrival.installed() > 0 {

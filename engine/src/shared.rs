@@ -253,7 +253,7 @@ impl Shared {
         if self.states.all_present() {
             self.note_finished();
         }
-        if self.waiting.load(Ordering::Acquire) > 0 {
+        if self.has_waiters() {
             let now = Instant::now();
             let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
             w.retain(|&(page, t0)| {
@@ -276,7 +276,7 @@ impl Shared {
 
     /// Whether a fault waits on a page of `ranges`.
     pub fn waits_in(&self, ranges: &[PageRange]) -> bool {
-        if self.waiting.load(Ordering::Acquire) == 0 {
+        if !self.has_waiters() {
             return false;
         }
         let w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
@@ -360,6 +360,22 @@ impl Shared {
             channel.recv_landed()
         } else {
             channel.recv(buf)
+        }
+    }
+
+    /// [`Self::recv`], telling `arrived` how many bytes of the reply have
+    /// arrived while the rest is still coming (with them, unless this
+    /// migration lands pages: then they are in guest memory's file).
+    pub fn recv_streaming(
+        &self,
+        channel: &mut Box<dyn pagewire_transport::PageChannel>,
+        buf: &mut [u8],
+        arrived: &mut dyn FnMut(usize, &[u8]),
+    ) -> Result<(), pagewire_transport::TransportError> {
+        if self.landed {
+            channel.recv_landed_streaming(&mut |n| arrived(n, &[]))
+        } else {
+            channel.recv_streaming(buf, &mut |d| arrived(d.len(), d))
         }
     }
 
