@@ -318,15 +318,23 @@ mod tests {
         (g, at)
     }
 
-    #[test]
-    fn waits_on_pages_in_flight_cut_the_idle_window_and_short_ones_reopen_it() {
-        let (g, mut at) = opened(Duration::from_micros(50));
+    /// An idle window opened at 50 µs round trips, then cut by a late
+    /// wait 100 ms on, before any fault (the fastest idle round trip is
+    /// the base); also the synthetic time before the wait and the window
+    /// before the cut.
+    fn cut_by_a_wait_before_any_fault() -> (Governor, Instant, u64) {
+        let (g, at) = opened(Duration::from_micros(50));
         let open = g.stats().idle_window_bytes;
-        // Before any fault, the fastest idle round trip (50 µs) is the
-        // base: a late wait cuts...
+        assert_eq!(g.fault_base(), None);
         g.waited_at(Duration::from_millis(5), at + Duration::from_millis(100));
         assert_eq!(g.stats().idle_window_bytes, open / 2);
-        // ...and holds for a while (a round is 10 ms)...
+        (g, at, open)
+    }
+
+    #[test]
+    fn waits_on_pages_in_flight_cut_the_idle_window_and_short_ones_reopen_it() {
+        let (g, mut at, open) = cut_by_a_wait_before_any_fault();
+        // The cut holds for a while (a round is 10 ms)...
         at += Duration::from_millis(100);
         round(&g, &mut at, Duration::from_micros(50), usize::MAX);
         assert_eq!(g.stats().idle_window_bytes, open / 2);
@@ -364,13 +372,9 @@ mod tests {
 
     #[test]
     fn once_a_fault_is_answered_a_cut_by_waits_does_not_lapse() {
-        let (g, mut at) = opened(Duration::from_micros(50));
-        let open = g.stats().idle_window_bytes;
-        // Before any fault a late wait cuts, for SOFT_HOLD...
-        g.waited_at(Duration::from_millis(5), at + Duration::from_millis(100));
-        assert_eq!(g.stats().idle_window_bytes, open / 2);
-        // ...then a fault is answered (not after a pause: no verdict on
-        // the idle window, only a base).
+        let (g, mut at, open) = cut_by_a_wait_before_any_fault();
+        // A fault is answered before SOFT_HOLD is over (not after a
+        // pause: no verdict on the idle window, only a base).
         let mut u = g.urgent_begin();
         u.after_idle = false;
         u.at = at + Duration::from_millis(101);
