@@ -13,7 +13,7 @@ use pagewire_engine::{DestMemory, InstallPath, Migration, MigrationConfig};
 use pagewire_transport::tcp::{TcpOptions, TcpTransport};
 use pagewire_transport::{
     page_checksum, ChannelClass, FetchLimits, Landing, LandingSpan, PageChannel, PageRange,
-    SourceInfo, SourceStats, Transport, TransportError,
+    SourceInfo, SourceStats, SpanFile, Transport, TransportError,
 };
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -328,13 +328,11 @@ fn check_reports(reports: &[usize], total: usize) {
     assert!(reports.iter().all(|&n| n > 0 && n < total), "{reports:?}");
 }
 
-/// The TCP channel reports a reply's bytes as they are read: into a
-/// buffer (each prefix already holding the source's bytes) and into
-/// landing memory.
-#[test]
-fn tcp_tells_the_caller_about_a_reply_as_it_arrives() {
-    let src = start_source("8MiB", 22);
-    // A slow link: the source's bytes passed on 1000 at a time, 1 ms apart.
+/// A TCP transport to a source of 8 MiB (`seed`) over a slow link: the
+/// source's bytes passed on 1000 at a time, 1 ms apart, so page
+/// boundaries fall inside reads.
+fn over_a_slow_link(seed: u64) -> (Source, TcpTransport) {
+    let src = start_source("8MiB", seed);
     let relay = slow_relay(src.addr.clone(), 1000, Duration::from_millis(1));
     let t = TcpTransport::connect(
         &relay,
@@ -344,6 +342,15 @@ fn tcp_tells_the_caller_about_a_reply_as_it_arrives() {
         },
     )
     .expect("connect");
+    (src, t)
+}
+
+/// The TCP channel reports a reply's bytes as they are read: into a
+/// buffer (each prefix already holding the source's bytes) and into
+/// landing memory.
+#[test]
+fn tcp_tells_the_caller_about_a_reply_as_it_arrives() {
+    let (_src, t) = over_a_slow_link(22);
     let ps = t.info().layout.page_size();
     let pages = 64u32;
     let total = pages as usize * ps;
@@ -393,4 +400,117 @@ fn tcp_tells_the_caller_about_a_reply_as_it_arrives() {
         .expect("recv landed");
     check_reports(&reports, total);
     assert_eq!(sums(&map[..]), want);
+}
+
+/// Pages of `len` bytes at `addr` that this process has mapped (a page
+/// table entry present), from `/proc/self/pagemap`.
+fn mapped_pages(addr: usize, len: usize, ps: usize) -> usize {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open("/proc/self/pagemap").expect("pagemap");
+    (0..len / ps)
+        .filter(|i| {
+            let mut e = [0u8; 8];
+            f.read_exact_at(&mut e, ((addr / ps + i) * 8) as u64)
+                .expect("read pagemap");
+            u64::from_le_bytes(e) & (1 << 63) != 0
+        })
+        .count()
+}
+
+/// Landing memory whose span names the memfd it maps: the TCP channel
+/// writes the reply into the file, whole pages at a time, and reports
+/// only whole pages, each holding the source's bytes when reported; the
+/// mapping itself is never written (its pages are never faulted in).
+#[test]
+fn tcp_writes_a_landed_reply_into_the_file_behind_its_span() {
+    use std::os::unix::fs::FileExt;
+    let (_src, t) = over_a_slow_link(23);
+    let ps = t.info().layout.page_size();
+    let pages = 48u32;
+    let total = pages as usize * ps;
+    let want = t.checksums(PageRange::new(0, pages)).unwrap();
+
+    // The span maps the file from one page in, as a region at an offset.
+    let fd = nix::sys::memfd::memfd_create(c"landing", nix::sys::memfd::MemFdCreateFlag::empty())
+        .expect("memfd");
+    let file = Arc::new(std::fs::File::from(fd));
+    file.set_len((total + ps) as u64).unwrap();
+    // SAFETY: a fresh memfd of this test; the mapping is shared and read
+    // only after the reply is in.
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .offset(ps as u64)
+            .len(total)
+            .map_mut(&*file)
+    }
+    .expect("map the memfd");
+    let addr = map.as_ptr() as usize;
+    let span = LandingSpan {
+        first_page: 0,
+        pages: u64::from(pages),
+        addr,
+    };
+    let map = Arc::new(map);
+    // SAFETY: `map` is a shared mapping of `file` from byte `ps` on, kept
+    // mapped by the landing's owner; only the channel writes it until the
+    // reply is in.
+    let landing = unsafe {
+        Landing::new(ps, vec![span], map.clone())
+            .expect("landing")
+            .with_file(
+                0,
+                SpanFile {
+                    file: file.clone(),
+                    offset: ps as u64,
+                },
+            )
+            .expect("file")
+    };
+    assert!(landing.has_file(PageRange::new(3, 2)));
+    assert!(t.set_landing(Arc::new(landing)).unwrap());
+    let mut ch = t.open(ChannelClass::Bulk(0)).expect("channel");
+    let half = pages / 2;
+    ch.send_landed(&[
+        PageRange::new(u64::from(half), half),
+        PageRange::new(0, half),
+    ])
+    .unwrap();
+    // Where the n-th byte of the reply lands in the file: the second
+    // range first.
+    let page_of_reply = |i: usize| {
+        if i < half as usize {
+            i + half as usize
+        } else {
+            i - half as usize
+        }
+    };
+    let mut reports = Vec::new();
+    ch.recv_landed_streaming(&mut |n| {
+        assert_eq!(n % ps, 0, "a part of a page reported landed");
+        for i in 0..n / ps {
+            let page = page_of_reply(i);
+            let mut bytes = vec![0u8; ps];
+            file.read_exact_at(&mut bytes, ((page + 1) * ps) as u64)
+                .unwrap();
+            assert_eq!(
+                page_checksum(&bytes),
+                want[page],
+                "page {page} reported early"
+            );
+        }
+        reports.push(n);
+    })
+    .expect("recv landed");
+    check_reports(&reports, total);
+    assert_eq!(
+        mapped_pages(addr, total, ps),
+        0,
+        "bytes were written through the mapping, not the file"
+    );
+    let got: Vec<u64> = map.chunks(ps).map(page_checksum).collect();
+    assert_eq!(got, want);
+    // The file's first page, before the span, was never written.
+    let mut first = vec![1u8; ps];
+    file.read_exact_at(&mut first, 0).unwrap();
+    assert!(first.iter().all(|&b| b == 0));
 }

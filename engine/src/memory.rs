@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use pagewire_transport::{Landing, LandingSpan, LayoutError, MemoryLayout, PageRange, PAGE_SIZE};
+use pagewire_transport::{
+    Landing, LandingSpan, LayoutError, MemoryLayout, PageRange, SpanFile, PAGE_SIZE,
+};
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     GuestRegionMmap, MmapRegion,
@@ -59,14 +61,21 @@ fn alias_of(layout: &MemoryLayout, files: Vec<FileOffset>) -> Result<Arc<Landing
     }
     let mut maps = Vec::with_capacity(files.len());
     let mut spans = Vec::with_capacity(files.len());
+    let mut backing = Vec::with_capacity(files.len());
     for (i, (f, r)) in files.into_iter().zip(layout.regions()).enumerate() {
+        let file = SpanFile {
+            file: f.arc().clone(),
+            offset: f.start(),
+        };
         let m = MmapRegion::from_file(f, r.len as usize)
             .map_err(|e| EngineError::Memory(format!("map region {i} a second time: {e}")))?;
+        let first_page = layout.region_pages(i).start;
         spans.push(LandingSpan {
-            first_page: layout.region_pages(i).start,
+            first_page,
             pages: r.len / ps as u64,
             addr: m.as_ptr() as usize,
         });
+        backing.push((first_page, file));
         maps.push(m);
     }
     // SAFETY: each span is one of `maps`, a shared read-write mapping of
@@ -74,8 +83,15 @@ fn alias_of(layout: &MemoryLayout, files: Vec<FileOffset>) -> Result<Arc<Landing
     // mapped as long as the landing. Pages are written there only by
     // whoever claimed them in the page state map (the contract the engine
     // keeps), and the guest sees a page only once UFFDIO_CONTINUE maps it.
-    let landing = unsafe { Landing::new(ps, spans, Arc::new(AliasMaps(maps))) }
+    let mut landing = unsafe { Landing::new(ps, spans, Arc::new(AliasMaps(maps))) }
         .map_err(|e| EngineError::Memory(e.to_string()))?;
+    for (first_page, file) in backing {
+        // SAFETY: the span starting at `first_page` is a shared mapping
+        // (`MmapRegion::from_file`) of this very file from this offset,
+        // for the region's whole length.
+        landing = unsafe { landing.with_file(first_page, file) }
+            .map_err(|e| EngineError::Memory(e.to_string()))?;
+    }
     Ok(Arc::new(landing))
 }
 
@@ -461,48 +477,46 @@ impl DestMemory {
         Ok(u64::from_le_bytes(entry) & (3 << 62) != 0)
     }
 
-    /// The bytes of pages `range` in the second mapping (shared memory
-    /// only), to write into.
-    ///
-    /// # Safety
-    /// The caller holds the pages (claimed, not mapped in the guest), so
-    /// no other reference to their bytes exists while the slice lives.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn alias_bytes(&self, range: PageRange) -> Result<&mut [u8], EngineError> {
-        let alias = self
-            .alias
-            .as_ref()
-            .ok_or_else(|| EngineError::Memory("no second mapping: memory is not shared".into()))?;
-        // SAFETY: forwarded to the caller.
-        unsafe { alias.bytes_mut(range) }
-            .ok_or_else(|| EngineError::Memory(format!("pages {range:?} are not guest memory")))
+    /// The second mapping, for shared memory.
+    fn alias(&self) -> Result<&Landing, EngineError> {
+        self.alias
+            .as_deref()
+            .ok_or_else(|| EngineError::Memory("no second mapping: memory is not shared".into()))
     }
 
-    /// Writes `data` into pages `range` of the second mapping (shared
-    /// memory only); the caller holds the pages (claimed, not mapped in
-    /// the guest).
+    /// Writes `data` into pages `range` of the shared memory, through its
+    /// file or the second mapping (shared memory only); the caller holds
+    /// the pages (claimed, not mapped in the guest).
     pub(crate) fn write_alias(&self, range: PageRange, data: &[u8]) -> Result<(), EngineError> {
-        // SAFETY: the caller holds these pages; the slice lives for this
-        // copy only.
-        let dst = unsafe { self.alias_bytes(range) }?;
-        if dst.len() != data.len() {
+        let len = range.count as usize * self.layout.page_size();
+        if data.len() != len {
             return Err(EngineError::Memory(format!(
-                "{} bytes of data for {} bytes of pages",
-                data.len(),
-                dst.len()
+                "{} bytes of data for {len} bytes of pages",
+                data.len()
             )));
         }
-        dst.copy_from_slice(data);
-        Ok(())
+        // SAFETY: the caller holds these pages, so nothing else reads or
+        // writes their bytes meanwhile.
+        unsafe { self.alias()?.write(range, 0, data) }
+            .map_err(|e| EngineError::Memory(format!("write pages {range:?}: {e}")))
     }
 
-    /// Fills pages `range` of the second mapping with zeros (shared
-    /// memory only): the caller holds them (claimed, not mapped in the
-    /// guest), so nobody else reads or writes them meanwhile.
+    /// Fills pages `range` of the shared memory with zeros (shared memory
+    /// only): the caller holds them (claimed, not mapped in the guest), so
+    /// nobody else reads or writes them meanwhile.
     pub(crate) fn zero_alias(&self, range: PageRange) -> Result<(), EngineError> {
-        // SAFETY: the caller holds these pages; the slice lives for this
-        // fill only.
-        unsafe { self.alias_bytes(range) }?.fill(0);
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        let alias = self.alias()?;
+        let len = range.count as usize * self.layout.page_size();
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(ZEROS.len());
+            // SAFETY: the caller holds these pages, so nothing else reads
+            // or writes their bytes meanwhile.
+            unsafe { alias.write(range, off, &ZEROS[..n]) }
+                .map_err(|e| EngineError::Memory(format!("zero pages {range:?}: {e}")))?;
+            off += n;
+        }
         Ok(())
     }
 

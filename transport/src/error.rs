@@ -166,6 +166,11 @@ pub enum TransportError {
     /// authenticate at all though we require it.
     #[error("authentication failed: {0}")]
     AuthFailed(String),
+    /// Writing received pages into landing memory failed: the
+    /// destination's memory refused them (out of memory, a file size
+    /// limit), not the link.
+    #[error("writing pages into landing memory: {0}")]
+    Landing(io::Error),
     /// The RDMA backend failed.
     #[error("rdma: {0}")]
     Rdma(#[from] RdmaError),

@@ -86,19 +86,15 @@ impl PageChannel for InProcChannel {
         for r in &ranges {
             let src = self.source.pages(*r)?;
             landing.populate(*r);
-            // SAFETY: this channel's request holds these pages (their
-            // fetcher claimed them, see `Landing::new`); the slice lives
-            // for this copy only.
-            let dst = unsafe { landing.bytes_mut(*r) }.ok_or(TransportError::Misuse(
-                "a landed range outside the landing memory",
-            ))?;
-            if dst.len() != src.len() {
+            if src.len() != r.count as usize * landing.page_size() {
                 return Err(TransportError::BufferSize {
-                    want: src.len(),
-                    got: dst.len(),
+                    want: r.count as usize * landing.page_size(),
+                    got: src.len(),
                 });
             }
-            dst.copy_from_slice(src);
+            // SAFETY: this channel's request holds these pages (their
+            // fetcher claimed them, see `Landing::new`).
+            unsafe { landing.write(*r, 0, src) }?;
             pages += u64::from(r.count);
         }
         self.source.count_served(pages);

@@ -8,7 +8,15 @@
 //! it, RDMA READs land in it directly (it is registered as a memory
 //! region). The engine then maps each page into the guest with
 //! `UFFDIO_CONTINUE`; no byte is copied on the destination's CPU.
+//!
+//! Where the engine also names the file behind a span ([`SpanFile`]), a
+//! transport that copies bytes on the CPU anyway (TCP, in-process) writes
+//! them into the file (`pwrite`) instead of through the mapping: a page
+//! written whole that way is neither zeroed first nor mapped here, which
+//! a write through the mapping (a page fault per page) pays.
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::{Arc, OnceLock};
 
 use crate::error::TransportError;
@@ -26,11 +34,22 @@ pub struct LandingSpan {
     pub addr: usize,
 }
 
+/// The file a span of landing memory maps (shared), and where in it.
+#[derive(Debug, Clone)]
+pub struct SpanFile {
+    /// The file: a memfd, or a tmpfs or hugetlbfs file.
+    pub file: Arc<File>,
+    /// Offset in the file of the span's first byte.
+    pub offset: u64,
+}
+
 /// Destination memory pages may be written into directly, in spans sorted
 /// by page.
 pub struct Landing {
     page_size: usize,
     spans: Vec<LandingSpan>,
+    /// The file behind each span, where known (same order as `spans`).
+    files: Vec<Option<SpanFile>>,
     /// Whatever owns the mapping; kept alive as long as this value.
     _owner: Arc<dyn Send + Sync>,
 }
@@ -97,9 +116,83 @@ impl Landing {
         }
         Ok(Self {
             page_size,
+            files: vec![None; spans.len()],
             spans,
             _owner: owner,
         })
+    }
+
+    /// Names `file` as what the span starting at page `first_page` maps:
+    /// bytes for that span may then be written into the file
+    /// ([`Landing::write`]) instead of through the mapping.
+    ///
+    /// # Safety
+    /// The span's memory must be a shared mapping of `file` from
+    /// `file.offset` on, for the whole span, so that a write at an offset
+    /// changes exactly the bytes the mapping shows there.
+    pub unsafe fn with_file(
+        mut self,
+        first_page: u64,
+        file: SpanFile,
+    ) -> Result<Self, TransportError> {
+        let i = self
+            .spans
+            .iter()
+            .position(|s| s.first_page == first_page)
+            .ok_or(TransportError::Misuse(
+                "a file for a span that does not exist",
+            ))?;
+        let bytes = self.spans[i].pages * self.page_size as u64;
+        if file.offset.checked_add(bytes).is_none() {
+            return Err(TransportError::Misuse("a span's file offset overflows"));
+        }
+        self.files[i] = Some(file);
+        Ok(self)
+    }
+
+    /// Whether the span holding `range` has its file named, so
+    /// [`Landing::write`] writes into the file.
+    pub fn has_file(&self, range: PageRange) -> bool {
+        self.locate_span(range)
+            .is_some_and(|(i, _)| self.files[i].is_some())
+    }
+
+    /// Writes `data` into the bytes of `range` from its `from`-th byte on:
+    /// into the span's file when it has one, else through the mapping.
+    /// `data` must fit in the range past `from`.
+    ///
+    /// # Safety
+    /// As [`Landing::bytes_mut`], for the bytes written.
+    pub unsafe fn write(
+        &self,
+        range: PageRange,
+        from: usize,
+        data: &[u8],
+    ) -> Result<(), TransportError> {
+        let (i, _) = self.locate_span(range).ok_or(TransportError::Misuse(
+            "a landed range outside the landing memory",
+        ))?;
+        let len = range.count as usize * self.page_size;
+        if from.checked_add(data.len()).is_none_or(|end| end > len) {
+            return Err(TransportError::BufferSize {
+                want: len.saturating_sub(from),
+                got: data.len(),
+            });
+        }
+        if let Some(f) = &self.files[i] {
+            let s = &self.spans[i];
+            let at = f.offset + (range.first - s.first_page) * self.page_size as u64 + from as u64;
+            return f
+                .file
+                .write_all_at(data, at)
+                .map_err(TransportError::Landing);
+        }
+        // SAFETY: forwarded to the caller; the slice lives for this copy.
+        let dst = unsafe { self.bytes_mut_from(range, from) }.ok_or(TransportError::Misuse(
+            "a landed range outside the landing memory",
+        ))?;
+        dst[..data.len()].copy_from_slice(data);
+        Ok(())
     }
 
     /// The spans, sorted by page.
@@ -125,7 +218,7 @@ impl Landing {
             .spans
             .partition_point(|s| s.first_page <= range.first)
             .checked_sub(1)?;
-        let s = self.spans[i];
+        let s = &self.spans[i];
         let end = range.first.checked_add(u64::from(range.count))?;
         (range.count > 0 && end <= s.first_page + s.pages).then(|| {
             (
@@ -142,10 +235,15 @@ impl Landing {
     /// Page contents are left as they are. Where the kernel lacks it
     /// (before 5.14) the writes fault the pages in as before, so failures
     /// are ignored.
+    /// Spans with a file need none of this: [`Landing::write`] allocates
+    /// their pages as it fills them.
     pub fn populate(&self, range: PageRange) {
-        let Some(addr) = self.locate(range) else {
+        let Some((i, addr)) = self.locate_span(range) else {
             return;
         };
+        if self.files[i].is_some() {
+            return;
+        }
         let len = range.count as usize * self.page_size;
         // SAFETY: `addr..addr + len` lies in one span, mapped by the owner
         // this value keeps alive (see `new`); populating only allocates
@@ -251,5 +349,83 @@ mod tests {
         assert!(unsafe { Landing::new(4096, over, mem.clone()) }.is_err());
         // SAFETY: refused before use.
         assert!(unsafe { Landing::new(4096, vec![], mem) }.is_err());
+    }
+
+    #[test]
+    fn writes_go_to_the_file_behind_a_span_or_through_the_mapping() {
+        use std::os::unix::fs::FileExt;
+        let ps = 4096;
+        let mem = Arc::new(std::sync::Mutex::new(vec![0u8; 4 * ps]));
+        let base = mem.lock().unwrap().as_ptr() as usize;
+        let file = Arc::new(tempfile_in_memory());
+        file.set_len(8 * ps as u64).unwrap();
+        let spans = vec![
+            LandingSpan {
+                first_page: 0,
+                pages: 2,
+                addr: base,
+            },
+            LandingSpan {
+                first_page: 2,
+                pages: 2,
+                addr: base + 2 * ps,
+            },
+        ];
+        // SAFETY: both spans lie in `mem`, which the landing keeps alive;
+        // the second is said to map `file` from page 5 on, which it does
+        // not: the test checks where the bytes go, not what a mapping
+        // shows.
+        let l = unsafe {
+            Landing::new(ps, spans, mem.clone())
+                .unwrap()
+                .with_file(
+                    2,
+                    SpanFile {
+                        file: file.clone(),
+                        offset: 5 * ps as u64,
+                    },
+                )
+                .unwrap()
+        };
+        assert!(!l.has_file(PageRange::new(0, 2)));
+        assert!(l.has_file(PageRange::new(3, 1)));
+        let data = vec![7u8; ps];
+        // SAFETY: nothing else uses these bytes.
+        unsafe { l.write(PageRange::new(1, 1), 0, &data) }.unwrap();
+        assert!(mem.lock().unwrap()[ps..2 * ps].iter().all(|&b| b == 7));
+        // SAFETY: as above.
+        unsafe { l.write(PageRange::new(2, 2), ps + 16, &data[..100]) }.unwrap();
+        let mut back = vec![0u8; 100];
+        file.read_exact_at(&mut back, (6 * ps + 16) as u64).unwrap();
+        assert!(back.iter().all(|&b| b == 7));
+        assert!(mem.lock().unwrap()[2 * ps..].iter().all(|&b| b == 0));
+        // SAFETY: refused before any byte is written.
+        let past = unsafe { l.write(PageRange::new(3, 1), 1, &data) };
+        assert!(matches!(past, Err(TransportError::BufferSize { .. })));
+        // SAFETY: refused before any byte is written.
+        let outside = unsafe { l.write(PageRange::new(1, 2), 0, &data) };
+        assert!(matches!(outside, Err(TransportError::Misuse(_))));
+        // SAFETY: refused: no span starts at page 1.
+        let none =
+            unsafe { Landing::new(ps, vec![l.spans()[0]], mem.clone()) }.and_then(|l| unsafe {
+                l.with_file(
+                    1,
+                    SpanFile {
+                        file: file.clone(),
+                        offset: 0,
+                    },
+                )
+            });
+        assert!(none.is_err());
+    }
+
+    /// An anonymous in-memory file.
+    fn tempfile_in_memory() -> File {
+        // SAFETY: a valid NUL-terminated name and no flags; the returned
+        // descriptor (checked) is owned by the `File`.
+        let fd = unsafe { libc::memfd_create(c"landing-test".as_ptr(), 0) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) }
     }
 }

@@ -27,7 +27,7 @@ pub mod wire;
 pub use auth::AuthKey;
 pub use dirty::{DirtyError, DirtyLog, PageSet};
 pub use error::{LayoutError, RdmaError, RemoteCode, TransportError};
-pub use landing::{Landing, LandingSpan};
+pub use landing::{Landing, LandingSpan, SpanFile};
 pub use layout::{MemoryLayout, PageRange, RegionInfo, SourceInfo, ZeroMap, PAGE_SIZE};
 pub use source::{page_checksum, SourceMemory};
 pub use wire::SourceStats;

@@ -44,7 +44,15 @@ pub(super) struct Conn {
     timeout: f64,
     /// Requests sent and not answered yet, oldest first.
     pub(super) outstanding: VecDeque<Sent>,
+    /// Where replies bound for a landing span with a file are read before
+    /// they are written into it (allocated on first use).
+    bounce: Vec<u8>,
 }
+
+/// Bytes of a reply read at most before they are written into a landing
+/// span's file: large enough for few writes, small enough to stay in the
+/// CPU's cache between the read and the write.
+const BOUNCE_BYTES: usize = 256 << 10;
 
 impl Conn {
     pub(super) fn open(
@@ -67,6 +75,7 @@ impl Conn {
             next_id: 1,
             timeout,
             outstanding: VecDeque::new(),
+            bounce: Vec::new(),
         };
         let hello = Hello {
             version: wire::VERSION,
@@ -275,6 +284,10 @@ impl Conn {
         let ranges = self.reply_head(want_len)?.landed.unwrap_or_default();
         let mut landed = 0;
         for r in ranges {
+            if landing.has_file(r) {
+                self.recv_into_file(landing, r, &mut landed, want_len, arrived)?;
+                continue;
+            }
             let len = r.count as usize * landing.page_size();
             let mut filled = 0;
             while filled < len {
@@ -294,6 +307,58 @@ impl Conn {
             }
         }
         Ok(())
+    }
+
+    /// Receives the bytes of range `r` of a landed reply and writes them
+    /// into its span's file, whole pages at a time (a page written whole
+    /// into a shared-memory file is never zeroed first); `landed` counts
+    /// the reply's bytes written so far, reported through `arrived` until
+    /// the whole reply (`want_len`) is in.
+    fn recv_into_file(
+        &mut self,
+        landing: &Landing,
+        r: PageRange,
+        landed: &mut usize,
+        want_len: usize,
+        arrived: &mut dyn FnMut(usize),
+    ) -> Result<(), TransportError> {
+        let ps = landing.page_size();
+        let len = r.count as usize * ps;
+        if self.bounce.len() < BOUNCE_BYTES.max(ps) {
+            self.bounce = vec![0; BOUNCE_BYTES.max(ps)];
+        }
+        let mut bounce = std::mem::take(&mut self.bounce);
+        let result = (|| {
+            // Bytes of the range written into the file, and bytes read
+            // after them (less than a page, unless the range ends there).
+            let (mut written, mut held) = (0, 0);
+            while written < len {
+                let room = (bounce.len() - held).min(len - written - held);
+                held += self.read_some(&mut bounce[held..held + room])?;
+                let whole = if written + held == len {
+                    held
+                } else {
+                    held / ps * ps
+                };
+                if whole == 0 {
+                    continue;
+                }
+                // SAFETY: this channel sent the request for these pages
+                // (their fetcher holds them, see `Landing::new`); the
+                // write covers only bytes not yet reported landed.
+                unsafe { landing.write(r, written, &bounce[..whole]) }?;
+                bounce.copy_within(whole..held, 0);
+                held -= whole;
+                written += whole;
+                *landed += whole;
+                if *landed < want_len {
+                    arrived(*landed);
+                }
+            }
+            Ok(())
+        })();
+        self.bounce = bounce;
+        result
     }
 
     /// Reads and checks the head of the reply to the oldest outstanding
