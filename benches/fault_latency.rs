@@ -17,18 +17,25 @@ fn faults(c: &mut Criterion) {
         g.bench_function(format!("engine/{kind}"), |bench| {
             bench.iter_custom(|n| time_engine_faults(&b, n))
         });
-        // Zero-copy: into a memfd, landed and mapped with UFFDIO_CONTINUE.
-        g.bench_function(format!("engine/{kind}/memfd"), |bench| {
-            bench.iter_custom(|n| time_engine_faults_on(&b, n, true))
-        });
+        // Into a memfd: copied in, and landed then mapped with
+        // UFFDIO_CONTINUE.
+        for (name, memory) in [
+            ("memfd", Memory::MemfdCopied),
+            ("memfd/landed", Memory::MemfdLanded),
+        ] {
+            g.bench_function(format!("engine/{kind}/{name}"), |bench| {
+                bench.iter_custom(|n| time_engine_faults_on(&b, n, memory))
+            });
+        }
     }
     match rdma_transport(src.clone()) {
         Ok(b) => {
             g.bench_function("engine/rdma", |bench| {
                 bench.iter_custom(|n| time_engine_faults(&b, n))
             });
-            g.bench_function("engine/rdma/memfd", |bench| {
-                bench.iter_custom(|n| time_engine_faults_on(&b, n, true))
+            // Zero-copy: READs land in the memfd, then UFFDIO_CONTINUE.
+            g.bench_function("engine/rdma/memfd/landed", |bench| {
+                bench.iter_custom(|n| time_engine_faults_on(&b, n, Memory::MemfdLanded))
             });
         }
         Err(why) => eprintln!("fault_latency_4k/engine/rdma: skipped ({why})"),

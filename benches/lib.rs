@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use pagewire_engine::uffd::{EventBuffer, PageInstaller, UffdEvent};
-use pagewire_engine::{DestMemory, Migration, MigrationConfig, MigrationHandle};
+use pagewire_engine::{DestMemory, Migration, MigrationConfig, MigrationHandle, SharedInstall};
 use pagewire_transport::inproc::InProcTransport;
 use pagewire_transport::tcp::{PageServer, ServerHandle, TcpOptions, TcpTransport};
 use pagewire_transport::{MemoryLayout, PageRange, SourceMemory, Transport, PAGE_SIZE};
@@ -51,13 +51,44 @@ impl Bench {
         (self.fresh)()
     }
 
-    /// The transport for a migration into private memory (the shared
-    /// one) or into a memfd (`shared`: a fresh one).
-    fn for_memory(&self, shared: bool) -> Arc<dyn Transport> {
-        if shared {
+    /// The transport for a migration into `memory`: the shared one, or a
+    /// fresh one where pages land (a transport lands in one memory).
+    fn for_memory(&self, memory: Memory) -> Arc<dyn Transport> {
+        if memory == Memory::MemfdLanded {
             self.fresh()
         } else {
             self.transport.clone()
+        }
+    }
+}
+
+/// The guest memory a bench migrates into, and how pages reach it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Memory {
+    /// Private anonymous memory: UFFDIO_COPY.
+    Private,
+    /// A memfd, pages copied in with UFFDIO_COPY.
+    MemfdCopied,
+    /// A memfd, pages landed by the transport, then UFFDIO_CONTINUE.
+    MemfdLanded,
+}
+
+impl Memory {
+    /// The engine's setting for this memory.
+    fn shared_install(self) -> SharedInstall {
+        match self {
+            Self::MemfdLanded => SharedInstall::Land,
+            Self::Private | Self::MemfdCopied => SharedInstall::Copy,
+        }
+    }
+
+    /// The install path a migration into this memory must report.
+    fn path(self) -> pagewire_engine::InstallPath {
+        use pagewire_engine::InstallPath;
+        match self {
+            Self::Private => InstallPath::Copy,
+            Self::MemfdCopied => InstallPath::SharedCopy,
+            Self::MemfdLanded => InstallPath::Landed,
         }
     }
 }
@@ -116,33 +147,34 @@ pub fn demand_only() -> MigrationConfig {
     }
 }
 
-/// Starts a migration over `t` into fresh private anonymous memory
-/// (UFFDIO_COPY) or, with `shared`, a memfd (pages landed, then
-/// UFFDIO_CONTINUE: `t` must not have landed pages in other memory).
-pub fn start(t: &Arc<dyn Transport>, cfg: MigrationConfig, shared: bool) -> MigrationHandle {
-    if shared {
-        let mem = DestMemory::new_shared(&t.info().layout).expect("memfd guest memory");
-        Migration::start_with_memory(t.clone(), Arc::new(mem), cfg).expect("start")
-    } else {
-        Migration::start(t.clone(), cfg).expect("start")
+/// Starts a migration over `t` into fresh `memory` (where pages land, `t`
+/// must not have landed pages in other memory).
+pub fn start(t: &Arc<dyn Transport>, cfg: MigrationConfig, memory: Memory) -> MigrationHandle {
+    if memory == Memory::Private {
+        return Migration::start(t.clone(), cfg).expect("start");
     }
+    let mem = DestMemory::new_shared(&t.info().layout).expect("memfd guest memory");
+    let cfg = MigrationConfig {
+        shared_install: memory.shared_install(),
+        ..cfg
+    };
+    Migration::start_with_memory(t.clone(), Arc::new(mem), cfg).expect("start")
 }
 
 /// Touches `n` pages of fresh migrations (one page per fault) and returns
 /// the time spent touching, as a vCPU sees it.
 pub fn time_engine_faults(b: &Bench, n: u64) -> Duration {
-    time_engine_faults_on(b, n, false)
+    time_engine_faults_on(b, n, Memory::Private)
 }
 
-/// [`time_engine_faults`] into private memory or (`shared`) a memfd,
-/// where every page must land zero-copy.
-pub fn time_engine_faults_on(b: &Bench, n: u64, shared: bool) -> Duration {
+/// [`time_engine_faults`] into `memory`.
+pub fn time_engine_faults_on(b: &Bench, n: u64, memory: Memory) -> Duration {
     let pages = b.transport.info().layout.total_pages();
     let mut left = n;
     let mut spent = Duration::ZERO;
     while left > 0 {
-        let t = b.for_memory(shared);
-        let h = start(&t, demand_only(), shared);
+        let t = b.for_memory(memory);
+        let h = start(&t, demand_only(), memory);
         let mem = h.memory().clone();
         let k = left.min(pages);
         let t0 = Instant::now();
@@ -152,22 +184,17 @@ pub fn time_engine_faults_on(b: &Bench, n: u64, shared: bool) -> Duration {
         spent += t0.elapsed();
         left -= k;
         h.release_push();
-        check_path(&h.wait().expect("migration"), shared);
+        check_path(&h.wait().expect("migration"), memory);
     }
     spent
 }
 
 /// Panics unless a migration installed pages the way the bench claims to
-/// measure: zero-copy into a memfd, or UFFDIO_COPY into private memory.
-fn check_path(r: &pagewire_engine::EngineReport, shared: bool) {
-    use pagewire_engine::InstallPath;
-    let want = if shared {
-        InstallPath::Landed
-    } else {
-        InstallPath::Copy
-    };
+/// measure for `memory`.
+fn check_path(r: &pagewire_engine::EngineReport, memory: Memory) {
     assert_eq!(
-        r.install_path, want,
+        r.install_path,
+        memory.path(),
         "the bench measured another install path"
     );
 }
@@ -299,27 +326,26 @@ pub fn time_tcp_stream(bytes: u64) -> Duration {
 
 /// Runs a whole push-only migration (no workload) and returns its time.
 pub fn time_push(b: &Bench, lanes: usize, flow_control: bool) -> Duration {
-    time_push_on(b, lanes, flow_control, false)
+    time_push_on(b, lanes, flow_control, Memory::Private)
 }
 
-/// [`time_push`] into private memory or (`shared`) a memfd, where every
-/// page must land zero-copy.
-pub fn time_push_on(b: &Bench, lanes: usize, flow_control: bool, shared: bool) -> Duration {
+/// [`time_push`] into `memory`.
+pub fn time_push_on(b: &Bench, lanes: usize, flow_control: bool, memory: Memory) -> Duration {
     let cfg = MigrationConfig {
         lanes,
         flow_control,
         ..MigrationConfig::default()
     };
-    let t = b.for_memory(shared);
+    let t = b.for_memory(memory);
     let t0 = Instant::now();
-    let h = start(&t, cfg, shared);
+    let h = start(&t, cfg, memory);
     // The guest keeps its memory after the migration: unmapping it (the
     // engine's handle drops its share in `wait`) is not part of the push.
     let mem = h.memory().clone();
     let r = h.wait().expect("migration");
     let spent = t0.elapsed();
     drop(mem);
-    check_path(&r, shared);
+    check_path(&r, memory);
     spent
 }
 

@@ -20,11 +20,15 @@ fn push(c: &mut Criterion) {
         g.bench_function(format!("engine/{kind}/lanes2/no_flow_control"), |bench| {
             bench.iter_custom(|n| (0..n).map(|_| time_push(&b, 2, false)).sum())
         });
-        // Zero-copy into a memfd, with and without flow control.
-        for fc in [true, false] {
-            let name = if fc { "memfd" } else { "memfd/no_flow_control" };
+        // Into a memfd: copied in (UFFDIO_COPY), and landed by the
+        // transport (then UFFDIO_CONTINUE) with and without flow control.
+        for (name, memory, fc) in [
+            ("memfd", Memory::MemfdCopied, true),
+            ("memfd/landed", Memory::MemfdLanded, true),
+            ("memfd/landed/no_flow_control", Memory::MemfdLanded, false),
+        ] {
             g.bench_function(format!("engine/{kind}/lanes2/{name}"), |bench| {
-                bench.iter_custom(|n| (0..n).map(|_| time_push_on(&b, 2, fc, true)).sum())
+                bench.iter_custom(|n| (0..n).map(|_| time_push_on(&b, 2, fc, memory)).sum())
             });
         }
     }

@@ -9,7 +9,7 @@
 mod common;
 
 use common::*;
-use pagewire_engine::{DestMemory, InstallPath, Migration, MigrationConfig};
+use pagewire_engine::{DestMemory, InstallPath, Migration, MigrationConfig, SharedInstall};
 use pagewire_transport::tcp::{TcpOptions, TcpTransport};
 use pagewire_transport::{
     page_checksum, ChannelClass, FetchLimits, Landing, LandingSpan, PageChannel, PageRange,
@@ -184,8 +184,9 @@ impl Transport for Gated {
 
 /// Holds the first bulk reply of two pages or more after its first page,
 /// touches that page from another thread, and checks that the touch
-/// returned while the reply was held; then the whole migration.
-fn fault_on_a_page_still_arriving(break_after: bool, shared: bool) {
+/// returned while the reply was held; then the whole migration. Into
+/// private memory, or (`shared`) a memfd filled as it says.
+fn fault_on_a_page_still_arriving(break_after: bool, shared: Option<SharedInstall>) {
     let src = start_source("8MiB", 21);
     let inner: Arc<dyn Transport> = Arc::new(
         TcpTransport::connect(
@@ -211,10 +212,12 @@ fn fault_on_a_page_still_arriving(break_after: bool, shared: bool) {
         bubble: 0,
         // Full batches from the first request on.
         flow_control: false,
+        shared_install: shared.unwrap_or_default(),
         ..MigrationConfig::default()
     };
-    let handle = if shared {
-        // A memfd: pages land in it and are mapped with UFFDIO_CONTINUE.
+    let handle = if shared.is_some() {
+        // A memfd: pages land in it and are mapped with UFFDIO_CONTINUE,
+        // or are copied in with UFFDIO_COPY.
         let mem = DestMemory::new_shared(&inner.info().layout).expect("memfd memory");
         Migration::start_with_memory(t, Arc::new(mem), config).expect("start")
     } else {
@@ -262,10 +265,10 @@ fn fault_on_a_page_still_arriving(break_after: bool, shared: bool) {
         assert_eq!(page_checksum(mem.page(p as u64).unwrap()), *w, "page {p}");
     }
     assert!(report.early_pages >= 1, "{report:?}");
-    let path = if shared {
-        InstallPath::Landed
-    } else {
-        InstallPath::Copy
+    let path = match shared {
+        None => InstallPath::Copy,
+        Some(SharedInstall::Land) => InstallPath::Landed,
+        Some(_) => InstallPath::SharedCopy,
     };
     assert_eq!(report.install_path, path);
     assert_eq!(report.duplicate_pages, 0, "a page fetched twice");
@@ -298,22 +301,32 @@ fn fault_on_a_page_still_arriving(break_after: bool, shared: bool) {
 
 #[test]
 fn a_fault_on_a_page_still_arriving_gets_it_before_the_rest_of_the_reply() {
-    fault_on_a_page_still_arriving(false, false);
+    fault_on_a_page_still_arriving(false, None);
 }
 
 #[test]
 fn a_reply_broken_off_after_an_early_page_asks_again_only_for_the_rest() {
-    fault_on_a_page_still_arriving(true, false);
+    fault_on_a_page_still_arriving(true, None);
 }
 
 #[test]
 fn a_page_landed_in_shared_memory_is_mapped_before_the_rest_of_its_reply() {
-    fault_on_a_page_still_arriving(false, true);
+    fault_on_a_page_still_arriving(false, Some(SharedInstall::Land));
+}
+
+#[test]
+fn a_page_copied_into_shared_memory_is_mapped_before_the_rest_of_its_reply() {
+    fault_on_a_page_still_arriving(false, Some(SharedInstall::Copy));
 }
 
 #[test]
 fn a_landed_reply_broken_off_after_an_early_page_asks_again_only_for_the_rest() {
-    fault_on_a_page_still_arriving(true, true);
+    fault_on_a_page_still_arriving(true, Some(SharedInstall::Land));
+}
+
+#[test]
+fn a_reply_into_shared_memory_broken_off_after_an_early_page_asks_again_only_for_the_rest() {
+    fault_on_a_page_still_arriving(true, Some(SharedInstall::Copy));
 }
 
 /// What a channel reported while a reply trickled in: every report

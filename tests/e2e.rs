@@ -53,18 +53,29 @@ fn every_workload_migrates_between_two_processes() {
 }
 
 #[test]
-fn every_workload_migrates_zero_copy_into_shared_memory() {
-    // A memfd-backed guest: pages are received straight into a second
-    // mapping of the memfd and mapped with UFFDIO_CONTINUE.
+fn every_workload_migrates_into_shared_memory_landed_or_copied() {
+    // A memfd-backed guest: pages are landed in the memfd by the transport
+    // and mapped with UFFDIO_CONTINUE, or copied in with UFFDIO_COPY (what
+    // `auto` picks over TCP).
     for (i, workload) in ["seq", "random", "hotset", "stride"].iter().enumerate() {
-        for extra in [&[][..], &["--no-push", "--no-bubble"][..]] {
-            // A fresh source: its served-pages counter is per process.
-            let src = start_source("16MiB", 17 + i as u64);
-            let mut args = vec!["--workload", workload, "--memory-backend", "memfd"];
-            args.extend_from_slice(extra);
-            let r = dest_json(&src.addr, &args);
-            assert_clean(&r);
-            assert_eq!(r["install_path"], "landed", "{r}");
+        for (install, path) in [
+            ("land", "landed"),
+            ("copy", "copy-shared"),
+            ("auto", "copy-shared"),
+        ] {
+            for extra in [&[][..], &["--no-push", "--no-bubble"][..]] {
+                if install == "auto" && !extra.is_empty() {
+                    continue;
+                }
+                // A fresh source: its served-pages counter is per process.
+                let src = start_source("16MiB", 17 + i as u64);
+                let mut args = vec!["--workload", workload, "--memory-backend", "memfd"];
+                args.extend_from_slice(&["--shared-install", install]);
+                args.extend_from_slice(extra);
+                let r = dest_json(&src.addr, &args);
+                assert_clean(&r);
+                assert_eq!(r["install_path"], path, "{r}");
+            }
         }
     }
 }

@@ -324,8 +324,13 @@ fn a_vmm_s_shared_memory_is_filled_zero_copy_and_bad_files_are_refused() {
     }
     // SAFETY: as above; this migration is waited on below.
     let memory = unsafe { DestMemory::from_vmm_shared(&regions, &files) }.expect("regions");
+    // Landed: TCP writes the pages into the VMM's memfd itself.
     let m = Destination::new(addr.clone())
         .transport(TransportChoice::Tcp)
+        .config(MigrationConfig {
+            shared_install: pagewire_engine::SharedInstall::Land,
+            ..MigrationConfig::default()
+        })
         .start(memory, UffdSetup::Create)
         .expect("start");
     let base = shared.as_ptr() as usize;

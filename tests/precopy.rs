@@ -164,14 +164,23 @@ fn hybrid_into_shared_memory_drops_stale_pages_and_lands_the_rest() {
     // Pre-copied pages the guest wrote afterwards are dropped from the
     // guest's mapping of the memfd; their next touch faults (MINOR) and
     // the fresh bytes land over the stale ones.
-    let attempt = || {
-        let r = clean_migration(
-            "hotset",
-            &["--precopy-rounds", "2", "--memory-backend", "memfd"],
-        );
-        assert_eq!(r["install_path"], "landed", "{r}");
-        r
-    };
-    // Some pre-copied pages were written again before the pause.
-    until_shaped(attempt, |r| u(&r["precopy"], "final_dirty") > 0);
+    for (install, path) in [("land", "landed"), ("copy", "copy-shared")] {
+        let attempt = || {
+            let r = clean_migration(
+                "hotset",
+                &[
+                    "--precopy-rounds",
+                    "2",
+                    "--memory-backend",
+                    "memfd",
+                    "--shared-install",
+                    install,
+                ],
+            );
+            assert_eq!(r["install_path"], path, "{r}");
+            r
+        };
+        // Some pre-copied pages were written again before the pause.
+        until_shaped(attempt, |r| u(&r["precopy"], "final_dirty") > 0);
+    }
 }

@@ -84,6 +84,26 @@ pub struct MigrationConfig {
     /// refuses connections (gone) fails at once. Zero: fail at the first
     /// loss.
     pub recover_timeout: Duration,
+    /// How pages reach guest memory that is shared (a memfd with a second
+    /// mapping); private memory always takes `UFFDIO_COPY`.
+    pub shared_install: SharedInstall,
+}
+
+/// How pages reach shared guest memory (a memfd the engine maps a second
+/// time).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SharedInstall {
+    /// Landed where the transport writes them without a CPU copy (RDMA
+    /// READs into the second mapping), copied in otherwise.
+    #[default]
+    Auto,
+    /// Landed whenever the transport can land pages (TCP receives into
+    /// the memory's file, RDMA READs into the second mapping), then
+    /// mapped with `UFFDIO_CONTINUE`.
+    Land,
+    /// Received into a buffer and copied in with `UFFDIO_COPY`, which puts
+    /// each page into the file and maps it in one step.
+    Copy,
 }
 
 impl Default for MigrationConfig {
@@ -105,6 +125,7 @@ impl Default for MigrationConfig {
             flow_control: true,
             push_rate: None,
             recover_timeout: DEFAULT_RECOVER_TIMEOUT,
+            shared_install: SharedInstall::Auto,
         }
     }
 }

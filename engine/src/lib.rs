@@ -36,7 +36,7 @@ mod vma;
 pub mod write_tracker;
 mod zeros;
 
-pub use config::MigrationConfig;
+pub use config::{MigrationConfig, SharedInstall};
 pub use error::{EngineError, RegionError};
 pub use governor::FlowStats;
 pub use memory::{DestMemory, GuestRegion};

@@ -8,7 +8,7 @@ use std::time::Instant;
 use pagewire_transport::{ChannelClass, FetchLimits, PageChannel, Transport};
 use tracing::info;
 
-use crate::config::MigrationConfig;
+use crate::config::{MigrationConfig, SharedInstall};
 use crate::error::EngineError;
 use crate::fault::fault_main;
 use crate::governor::Governor;
@@ -122,7 +122,7 @@ impl Migration {
         // the wire and the transport's own limits allow).
         let limits = limits_for(transport.as_ref());
         let batch = u64::from(config.batch_pages).min(limits.max_pages) as u32;
-        let landed = offer_landing(transport.as_ref(), &mem)?;
+        let landed = offer_landing(transport.as_ref(), &mem, config.shared_install)?;
         // Open every channel before the guest may fault: a source that is
         // unreachable fails here, not in the middle of a fault.
         let urgent = open_urgent(transport.as_ref(), &config)?;
@@ -165,16 +165,25 @@ impl Migration {
 }
 
 /// Offers shared memory's second mapping to `transport` to land pages in
-/// (before any channel is opened); returns whether it took it. Shared
-/// memory it does not take is filled through the second mapping with a
-/// copy; other memory with UFFDIO_COPY.
+/// (before any channel is opened), as `policy` says; returns whether it
+/// took it. Shared memory it does not take, and all other memory, is
+/// filled with UFFDIO_COPY.
 pub(crate) fn offer_landing(
     transport: &dyn Transport,
     mem: &DestMemory,
+    policy: SharedInstall,
 ) -> Result<bool, EngineError> {
     let Some(landing) = mem.landing() else {
         return Ok(false);
     };
+    let land = match policy {
+        SharedInstall::Land => true,
+        SharedInstall::Copy => false,
+        SharedInstall::Auto => transport.lands_without_copy(),
+    };
+    if !land {
+        return Ok(false);
+    }
     let took = transport.set_landing(landing)?;
     if !took {
         tracing::info!(

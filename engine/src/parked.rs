@@ -86,7 +86,11 @@ impl ParkedMigration {
             );
             return Err(back(e.into(), arc));
         }
-        let landed = match crate::migration::offer_landing(transport.as_ref(), &mem) {
+        let landed = match crate::migration::offer_landing(
+            transport.as_ref(),
+            &mem,
+            arc.config.shared_install,
+        ) {
             Ok(l) => l,
             Err(e) => return Err(back(e, arc)),
         };

@@ -379,4 +379,8 @@ impl Transport for Refreshed {
     fn set_landing(&self, landing: Arc<Landing>) -> Result<bool, TransportError> {
         self.inner.set_landing(landing)
     }
+
+    fn lands_without_copy(&self) -> bool {
+        self.inner.lands_without_copy()
+    }
 }

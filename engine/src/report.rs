@@ -15,22 +15,23 @@ pub enum InstallPath {
     /// UFFDIO_COPY from a buffer: private memory.
     #[serde(rename = "copy")]
     Copy,
-    /// Received or RDMA-read straight into shared memory's file, then
-    /// UFFDIO_CONTINUE: nothing copied on this CPU.
+    /// Landed in shared memory by the transport (RDMA-read straight into
+    /// the second mapping, or received and written into the memory's
+    /// file), then UFFDIO_CONTINUE.
     #[serde(rename = "landed")]
     Landed,
-    /// Shared memory whose transport cannot land pages: copied into the
-    /// file, then UFFDIO_CONTINUE.
-    #[serde(rename = "copy+continue")]
-    CopyContinue,
+    /// Shared memory, pages received into a buffer and copied in with
+    /// UFFDIO_COPY (into the file and mapped in one step).
+    #[serde(rename = "copy-shared")]
+    SharedCopy,
 }
 
 impl std::fmt::Display for InstallPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Copy => "UFFDIO_COPY",
-            Self::Landed => "UFFDIO_CONTINUE after landing in shared memory (zero-copy)",
-            Self::CopyContinue => "UFFDIO_CONTINUE after a copy into shared memory",
+            Self::Landed => "UFFDIO_CONTINUE after landing in shared memory",
+            Self::SharedCopy => "UFFDIO_COPY into shared memory",
         })
     }
 }
@@ -168,7 +169,7 @@ pub(crate) fn build(s: &Shared) -> EngineReport {
         install_path: match (s.installer.memory().is_shared(), s.landed) {
             (false, _) => InstallPath::Copy,
             (true, true) => InstallPath::Landed,
-            (true, false) => InstallPath::CopyContinue,
+            (true, false) => InstallPath::SharedCopy,
         },
         pages_total: s.states.len(),
         faults: Metrics::get(&m.faults),

@@ -118,8 +118,9 @@ impl PageInstaller {
             ));
         }
         // Shared memory: a page in the file but not yet mapped here faults
-        // as MINOR (it is written through the second mapping, then mapped
-        // with UFFDIO_CONTINUE); one not in the file yet as MISSING.
+        // as MINOR (it was landed there, then is mapped with
+        // UFFDIO_CONTINUE); one not in the file yet as MISSING (UFFDIO_COPY
+        // fills both at once).
         let mode = if mem.is_shared() {
             RegisterMode::MISSING | RegisterMode::MINOR
         } else {
@@ -196,8 +197,10 @@ impl PageInstaller {
     /// Copies `data` into the pages of `range` with UFFDIO_COPY. Pages that
     /// are already mapped (EEXIST) are skipped and counted, never
     /// overwritten. The caller must hold the pages (claimed, not
-    /// installed): in shared memory the bytes are written into the file
-    /// and the pages mapped with UFFDIO_CONTINUE. With `wake`, threads
+    /// installed). In shared memory UFFDIO_COPY puts each page into the
+    /// file and maps it; a page already in the file (not mapped) gets the
+    /// bytes written into the file and is mapped with UFFDIO_CONTINUE.
+    /// With `wake`, threads
     /// blocked on these pages resume.
     /// While the owner changes its mappings it yields and retries; use
     /// [`Self::install_with`] on the thread that reads the events.
@@ -241,12 +244,9 @@ impl PageInstaller {
                 data.len()
             )));
         }
-        if self.mem.is_shared() {
-            // Shared memory: the bytes go into the file through the second
-            // mapping (the caller holds these pages), then get mapped.
-            self.mem.write_alias(range, data)?;
-            return self.install_landed_progress(range, wake, busy, mapped);
-        }
+        // Shared memory too: UFFDIO_COPY puts a missing page into the file
+        // and maps it in one step (a region registered for minor faults is
+        // registered for missing ones as well).
         let ps = self.mem.layout().page_size();
         let mut done = Installed::default();
         let mut off = 0;
@@ -284,6 +284,20 @@ impl PageInstaller {
                         "UFFDIO_COPY made no progress at {:#x}",
                         addr + off
                     )));
+                }
+                Err(userfaultfd::Error::CopyFailed(errno))
+                    if errno as i32 == libc::EEXIST && self.mem.is_shared() =>
+                {
+                    // In the file already (a page landed there earlier and
+                    // not mapped yet), or mapped: its bytes go into the
+                    // file (the caller holds the page), then it is mapped.
+                    let one = PageRange::new(range.first + (off / ps) as u64, 1);
+                    self.mem.write_alias(one, &data[off..off + ps])?;
+                    let d = self.install_landed_with(one, wake, busy)?;
+                    done.pages += d.pages;
+                    done.already_present += d.already_present;
+                    off += ps;
+                    *mapped = (off / ps) as u64;
                 }
                 Err(userfaultfd::Error::CopyFailed(errno)) if errno as i32 == libc::EEXIST => {
                     done.already_present += 1;

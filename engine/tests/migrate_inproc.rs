@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use pagewire_engine::{DestMemory, InstallPath, Migration, MigrationConfig, PageOrigin};
+use pagewire_engine::{
+    DestMemory, InstallPath, Migration, MigrationConfig, PageOrigin, SharedInstall,
+};
 use pagewire_transport::inproc::InProcTransport;
 use pagewire_transport::{page_checksum, MemoryLayout, PageRange, SourceMemory, Transport};
 
@@ -196,15 +198,24 @@ fn the_sweep_pushes_the_block_the_guest_faults_in_first() {
 }
 
 #[test]
-fn shared_memory_is_filled_zero_copy_every_page_once() {
-    for (push, bubble) in [(true, 64), (false, 0)] {
+fn shared_memory_is_filled_landed_or_copied_every_page_once() {
+    for ((push, bubble), (install, path)) in [(true, 64), (false, 0)].into_iter().flat_map(|m| {
+        [
+            (SharedInstall::Land, InstallPath::Landed),
+            (SharedInstall::Copy, InstallPath::SharedCopy),
+            // In-process pages are copied on the CPU: copied in.
+            (SharedInstall::Auto, InstallPath::SharedCopy),
+        ]
+        .map(|i| (m, i))
+    }) {
         let cfg = MigrationConfig {
             push,
             bubble,
+            shared_install: install,
             ..MigrationConfig::default()
         };
         let r = run_on(true, cfg, |i| i * 7);
-        assert_eq!(r.install_path, InstallPath::Landed);
+        assert_eq!(r.install_path, path);
         assert_eq!(r.duplicate_pages, 0);
         assert_eq!(r.install_conflicts, 0);
         assert_eq!(
@@ -229,7 +240,8 @@ fn advise(mem: &DestMemory, p: u64, advice: libc::c_int) {
 
 #[test]
 fn shared_memory_dropped_by_its_owner_reads_as_its_file_says() {
-    dropped_by_its_owner(Vec::new());
+    dropped_by_its_owner(Vec::new(), SharedInstall::Land);
+    dropped_by_its_owner(Vec::new(), SharedInstall::Copy);
 }
 
 #[test]
@@ -237,10 +249,10 @@ fn shared_memory_dropped_by_its_owner_reads_as_its_file_says_with_two_fault_serv
     // Either service may read the owner's REMOVE events, the other's
     // installs waiting on them.
     let cpus = pagewire_engine::placement::allowed_cpus();
-    dropped_by_its_owner(vec![cpus[0], *cpus.last().unwrap()]);
+    dropped_by_its_owner(vec![cpus[0], *cpus.last().unwrap()], SharedInstall::Land);
 }
 
-fn dropped_by_its_owner(fault_cpus: Vec<usize>) {
+fn dropped_by_its_owner(fault_cpus: Vec<usize>, install: SharedInstall) {
     let pages = 2048u64;
     let src = source(pages);
     let t: Arc<dyn Transport> = Arc::new(InProcTransport::new(src.clone()));
@@ -249,6 +261,7 @@ fn dropped_by_its_owner(fault_cpus: Vec<usize>) {
         push: false,
         bubble: 0,
         fault_cpus,
+        shared_install: install,
         ..MigrationConfig::default()
     };
     let h = Migration::start_with_memory(t.clone(), mem.clone(), cfg).unwrap();
@@ -268,7 +281,14 @@ fn dropped_by_its_owner(fault_cpus: Vec<usize>) {
     assert_eq!(mem.page(13).unwrap()[4000], 0);
     h.release_push();
     let r = h.wait().unwrap();
-    assert_eq!(r.install_path, InstallPath::Landed);
+    assert_eq!(
+        r.install_path,
+        if install == SharedInstall::Copy {
+            InstallPath::SharedCopy
+        } else {
+            InstallPath::Landed
+        }
+    );
     assert_eq!(r.removed_pages, 1);
     assert_eq!(r.duplicate_pages, 0);
     let sums = t.checksums(PageRange::new(0, pages as u32)).unwrap();
@@ -277,6 +297,32 @@ fn dropped_by_its_owner(fault_cpus: Vec<usize>) {
             page_checksum(mem.page(p).unwrap()),
             sums[p as usize],
             "page {p}"
+        );
+    }
+}
+
+#[test]
+fn a_copy_into_shared_memory_over_a_page_already_in_its_file_writes_and_maps_it() {
+    use pagewire_engine::uffd::PageInstaller;
+    let layout = MemoryLayout::single(16 * 4096).unwrap();
+    let mem = Arc::new(DestMemory::new_shared(&layout).unwrap());
+    let installer = PageInstaller::register(mem.clone()).unwrap();
+    // Page 5 is in the memory's file (stale bytes, as a page populated for
+    // a landing that broke off leaves it) but not mapped in the guest.
+    let landing = mem.landing().expect("shared memory has a second mapping");
+    // SAFETY: nothing else reads or writes page 5 here.
+    unsafe { landing.write(PageRange::new(5, 1), 0, &[0xaa; 4096]) }.unwrap();
+    let data: Vec<u8> = (0..3 * 4096).map(|i| (i / 4096 + 1) as u8).collect();
+    let done = installer
+        .install(PageRange::new(4, 3), &data, true)
+        .expect("install");
+    assert_eq!(done.pages, 3, "{done:?}");
+    for (i, p) in (4..7).enumerate() {
+        let page = mem.page(p).unwrap();
+        assert!(
+            page.iter().all(|&b| b == i as u8 + 1),
+            "page {p} holds {:#x}",
+            page[0]
         );
     }
 }

@@ -93,6 +93,16 @@ pub trait Transport: Send + Sync {
         Ok(false)
     }
 
+    /// Whether pages this transport lands reach memory without the
+    /// destination's CPU copying them (an RDMA NIC writes them). Only
+    /// then does landing save work over a `UFFDIO_COPY` from a buffer: a
+    /// transport that copies on the CPU anyway (TCP, in-process) fills
+    /// shared memory faster through `UFFDIO_COPY` (see the README). The
+    /// default is false.
+    fn lands_without_copy(&self) -> bool {
+        false
+    }
+
     /// Tells the source this destination has every page (and has
     /// verified them, if it does): the source may release the memory.
     fn done(&self) -> Result<(), TransportError> {

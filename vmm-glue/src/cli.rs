@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use pagewire_engine::{MigrationConfig, PrecopyConfig, PrepagerKind, SwitchOver};
+use pagewire_engine::{MigrationConfig, PrecopyConfig, PrepagerKind, SharedInstall, SwitchOver};
 use pagewire_transport::rdma::Device;
 use pagewire_transport::tcp::TcpOptions;
 use pagewire_transport::AuthKey;
@@ -310,11 +310,19 @@ pub(crate) struct EngineArgs {
     pub(crate) lanes: Option<usize>,
     /// What backs the destination's guest memory: `anon`, private
     /// anonymous memory filled with UFFDIO_COPY (what most VMMs use), or
-    /// `memfd`, shared memory whose pages are received (or RDMA-read)
-    /// straight into a second mapping of the memfd and mapped with
-    /// UFFDIO_CONTINUE: nothing is copied on the destination's CPU.
+    /// `memfd`, shared memory (as QEMU's memory-backend-memfd), filled as
+    /// --shared-install says.
     #[arg(long, value_enum, default_value = "anon")]
     pub(crate) memory_backend: MemoryBackend,
+    /// How pages reach memfd-backed guest memory: `land` has the transport
+    /// put them in the memory itself (RDMA READs straight into a second
+    /// mapping of the memfd, nothing copied on this CPU; TCP receives and
+    /// writes them into the memfd), then maps them with UFFDIO_CONTINUE;
+    /// `copy` receives them into a buffer and copies them in with
+    /// UFFDIO_COPY, which over TCP is the faster of the two; `auto` lands
+    /// them over RDMA and copies them over TCP.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub(crate) shared_install: SharedInstallArg,
     /// Bubble radius: pages prepaged each way around the last fault.
     #[arg(long, default_value_t = 64)]
     pub(crate) bubble: u64,
@@ -449,9 +457,18 @@ pub(crate) struct TransportArgs {
 pub(crate) enum MemoryBackend {
     /// Private anonymous memory, pages installed with UFFDIO_COPY.
     Anon,
-    /// A memfd, pages landed in a second mapping and mapped with
-    /// UFFDIO_CONTINUE (zero-copy).
+    /// A memfd (shared memory), filled as --shared-install says.
     Memfd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum SharedInstallArg {
+    /// Land over RDMA, copy over TCP.
+    Auto,
+    /// Let the transport land pages in the memory, then UFFDIO_CONTINUE.
+    Land,
+    /// Receive into a buffer, then UFFDIO_COPY.
+    Copy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -571,6 +588,11 @@ impl EngineArgs {
             flow_control: !self.no_flow_control,
             push_rate: self.push_rate,
             recover_timeout: self.recover_timeout()?,
+            shared_install: match self.shared_install {
+                SharedInstallArg::Auto => SharedInstall::Auto,
+                SharedInstallArg::Land => SharedInstall::Land,
+                SharedInstallArg::Copy => SharedInstall::Copy,
+            },
         })
     }
 

@@ -444,6 +444,10 @@ impl Transport for RdmaTransport {
         RDMA_LIMITS
     }
 
+    fn lands_without_copy(&self) -> bool {
+        true
+    }
+
     fn set_landing(&self, landing: Arc<Landing>) -> Result<bool, TransportError> {
         if landing.page_size() != self.control.info().layout.page_size() {
             return Ok(false);
