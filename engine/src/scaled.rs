@@ -85,9 +85,11 @@ impl Transport for Scaled {
     fn open(&self, class: ChannelClass) -> Result<Box<dyn PageChannel>, TransportError> {
         let inner = self.inner.open(class)?;
         let l = self.inner.limits();
-        let parts = self.factor.div_ceil(l.max_pages.max(1)).max(1) as usize;
+        // Every page travels as its own inner requests (one or more), so
+        // that a reply of several pages can be reported page by page.
+        let parts = self.factor.div_ceil(l.max_pages.max(1)) * self.limits.max_pages;
         Ok(Box::new(ScaledChannel {
-            max_outstanding: (inner.max_outstanding() / parts).max(1),
+            max_outstanding: (inner.max_outstanding() / parts.max(1) as usize).max(1),
             inner,
             factor: self.factor,
             page_bytes: self.info.layout.page_size() / self.factor as usize,
@@ -132,45 +134,38 @@ struct ScaledChannel {
 
 impl PageChannel for ScaledChannel {
     fn send(&mut self, ranges: &[PageRange]) -> Result<(), TransportError> {
-        // Expand, then cut into inner requests within the inner limits.
-        let mut lens = Vec::new();
-        let mut req: Vec<PageRange> = Vec::new();
-        let mut pages = 0u64;
+        // Each large page becomes inner requests of at most the inner
+        // limit of small pages, one range each: a large page is whole
+        // once its last inner reply is in.
         let max = self.limits.max_pages.max(1);
-        let flush = |req: &mut Vec<PageRange>,
-                     pages: &mut u64,
-                     lens: &mut Vec<usize>,
-                     inner: &mut Box<dyn PageChannel>|
-         -> Result<(), TransportError> {
-            if !req.is_empty() {
-                inner.send(req)?;
-                lens.push(*pages as usize);
-                req.clear();
-                *pages = 0;
-            }
-            Ok(())
-        };
+        let mut lens = Vec::new();
         for r in ranges {
-            let mut first = r.first * self.factor;
-            let end = r.end() * self.factor;
-            while first < end {
-                if pages == max || req.len() == self.limits.max_ranges {
-                    flush(&mut req, &mut pages, &mut lens, &mut self.inner)?;
+            for page in r.first..r.end() {
+                let mut first = page * self.factor;
+                let end = first + self.factor;
+                while first < end {
+                    let n = (end - first).min(max);
+                    self.inner.send(&[PageRange::new(first, n as u32)])?;
+                    lens.push(n as usize * self.page_bytes);
+                    first += n;
                 }
-                let n = (end - first).min(max - pages);
-                req.push(PageRange::new(first, n as u32));
-                pages += n;
-                first += n;
             }
         }
-        flush(&mut req, &mut pages, &mut lens, &mut self.inner)?;
-        let page_bytes = self.page_bytes;
-        self.parts
-            .push_back(lens.into_iter().map(|p| p * page_bytes).collect());
+        self.parts.push_back(lens);
         Ok(())
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
+        self.recv_streaming(buf, &mut |_| {})
+    }
+
+    /// Reports the reply after each inner reply but the last: whole
+    /// large pages come in as their last inner reply does.
+    fn recv_streaming(
+        &mut self,
+        buf: &mut [u8],
+        arrived: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), TransportError> {
         let lens = self
             .parts
             .pop_front()
@@ -186,6 +181,9 @@ impl PageChannel for ScaledChannel {
         for len in lens {
             self.inner.recv(&mut buf[off..off + len])?;
             off += len;
+            if off < total {
+                arrived(&buf[..off]);
+            }
         }
         Ok(())
     }
@@ -204,5 +202,41 @@ impl PageChannel for ScaledChannel {
 
     fn max_outstanding(&self) -> usize {
         self.max_outstanding
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pagewire_transport::inproc::InProcTransport;
+    use pagewire_transport::SourceMemory;
+
+    /// A reply of several large pages is reported as each page is whole,
+    /// every report holding the source's bytes, never the whole reply.
+    #[test]
+    fn a_reply_of_large_pages_is_reported_page_by_page() {
+        const MIB: usize = 1 << 20;
+        let bytes: Vec<u8> = (0..8 * MIB).map(|i| (i / 4096 % 251) as u8).collect();
+        let layout = MemoryLayout::single(8 * MIB as u64).unwrap();
+        let src = Arc::new(SourceMemory::new(layout, vec![Arc::new(bytes.clone())]).unwrap());
+        let inner: Arc<dyn Transport> = Arc::new(InProcTransport::new(src));
+        let scaled = Scaled::new(inner, 2 * MIB).unwrap();
+        assert_eq!(scaled.info().layout.total_pages(), 4);
+        let mut ch = scaled.open(ChannelClass::Bulk(0)).unwrap();
+        ch.send(&[PageRange::new(1, 3)]).unwrap();
+        let mut buf = vec![0u8; 6 * MIB];
+        let mut reports = Vec::new();
+        ch.recv_streaming(&mut buf, &mut |prefix| {
+            assert_eq!(prefix, &bytes[2 * MIB..2 * MIB + prefix.len()]);
+            reports.push(prefix.len());
+        })
+        .unwrap();
+        assert_eq!(buf, &bytes[2 * MIB..]);
+        assert_eq!(reports, [2 * MIB, 4 * MIB]);
+        // A plain receive gets the same bytes.
+        ch.send(&[PageRange::new(0, 1)]).unwrap();
+        let mut one = vec![0u8; 2 * MIB];
+        ch.recv(&mut one).unwrap();
+        assert_eq!(one, &bytes[..2 * MIB]);
     }
 }
