@@ -63,6 +63,14 @@ trap 'exit 130' INT TERM
 
 floor_bps=$("$here/two-hosts.sh" iperf --name "$name" || true)
 echo "link $rate: iperf3 source -> destination $(python3 -c "print(f'{float(\"${floor_bps:-0}\")/1e6:.0f}')") Mbit/s" >&2
+# How cheaply an idle CPU wakes: every fault wakes threads, and where an
+# idle CPU halts at once (a virtual machine with halt polling off), each
+# wake-up costs a VM exit. Demand paging pays it on every fault; with the
+# push running the CPUs are rarely idle (see the README's Performance).
+idle_gov=$(cat /sys/devices/system/cpu/cpuidle/current_governor_ro 2>/dev/null \
+    || cat /sys/devices/system/cpu/cpuidle/current_governor 2>/dev/null || echo none)
+halt_poll_ns=$(cat /sys/module/haltpoll/parameters/guest_halt_poll_ns 2>/dev/null || echo none)
+echo "cpuidle governor $idle_gov, guest_halt_poll_ns $halt_poll_ns" >&2
 
 start_source() {
     [ -n "$src_pid" ] && { kill "$src_pid" 2>/dev/null; wait "$src_pid" 2>/dev/null || true; }
@@ -103,10 +111,11 @@ for w in $workloads; do
             # shellcheck disable=SC2086
             ip netns exec "$name-dst" "$bin" dest --connect 192.0.2.1:7070 --transport tcp \
                 $wargs --json $args $dest_args > "$out.run" 2>/dev/null || { echo "run failed: $w $label" >&2; continue; }
-            DEST_ARGS="$dest_args" MODE="$label" RATE="$rate" GUEST="$guest" BPS="${floor_bps:-0}" SWEEP="${sweep_radius:-}" KIND="${sweep_kind:-}" python3 -c "
+            IDLE="$idle_gov $halt_poll_ns" DEST_ARGS="$dest_args" MODE="$label" RATE="$rate" GUEST="$guest" BPS="${floor_bps:-0}" SWEEP="${sweep_radius:-}" KIND="${sweep_kind:-}" python3 -c "
 import json, os
 r = json.load(open('$out.run'))
 r['mode'] = os.environ['MODE']; r['rate'] = os.environ['RATE']; r['dest_args'] = os.environ['DEST_ARGS']
+r['host_idle'] = dict(zip(['cpuidle_governor', 'guest_halt_poll_ns'], os.environ['IDLE'].split()))
 r['source_guest'] = os.environ['GUEST']; r['iperf3_bps'] = float(os.environ['BPS'])
 if os.environ['SWEEP']:
     r['bubble_sweep'] = int(os.environ['SWEEP']); r['prepager'] = os.environ['KIND']
