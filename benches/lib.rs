@@ -45,7 +45,7 @@ impl Bench {
     }
 
     /// A new transport to the same source. A transport lands pages in one
-    /// memory only, so every zero-copy migration takes a fresh one (the
+    /// memory only, so every migration that lands pages takes a fresh one (the
     /// shared one would copy into every memory after the first).
     pub fn fresh(&self) -> Arc<dyn Transport> {
         (self.fresh)()

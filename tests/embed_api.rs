@@ -284,12 +284,13 @@ fn tcp_nonzero_page(m: &pagewire_engine::MigrationHandle) -> u64 {
         .unwrap()
 }
 
-/// A VMM's guest memory in a memfd, mapped shared: filled zero-copy
-/// through pagewire's uffd (MISSING and MINOR); files that do not match
+/// A VMM's guest memory in a memfd, mapped shared: filled through
+/// pagewire's uffd (MISSING and MINOR), pages landed in the memfd by TCP;
+/// files that do not match
 /// the regions, and a uffd of the VMM's (which cannot have minor faults
 /// registered for pagewire), are refused with typed errors.
 #[test]
-fn a_vmm_s_shared_memory_is_filled_zero_copy_and_bad_files_are_refused() {
+fn a_vmm_s_shared_memory_is_filled_and_bad_files_are_refused() {
     let (addr, _server) = source(8 << 20);
     let fd =
         nix::sys::memfd::memfd_create(c"vmm-guest", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
@@ -320,7 +321,7 @@ fn a_vmm_s_shared_memory_is_filled_zero_copy_and_bad_files_are_refused() {
         MigrationConfig::default(),
     ) {
         Err(EmbedError::Region(RegionError::BadUffd(_))) => {}
-        other => panic!("a VMM's uffd accepted for zero-copy: {other:?}"),
+        other => panic!("a VMM's uffd accepted for shared memory: {other:?}"),
     }
     // SAFETY: as above; this migration is waited on below.
     let memory = unsafe { DestMemory::from_vmm_shared(&regions, &files) }.expect("regions");

@@ -38,9 +38,9 @@ pub struct DestMemory {
     /// `MADV_DONTNEED` empties (a VMM's shared memory it would not).
     private_anon: bool,
     /// Shared memory only: a second mapping of the same file that the
-    /// guest cannot see, where pages arrive (received or RDMA-read straight
-    /// into it, as landing memory) before `UFFDIO_CONTINUE` maps them into
-    /// the guest, so no page is copied on this host's CPU.
+    /// guest cannot see, where a transport may land pages (RDMA-read
+    /// straight into it, or received and written into its file) before
+    /// `UFFDIO_CONTINUE` maps them into the guest.
     alias: Option<Arc<Landing>>,
 }
 
@@ -128,10 +128,12 @@ impl DestMemory {
         Ok(m)
     }
 
-    /// Maps fresh shared memory (one memfd) for every region of `layout`,
-    /// for zero-copy installs: pages are written into a second mapping of
-    /// the memfd and mapped into the guest with `UFFDIO_CONTINUE`
-    /// (QEMU's `memory-backend-memfd`, Cloud Hypervisor's `shared=on`).
+    /// Maps fresh shared memory (one memfd) for every region of `layout`
+    /// (QEMU's `memory-backend-memfd`, Cloud Hypervisor's `shared=on`),
+    /// with a second mapping of the memfd where a transport may land pages
+    /// (then mapped into the guest with `UFFDIO_CONTINUE`); otherwise pages
+    /// are copied in with `UFFDIO_COPY` (see
+    /// [`crate::SharedInstall`]).
     pub fn new_shared(layout: &MemoryLayout) -> Result<Self, EngineError> {
         let fd = nix::sys::memfd::memfd_create(
             c"pagewire-guest",
@@ -162,7 +164,7 @@ impl DestMemory {
 
     /// Uses shared guest memory a VMM mapped in this process from files
     /// (a memfd, shmem), one [`FileOffset`] per region in the order given:
-    /// pages are installed zero-copy (see [`Self::new_shared`]).
+    /// pages are landed or copied in as for [`Self::new_shared`].
     ///
     /// # Safety
     /// As [`Self::from_vmm`]; besides, each region must be a shared
@@ -447,9 +449,8 @@ impl DestMemory {
         self.private_anon || self.alias.is_some()
     }
 
-    /// Whether pages are installed zero-copy: shared memory with a second
-    /// mapping to write them into ([`Self::new_shared`],
-    /// [`Self::from_vmm_shared`]).
+    /// Whether this is shared memory with a second mapping, where pages
+    /// may be landed ([`Self::new_shared`], [`Self::from_vmm_shared`]).
     pub fn is_shared(&self) -> bool {
         self.alias.is_some()
     }

@@ -152,7 +152,7 @@ impl Migration {
         info!(
             pages,
             transport = shared.transport.name(),
-            zero_copy = landed,
+            landed,
             lanes = config.lanes,
             bubble = config.bubble,
             push = config.push,

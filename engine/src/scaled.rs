@@ -138,6 +138,20 @@ impl PageChannel for ScaledChannel {
         // limit of small pages, one range each: a large page is whole
         // once its last inner reply is in.
         let max = self.limits.max_pages.max(1);
+        // Refused before anything is sent: a request the inner channel
+        // cannot hold outstanding whole would be sent in part.
+        let per_page = self.factor.div_ceil(max);
+        let large: u64 = ranges.iter().map(|r| u64::from(r.count)).sum();
+        let needed = large.saturating_mul(per_page);
+        let room = self
+            .inner
+            .max_outstanding()
+            .saturating_sub(self.inner.outstanding()) as u64;
+        if needed > room {
+            return Err(TransportError::Misuse(
+                "a request needs more inner requests than the channel keeps outstanding",
+            ));
+        }
         let mut lens = Vec::new();
         for r in ranges {
             for page in r.first..r.end() {

@@ -30,9 +30,9 @@ pub(crate) struct Shared {
     /// What one request may carry on this transport.
     pub limits: FetchLimits,
     pub sweep_cursor: AtomicU64,
-    /// Pages land straight in shared guest memory (the transport took its
-    /// second mapping): channels send with `send_landed` and installs map
-    /// them with UFFDIO_CONTINUE, nothing copied.
+    /// Pages land in shared guest memory (the transport took its second
+    /// mapping): channels send with `send_landed` and installs map them
+    /// with UFFDIO_CONTINUE.
     pub landed: bool,
     /// Next page the lanes look at for zero pages to map.
     pub zero_cursor: AtomicU64,

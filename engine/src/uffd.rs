@@ -144,7 +144,7 @@ impl PageInstaller {
     pub fn with_uffd(mem: Arc<DestMemory>, fd: OwnedFd) -> Result<Self, EngineError> {
         if mem.is_shared() {
             return Err(RegionError::BadUffd(
-                "zero-copy installs need a userfaultfd registered for minor faults: let pagewire \
+                "shared memory needs a userfaultfd registered for minor faults too: let pagewire \
                  create it"
                     .into(),
             )
@@ -286,11 +286,15 @@ impl PageInstaller {
                     )));
                 }
                 Err(userfaultfd::Error::CopyFailed(errno))
-                    if errno as i32 == libc::EEXIST && self.mem.is_shared() =>
+                    if errno as i32 == libc::EEXIST
+                        && self.mem.is_shared()
+                        && !self.mem.is_mapped(range.first + (off / ps) as u64)? =>
                 {
-                    // In the file already (a page landed there earlier and
-                    // not mapped yet), or mapped: its bytes go into the
-                    // file (the caller holds the page), then it is mapped.
+                    // In the file already but not mapped in the guest (a
+                    // page landed there before a link loss): its bytes go
+                    // into the file (the caller holds the page), then it is
+                    // mapped. A page the guest has mapped is never written
+                    // (the arm below counts it).
                     let one = PageRange::new(range.first + (off / ps) as u64, 1);
                     self.mem.write_alias(one, &data[off..off + ps])?;
                     let d = self.install_landed_with(one, wake, busy)?;

@@ -325,4 +325,10 @@ fn a_copy_into_shared_memory_over_a_page_already_in_its_file_writes_and_maps_it(
             page[0]
         );
     }
+    // A page the guest has mapped is counted, never written over.
+    let again = installer
+        .install(PageRange::new(5, 1), &[0xbb; 4096], true)
+        .expect("install over a mapped page");
+    assert_eq!((again.pages, again.already_present), (0, 1), "{again:?}");
+    assert!(mem.page(5).unwrap().iter().all(|&b| b == 2));
 }

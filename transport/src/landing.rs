@@ -4,10 +4,11 @@
 //!
 //! A destination whose guest memory is shared memory (a memfd) maps it a
 //! second time, where the guest cannot see it, and hands that mapping to
-//! the transport as a [`Landing`]: TCP receives page bytes straight into
-//! it, RDMA READs land in it directly (it is registered as a memory
-//! region). The engine then maps each page into the guest with
-//! `UFFDIO_CONTINUE`; no byte is copied on the destination's CPU.
+//! the transport as a [`Landing`]: RDMA READs land in it directly (it is
+//! registered as a memory region), so no byte is copied on the
+//! destination's CPU; TCP receives page bytes into it (or into its file,
+//! below). The engine then maps each page into the guest with
+//! `UFFDIO_CONTINUE`.
 //!
 //! Where the engine also names the file behind a span ([`SpanFile`]), a
 //! transport that copies bytes on the CPU anyway (TCP, in-process) writes
@@ -37,7 +38,8 @@ pub struct LandingSpan {
 /// The file a span of landing memory maps (shared), and where in it.
 #[derive(Debug, Clone)]
 pub struct SpanFile {
-    /// The file: a memfd, or a tmpfs or hugetlbfs file.
+    /// The file: a memfd or a tmpfs file (hugetlbfs files take no
+    /// `write`).
     pub file: Arc<File>,
     /// Offset in the file of the span's first byte.
     pub offset: u64,

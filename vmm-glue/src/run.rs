@@ -197,8 +197,9 @@ pub struct RunOptions {
     pub precopy: Option<PrecopyConfig>,
     /// Show a progress bar on stderr.
     pub progress: bool,
-    /// Back guest memory with a memfd (shared memory) and install pages
-    /// zero-copy, instead of private anonymous memory and UFFDIO_COPY.
+    /// Back guest memory with a memfd (shared memory), filled as the
+    /// engine config's `shared_install` says, instead of private anonymous
+    /// memory.
     pub shared_memory: bool,
 }
 
