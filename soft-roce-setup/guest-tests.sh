@@ -214,6 +214,10 @@ for t in rdma tcp; do
         echo "PERF pagewire $t $b push: $(num bytes_received /tmp/p$t.json) bytes in $(num total_ms /tmp/p$t.json) ms"
     done
 done
+# Over TCP, memfd memory is copied in with UFFDIO_COPY by default; the same
+# push landed (received and written into the memfd), in the same boot.
+measure /tmp/pland.json dest --connect 127.0.0.1:7070 --transport tcp --memory-backend memfd --shared-install land --workload seq --touches 1
+echo "PERF pagewire tcp memfd push, landed: $(num bytes_received /tmp/pland.json) bytes in $(num total_ms /tmp/pland.json) ms ($(grep -o '"install_path": "[a-z-]*"' /tmp/pland.json))"
 
 # The fault service polling for the next fault instead of sleeping.
 for spin in 0 100; do
