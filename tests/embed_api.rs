@@ -284,24 +284,31 @@ fn tcp_nonzero_page(m: &pagewire_engine::MigrationHandle) -> u64 {
         .unwrap()
 }
 
-/// A VMM's guest memory in a memfd, mapped shared: filled through
-/// pagewire's uffd (MISSING and MINOR), pages landed in the memfd by TCP;
-/// files that do not match
-/// the regions, and a uffd of the VMM's (which cannot have minor faults
-/// registered for pagewire), are refused with typed errors.
-#[test]
-fn a_vmm_s_shared_memory_is_filled_and_bad_files_are_refused() {
-    let (addr, _server) = source(8 << 20);
+/// A VMM's guest memory of `len` bytes: a fresh memfd mapped shared, and
+/// its file for [`DestMemory::from_vmm_shared`].
+fn vmm_memfd(len: u64) -> (MmapMut, [pagewire_engine::FileOffset; 1]) {
     let fd =
         nix::sys::memfd::memfd_create(c"vmm-guest", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
             .expect("memfd");
     let file = Arc::new(std::fs::File::from(fd));
-    file.set_len(8 << 20).unwrap();
-    // SAFETY: the file is ours and outlives the mapping; nothing else
-    // resizes it.
+    file.set_len(len).unwrap();
+    // SAFETY: the file is ours and outlives the mapping (the mapping holds
+    // its own reference to the memory); nothing else resizes it.
     let shared = unsafe { MmapMut::map_mut(&*file) }.expect("map the memfd");
+    (shared, [pagewire_engine::FileOffset::from_arc(file, 0)])
+}
+
+/// A VMM's guest memory in a memfd, mapped shared: filled through the
+/// VMM's own uffd (missing faults only, pages copied in), and through
+/// pagewire's (missing and minor faults, pages landed in the memfd by
+/// TCP). Files that do not match the regions, a uffd not registered over
+/// them, and landing through a uffd without minor faults are refused with
+/// typed errors.
+#[test]
+fn a_vmm_s_shared_memory_is_filled_and_bad_files_are_refused() {
+    let (addr, _server) = source(8 << 20);
+    let (shared, files) = vmm_memfd(8 << 20);
     let regions = [region(0, &shared)];
-    let files = [pagewire_engine::FileOffset::from_arc(file.clone(), 0)];
     // SAFETY: refused before anything is mapped or registered.
     match unsafe { DestMemory::from_vmm_shared(&regions, &[]) } {
         Err(EngineError::Region(RegionError::FileCount {
@@ -312,6 +319,7 @@ fn a_vmm_s_shared_memory_is_filled_and_bad_files_are_refused() {
     }
     // SAFETY: `shared` outlives every migration started here.
     let memory = unsafe { DestMemory::from_vmm_shared(&regions, &files) }.expect("regions");
+    // A VMM's uffd not registered over the memory is refused.
     let u = UffdBuilder::new().user_mode_only(true).create().unwrap();
     let fd = u.as_fd().try_clone_to_owned().unwrap();
     match Destination::start_over(
@@ -320,9 +328,56 @@ fn a_vmm_s_shared_memory_is_filled_and_bad_files_are_refused() {
         UffdSetup::Existing(fd),
         MigrationConfig::default(),
     ) {
-        Err(EmbedError::Region(RegionError::BadUffd(_))) => {}
-        other => panic!("a VMM's uffd accepted for shared memory: {other:?}"),
+        Err(EmbedError::Region(RegionError::NotRegistered { .. })) => {}
+        other => panic!("an unregistered uffd accepted: {other:?}"),
     }
+    // Registered for missing faults only (as QEMU registers its own), it
+    // cannot land pages: asking to is refused.
+    let own = UffdBuilder::new()
+        .close_on_exec(true)
+        .user_mode_only(true)
+        .require_features(FeatureFlags::EVENT_REMOVE)
+        .create()
+        .expect("uffd");
+    own.register(shared.as_ptr() as *mut libc::c_void, shared.len())
+        .expect("register the memfd mapping");
+    let own_fd = || UffdSetup::Existing(own.as_fd().try_clone_to_owned().unwrap());
+    let land = MigrationConfig {
+        shared_install: pagewire_engine::SharedInstall::Land,
+        ..MigrationConfig::default()
+    };
+    // SAFETY: as above.
+    let memory = unsafe { DestMemory::from_vmm_shared(&regions, &files) }.expect("regions");
+    match Destination::start_over(tcp(&addr), memory, own_fd(), land) {
+        Err(EmbedError::Region(RegionError::BadUffd(_))) => {}
+        other => panic!("landing accepted without minor faults: {other:?}"),
+    }
+    // By default its pages are copied in through it; a "vCPU" reads the
+    // memory while it arrives.
+    // SAFETY: as above; this migration is waited on below.
+    let memory = unsafe { DestMemory::from_vmm_shared(&regions, &files) }.expect("regions");
+    let m = Destination::start_over(tcp(&addr), memory, own_fd(), MigrationConfig::default())
+        .expect("a VMM's own uffd over shared memory");
+    let (base, len) = (shared.as_ptr() as usize, shared.len());
+    std::thread::spawn(move || {
+        (0..len).step_by(4096 * 3).fold(0u64, |s, o| {
+            // SAFETY: inside a mapping that outlives the thread (joined).
+            s.wrapping_add(u64::from(unsafe { *((base + o) as *const u8) }))
+        })
+    })
+    .join()
+    .unwrap();
+    let report = m.wait().expect("migration");
+    assert_eq!(
+        report.install_path,
+        pagewire_engine::InstallPath::SharedCopy
+    );
+    assert_eq!(report.duplicate_pages, 0);
+    verify(&tcp(&addr), &[&shared]);
+    drop(own);
+    // A fresh memfd for pagewire's own uffd: this one holds every page.
+    let (shared, files) = vmm_memfd(8 << 20);
+    let regions = [region(0, &shared)];
     // SAFETY: as above; this migration is waited on below.
     let memory = unsafe { DestMemory::from_vmm_shared(&regions, &files) }.expect("regions");
     // Landed: TCP writes the pages into the VMM's memfd itself.

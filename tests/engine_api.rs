@@ -470,6 +470,57 @@ impl CutRelay {
 /// stops and is parked (a blocked thread stays blocked); resumed later
 /// over a new connection to the same source it finishes, every page equal
 /// to the source's. A different source is refused.
+/// A migration into shared memory whose link is lost resumes the way it
+/// installed: landed (pages populated for a reply that broke off are in
+/// the file, not mapped, and land again) or copied in; every page
+/// arrives once and matches the source.
+#[test]
+fn a_parked_migration_into_shared_memory_resumes_landed_or_copied() {
+    use pagewire_engine::{InstallPath, SharedInstall};
+    for (install, path) in [
+        (SharedInstall::Land, InstallPath::Landed),
+        (SharedInstall::Copy, InstallPath::SharedCopy),
+    ] {
+        let src = start_source("16MiB", 5);
+        let relay = CutRelay::start(src.addr.clone());
+        let t = connect(&relay.addr, Duration::from_secs(2));
+        let mem = Arc::new(DestMemory::new_shared(&t.info().layout).expect("memfd"));
+        let handle = Migration::start_with_memory(
+            t,
+            mem.clone(),
+            MigrationConfig {
+                lanes: 1,
+                push_rate: Some(2_000_000),
+                recover_timeout: Duration::from_millis(500),
+                shared_install: install,
+                ..MigrationConfig::default()
+            },
+        )
+        .expect("start");
+        thread::sleep(Duration::from_millis(300));
+        relay.cut();
+        let (_, parked) = handle.wait_resumable().expect_err("the link is gone");
+        let (present, total) = parked.progress();
+        assert!(present < total, "{install:?}: finished before the cut");
+        let direct = connect(&src.addr, Duration::from_secs(5));
+        let report = parked
+            .resume(direct.clone())
+            .expect("resume")
+            .wait()
+            .expect("resumed migration");
+        assert_eq!(report.install_path, path);
+        assert_eq!(report.duplicate_pages, 0, "{install:?}");
+        let want = direct.checksums(PageRange::new(0, total as u32)).unwrap();
+        for (p, w) in want.iter().enumerate() {
+            assert_eq!(
+                page_checksum(mem.page(p as u64).unwrap()),
+                *w,
+                "{install:?}: page {p}"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_parked_migration_resumes_over_a_new_connection() {
     let src = start_source("16MiB", 4);

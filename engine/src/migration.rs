@@ -9,7 +9,7 @@ use pagewire_transport::{ChannelClass, FetchLimits, PageChannel, Transport};
 use tracing::info;
 
 use crate::config::{MigrationConfig, SharedInstall};
-use crate::error::EngineError;
+use crate::error::{EngineError, RegionError};
 use crate::fault::fault_main;
 use crate::governor::Governor;
 use crate::lanes::lane_main;
@@ -122,7 +122,12 @@ impl Migration {
         // the wire and the transport's own limits allow).
         let limits = limits_for(transport.as_ref());
         let batch = u64::from(config.batch_pages).min(limits.max_pages) as u32;
-        let landed = offer_landing(transport.as_ref(), &mem, config.shared_install)?;
+        let landed = offer_landing(
+            transport.as_ref(),
+            &mem,
+            config.shared_install,
+            installer.lands(),
+        )?;
         // Open every channel before the guest may fault: a source that is
         // unreachable fails here, not in the middle of a fault.
         let urgent = open_urgent(transport.as_ref(), &config)?;
@@ -165,17 +170,30 @@ impl Migration {
 }
 
 /// Offers shared memory's second mapping to `transport` to land pages in
-/// (before any channel is opened), as `policy` says; returns whether it
-/// took it. Shared memory it does not take, and all other memory, is
-/// filled with UFFDIO_COPY.
+/// (before any channel is opened), as `policy` says, where the memory's
+/// uffd has minor faults (`can_land`); returns whether it took it. Shared
+/// memory it does not take, and all other memory, is filled with
+/// UFFDIO_COPY.
 pub(crate) fn offer_landing(
     transport: &dyn Transport,
     mem: &DestMemory,
     policy: SharedInstall,
+    can_land: bool,
 ) -> Result<bool, EngineError> {
     let Some(landing) = mem.landing() else {
         return Ok(false);
     };
+    if !can_land {
+        if policy == SharedInstall::Land {
+            return Err(RegionError::BadUffd(
+                "landing pages in shared memory needs a userfaultfd registered for minor faults: \
+                 let pagewire create it, or copy the pages in (SharedInstall::Copy)"
+                    .into(),
+            )
+            .into());
+        }
+        return Ok(false);
+    }
     let land = match policy {
         SharedInstall::Land => true,
         SharedInstall::Copy => false,

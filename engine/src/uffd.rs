@@ -62,6 +62,11 @@ pub struct PageInstaller {
     mem: Arc<DestMemory>,
     /// One zeroed huge page, for zero pages of hugetlbfs memory.
     zeros: OnceLock<Vec<u8>>,
+    /// Shared memory registered for minor faults too (pagewire's own
+    /// uffd): pages may be landed in the file and mapped with
+    /// `UFFDIO_CONTINUE`. A VMM's uffd has missing faults only: pages are
+    /// copied in, and a page already in the file is the guest's.
+    minor: bool,
 }
 
 /// `UFFD_FEATURE_MINOR_SHMEM` (Linux 5.14): minor faults on shared memory,
@@ -121,7 +126,8 @@ impl PageInstaller {
         // as MINOR (it was landed there, then is mapped with
         // UFFDIO_CONTINUE); one not in the file yet as MISSING (UFFDIO_COPY
         // fills both at once).
-        let mode = if mem.is_shared() {
+        let shared_minor = mem.is_shared();
+        let mode = if shared_minor {
             RegisterMode::MISSING | RegisterMode::MINOR
         } else {
             RegisterMode::MISSING
@@ -134,22 +140,17 @@ impl PageInstaller {
             uffd,
             mem,
             zeros: OnceLock::new(),
+            minor: shared_minor,
         })
     }
 
     /// Uses a userfaultfd the VMM created and registered over every region
     /// of `mem` itself (MISSING mode). It is made non-blocking; its
     /// registration is checked against the owner's mappings where they can
-    /// be read.
+    /// be read. Shared memory is then filled with `UFFDIO_COPY` only: it
+    /// has no minor faults, so pages are never landed
+    /// ([`crate::SharedInstall::Land`] is refused).
     pub fn with_uffd(mem: Arc<DestMemory>, fd: OwnedFd) -> Result<Self, EngineError> {
-        if mem.is_shared() {
-            return Err(RegionError::BadUffd(
-                "shared memory needs a userfaultfd registered for minor faults too: let pagewire \
-                 create it"
-                    .into(),
-            )
-            .into());
-        }
         let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
             .map_err(|e| RegionError::BadUffd(format!("cannot inspect fd: {e}")))?;
         if link.to_string_lossy() != "anon_inode:[userfaultfd]" {
@@ -181,12 +182,19 @@ impl PageInstaller {
             uffd,
             mem,
             zeros: OnceLock::new(),
+            minor: false,
         })
     }
 
     /// The memory pages are installed into.
     pub fn memory(&self) -> &Arc<DestMemory> {
         &self.mem
+    }
+
+    /// Whether shared memory is registered for minor faults too, so that
+    /// pages may be landed in its file and mapped with `UFFDIO_CONTINUE`.
+    pub fn lands(&self) -> bool {
+        self.minor
     }
 
     /// Host address and byte length of `range`, checked against the memory.
@@ -287,7 +295,7 @@ impl PageInstaller {
                 }
                 Err(userfaultfd::Error::CopyFailed(errno))
                     if errno as i32 == libc::EEXIST
-                        && self.mem.is_shared()
+                        && self.minor
                         && !self.mem.is_mapped(range.first + (off / ps) as u64)? =>
                 {
                     // In the file already but not mapped in the guest (a
@@ -378,6 +386,15 @@ impl PageInstaller {
             match r {
                 Ok(n) if n == len => {
                     done.pages += 1;
+                    p += 1;
+                }
+                Err(userfaultfd::Error::ZeropageFailed(e))
+                    if e as i32 == libc::EEXIST && !self.minor =>
+                {
+                    // Without minor faults a page in the file is mapped
+                    // from it on the next touch: it is the guest's.
+                    done.already_present += 1;
+                    self.wake_span(addr, len)?;
                     p += 1;
                 }
                 Err(userfaultfd::Error::ZeropageFailed(e)) if e as i32 == libc::EEXIST => {
@@ -553,7 +570,9 @@ impl PageInstaller {
         range: PageRange,
         busy: OnBusy<'_>,
     ) -> Result<Installed, EngineError> {
-        if !self.mem.is_shared() {
+        if !self.mem.is_shared() || !self.minor {
+            // Private memory, or shared memory without minor faults (a
+            // missing fault there means the page left the file): zeros.
             return self.install_zero_with(range, true, busy);
         }
         let (addr, len) = self.span(range)?;
