@@ -373,6 +373,9 @@ fn a_vmm_s_shared_memory_is_filled_and_bad_files_are_refused() {
         pagewire_engine::InstallPath::SharedCopy
     );
     assert_eq!(report.duplicate_pages, 0);
+    // No page was found in the file already (which, without minor faults,
+    // would be taken as the guest's).
+    assert_eq!(report.install_conflicts, 0);
     verify(&tcp(&addr), &[&shared]);
     drop(own);
     // A fresh memfd for pagewire's own uffd: this one holds every page.

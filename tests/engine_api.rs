@@ -466,10 +466,6 @@ impl CutRelay {
     }
 }
 
-/// The link goes away for longer than the recovery timeout: the migration
-/// stops and is parked (a blocked thread stays blocked); resumed later
-/// over a new connection to the same source it finishes, every page equal
-/// to the source's. A different source is refused.
 /// A migration into shared memory whose link is lost resumes the way it
 /// installed: landed (pages populated for a reply that broke off are in
 /// the file, not mapped, and land again) or copied in; every page
@@ -521,6 +517,10 @@ fn a_parked_migration_into_shared_memory_resumes_landed_or_copied() {
     }
 }
 
+/// The link goes away for longer than the recovery timeout: the migration
+/// stops and is parked (a blocked thread stays blocked); resumed later
+/// over a new connection to the same source it finishes, every page equal
+/// to the source's. A different source is refused.
 #[test]
 fn a_parked_migration_resumes_over_a_new_connection() {
     let src = start_source("16MiB", 4);

@@ -86,18 +86,10 @@ impl ParkedMigration {
             );
             return Err(back(e.into(), arc));
         }
-        // Pages landed before the link was lost stay landed: a transport
-        // that landed them registered the whole file (RDMA pins it), and
-        // copying over pages in the file goes a slow way round.
-        let policy = if arc.landed {
-            crate::SharedInstall::Land
-        } else {
-            arc.config.shared_install
-        };
         let landed = match crate::migration::offer_landing(
             transport.as_ref(),
             &mem,
-            policy,
+            arc.config.shared_install,
             arc.installer.lands(),
         ) {
             Ok(l) => l,

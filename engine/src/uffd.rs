@@ -207,7 +207,9 @@ impl PageInstaller {
     /// overwritten. The caller must hold the pages (claimed, not
     /// installed). In shared memory UFFDIO_COPY puts each page into the
     /// file and maps it; a page already in the file (not mapped) gets the
-    /// bytes written into the file and is mapped with UFFDIO_CONTINUE.
+    /// bytes written into the file and is mapped with UFFDIO_CONTINUE, or,
+    /// through a VMM's uffd without minor faults (where such a page is
+    /// mapped from the file on the next touch), is counted as there.
     /// With `wake`, threads
     /// blocked on these pages resume.
     /// While the owner changes its mappings it yields and retries; use
@@ -328,8 +330,9 @@ impl PageInstaller {
 
     /// Maps the pages of `range` as zero pages with UFFDIO_ZEROPAGE, no
     /// data needed. Already-mapped pages are skipped and counted. The
-    /// caller must hold the pages (claimed, not installed): in shared
-    /// memory their bytes in the file are zeroed, then mapped.
+    /// caller must hold the pages (claimed, not installed); in shared
+    /// memory ZEROPAGE puts zeroed pages in the file (see
+    /// `install_zero_shared` for pages already there).
     pub fn install_zero(&self, range: PageRange, wake: bool) -> Result<Installed, EngineError> {
         self.install_zero_with(range, wake, &mut yield_busy)
     }
@@ -364,10 +367,11 @@ impl PageInstaller {
     /// puts a zeroed page in the file and maps it; a page the file holds
     /// already (EEXIST: stale bytes of a pre-copied page dropped since, or
     /// pages pinned by an RDMA registration) gets its bytes zeroed through
-    /// the second mapping and is mapped with UFFDIO_CONTINUE. One page per
-    /// call, and pages are left once mapped, so an EEXIST means "in the
-    /// file, not mapped": the caller holds the pages (callers that retry
-    /// start after what was mapped), nothing else maps them.
+    /// the second mapping and is mapped with UFFDIO_CONTINUE (through a
+    /// VMM's uffd without minor faults it is counted as there). One page
+    /// per call, and pages are left once mapped, so an EEXIST means "in
+    /// the file, not mapped": the caller holds the pages (callers that
+    /// retry start after what was mapped), nothing else maps them.
     fn install_zero_shared(
         &self,
         range: PageRange,

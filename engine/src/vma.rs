@@ -6,12 +6,13 @@ use crate::error::RegionError;
 use crate::memory::GuestRegion;
 
 /// One mapping: `[start, end)` and whether userfaultfd tracks missing
-/// pages in it (`um` in `VmFlags`).
+/// pages (`um` in `VmFlags`) and minor faults (`ui`) in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Vma {
     start: u64,
     end: u64,
     uffd_missing: bool,
+    uffd_minor: bool,
 }
 
 fn parse_smaps(text: &str) -> Vec<Vma> {
@@ -20,6 +21,7 @@ fn parse_smaps(text: &str) -> Vec<Vma> {
         if let Some(flags) = line.strip_prefix("VmFlags:") {
             if let Some(last) = out.last_mut() {
                 last.uffd_missing = flags.split_whitespace().any(|f| f == "um");
+                last.uffd_minor = flags.split_whitespace().any(|f| f == "ui");
             }
             continue;
         }
@@ -35,6 +37,7 @@ fn parse_smaps(text: &str) -> Vec<Vma> {
                 start,
                 end,
                 uffd_missing: false,
+                uffd_minor: false,
             });
         }
     }
@@ -57,6 +60,15 @@ fn check(vmas: &[Vma], regions: &[GuestRegion], registered: bool) -> Result<(), 
                     region: i,
                     addr: vma.start.max(r.host_addr),
                 });
+            }
+            // A VMM's uffd with minor faults too would raise them for pages
+            // in the file that are not mapped, which pagewire (copying pages
+            // in through it) could only answer by waking the thread again.
+            if registered && vma.uffd_minor {
+                return Err(RegionError::BadUffd(format!(
+                    "region {i} is registered for minor faults: register missing faults only, \
+                     or let pagewire create the userfaultfd"
+                )));
             }
             at = vma.end;
         }
@@ -99,6 +111,8 @@ Size:                 16 kB
 VmFlags: rd wr mr mw me ac
 7f0000010000-7f0000012000 rw-s 00000000 00:01 5     /memfd:guest (deleted)
 VmFlags: rd wr sh mr mw me ms um
+7f0000020000-7f0000022000 rw-s 00000000 00:01 6     /memfd:other (deleted)
+VmFlags: rd wr sh mr mw me ms um ui
 ";
 
     fn region(host: u64, size: u64) -> GuestRegion {
@@ -113,8 +127,18 @@ VmFlags: rd wr sh mr mw me ms um
     #[test]
     fn registered_mapped_and_missing_ranges_are_told_apart() {
         let v = parse_smaps(SMAPS);
-        assert_eq!(v.len(), 3);
+        assert_eq!(v.len(), 4);
         assert!(v[0].uffd_missing && !v[1].uffd_missing && v[2].uffd_missing);
+        assert!(!v[2].uffd_minor && v[3].uffd_minor);
+        // Registered for minor faults as well: refused for a VMM's uffd.
+        assert!(matches!(
+            check(&v, &[region(0x7f00_0002_0000, 0x2000)], true),
+            Err(RegionError::BadUffd(_))
+        ));
+        assert_eq!(
+            check(&v, &[region(0x7f00_0002_0000, 0x2000)], false),
+            Ok(())
+        );
         let ok = [
             region(0x7f00_0000_0000, 0x4000),
             region(0x7f00_0001_0000, 0x2000),

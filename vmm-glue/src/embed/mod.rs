@@ -50,7 +50,10 @@ pub enum UffdSetup {
     /// user-mode-only faults.
     Create,
     /// A userfaultfd the VMM created and registered in MISSING mode over
-    /// every region (as Firecracker does). pagewire takes ownership.
+    /// every region (as Firecracker and QEMU do). pagewire takes
+    /// ownership. Over shared memory pages are then copied in with
+    /// UFFDIO_COPY, never landed; a uffd also registered for minor faults
+    /// is refused.
     Existing(OwnedFd),
 }
 
