@@ -44,26 +44,17 @@ fn pump(mut from: TcpStream, mut to: TcpStream, paused: Arc<AtomicBool>) {
 
 impl Proxy {
     fn start(upstream: String) -> Self {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap().to_string();
         let pairs: Arc<Mutex<Vec<(TcpStream, TcpStream)>>> = Arc::default();
         let paused = Arc::new(AtomicBool::new(false));
         let (p, z) = (pairs.clone(), paused.clone());
-        std::thread::spawn(move || {
-            for client in l.incoming().flatten() {
-                let Ok(server) = TcpStream::connect(&upstream) else {
-                    continue;
-                };
-                let _ = client.set_nodelay(true);
-                let _ = server.set_nodelay(true);
-                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                p.lock()
-                    .unwrap()
-                    .push((client.try_clone().unwrap(), server.try_clone().unwrap()));
-                let (z1, z2) = (z.clone(), z.clone());
-                std::thread::spawn(move || pump(client, server, z1));
-                std::thread::spawn(move || pump(s2, c2, z2));
-            }
+        let addr = relay(upstream, move |client, server| {
+            let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            p.lock()
+                .unwrap()
+                .push((client.try_clone().unwrap(), server.try_clone().unwrap()));
+            let (z1, z2) = (z.clone(), z.clone());
+            std::thread::spawn(move || pump(client, server, z1));
+            std::thread::spawn(move || pump(s2, c2, z2));
         });
         Self {
             addr,

@@ -179,12 +179,14 @@ pub fn established_from_port(addr: &str) -> usize {
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
-/// A relay on loopback to `target` that passes the source's bytes on at
-/// most `chunk` at a time, each held for `pause` first: a long link
-/// (large chunks, a delay) or a slow one (small chunks), without netem.
-/// Requests go through as they come.
-pub fn slow_relay(target: String, chunk: usize, pause: Duration) -> String {
-    use std::io::{Read, Write};
+/// A relay on loopback to `target`: each connection made to the returned
+/// address is connected on to `target` (both with `TCP_NODELAY`), and
+/// `pair` gets the two streams, client first, to pass bytes between.
+/// Connections `target` refuses are dropped.
+pub fn relay(
+    target: String,
+    pair: impl Fn(std::net::TcpStream, std::net::TcpStream) + Send + 'static,
+) -> String {
     use std::net::{TcpListener, TcpStream};
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
@@ -195,26 +197,37 @@ pub fn slow_relay(target: String, chunk: usize, pause: Duration) -> String {
             };
             let _ = client.set_nodelay(true);
             let _ = server.set_nodelay(true);
-            let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-            std::thread::spawn(move || {
-                let mut b = vec![0u8; 1 << 16];
-                while let Ok(n @ 1..) = c_in.read(&mut b) {
-                    if s_out.write_all(&b[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-            let (mut s_in, mut c_out) = (server, client);
-            std::thread::spawn(move || {
-                let mut b = vec![0u8; chunk];
-                while let Ok(n @ 1..) = s_in.read(&mut b) {
-                    std::thread::sleep(pause);
-                    if c_out.write_all(&b[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
+            pair(client, server);
         }
     });
     addr
+}
+
+/// A relay on loopback to `target` that passes the source's bytes on at
+/// most `chunk` at a time, each held for `pause` first: a long link
+/// (large chunks, a delay) or a slow one (small chunks), without netem.
+/// Requests go through as they come.
+pub fn slow_relay(target: String, chunk: usize, pause: Duration) -> String {
+    use std::io::{Read, Write};
+    relay(target, move |client, server| {
+        let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let mut b = vec![0u8; 1 << 16];
+            while let Ok(n @ 1..) = c_in.read(&mut b) {
+                if s_out.write_all(&b[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut s_in, mut c_out) = (server, client);
+        std::thread::spawn(move || {
+            let mut b = vec![0u8; chunk];
+            while let Ok(n @ 1..) = s_in.read(&mut b) {
+                std::thread::sleep(pause);
+                if c_out.write_all(&b[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+    })
 }
