@@ -87,6 +87,12 @@ impl IdleWindow {
             soft_until: None,
         }
     }
+
+    /// Something came back on time (a fault after a pause, a short wait):
+    /// the window may grow twice as far again.
+    fn raise_ceiling(&mut self) {
+        self.ceiling = (self.ceiling * 2.0).min(MAX_WINDOW);
+    }
 }
 
 impl Governor {
@@ -204,7 +210,7 @@ impl Governor {
                 st.idle.soft_until = Some(now + SOFT_HOLD);
             }
         } else if late < IDLE_HURT / 2 {
-            st.idle.ceiling = (st.idle.ceiling * 2.0).min(MAX_WINDOW);
+            st.idle.raise_ceiling();
         }
     }
 
@@ -244,7 +250,7 @@ impl Governor {
         if rtt - base > IDLE_HURT {
             self.cut_idle(&mut st, rtt, now);
         } else {
-            st.idle.ceiling = (st.idle.ceiling * 2.0).min(MAX_WINDOW);
+            st.idle.raise_ceiling();
         }
     }
 }
