@@ -248,10 +248,32 @@ fn a_bad_uffd_or_a_layout_unlike_the_source_s_is_refused() {
 /// page that never arrived stays blocked, it never reads zeros.
 #[test]
 fn abort_leaves_vcpus_blocked_never_on_zero_pages() {
-    let (addr, _server) = source(8 << 20);
     let a = MmapMut::map_anon(8 * MIB).unwrap();
-    // SAFETY: `a` is leaked below, so it outlives the parked migration.
+    // SAFETY: `a` is leaked by the check, so it outlives the migration.
     let memory = unsafe { DestMemory::from_vmm(&[region(0, &a)]) }.unwrap();
+    abort_leaves_a_vcpu_blocked(a, memory, UffdSetup::Create);
+}
+
+/// The same through a VMM's own uffd over shared memory (missing faults
+/// only, pages copied in): the vCPU never reads the memfd's hole as zeros.
+#[test]
+fn abort_through_a_vmm_s_uffd_over_shared_memory_leaves_vcpus_blocked() {
+    let (shared, files) = vmm_memfd(8 << 20);
+    let own = missing_only_uffd(&shared);
+    // SAFETY: `shared` is leaked by the check, so it outlives the
+    // migration.
+    let memory = unsafe { DestMemory::from_vmm_shared(&[region(0, &shared)], &files) }.unwrap();
+    let fd = own.as_fd().try_clone_to_owned().unwrap();
+    abort_leaves_a_vcpu_blocked(shared, memory, UffdSetup::Existing(fd));
+    // The VMM keeps its uffd, as it keeps its vCPUs.
+    std::mem::forget(own);
+}
+
+/// Starts a demand-paging migration of 8 MiB into `mem` (the guest's
+/// mapping of `memory`), aborts it, and checks that a vCPU touching a page
+/// that never arrived stays blocked. Leaks `mem` and the vCPU.
+fn abort_leaves_a_vcpu_blocked(mem: MmapMut, memory: DestMemory, uffd: UffdSetup) {
+    let (addr, _server) = source(8 << 20);
     let m = Destination::new(addr)
         .transport(TransportChoice::Tcp)
         .config(MigrationConfig {
@@ -260,19 +282,34 @@ fn abort_leaves_vcpus_blocked_never_on_zero_pages() {
             push: false,
             ..MigrationConfig::default()
         })
-        .start(memory, UffdSetup::Create)
+        .start(memory, uffd)
         .unwrap();
     let t = tcp_nonzero_page(&m);
     assert!(m.abort().is_none());
-    let base = a.as_ptr() as usize;
+    let base = mem.as_ptr() as usize;
     let vcpu = std::thread::spawn(move || {
-        // SAFETY: `a` is leaked, the mapping lives until the process ends.
+        // SAFETY: `mem` is leaked, the mapping lives until the process
+        // ends.
         unsafe { *((base + t as usize * 4096) as *const u8) }
     });
     std::thread::sleep(Duration::from_millis(300));
     assert!(!vcpu.is_finished(), "a vCPU read a page that never arrived");
     std::mem::forget(vcpu);
-    std::mem::forget(a);
+    std::mem::forget(mem);
+}
+
+/// A uffd as a VMM makes its own: registered over `mem` for missing
+/// faults only.
+fn missing_only_uffd(mem: &MmapMut) -> userfaultfd::Uffd {
+    let own = UffdBuilder::new()
+        .close_on_exec(true)
+        .user_mode_only(true)
+        .require_features(FeatureFlags::EVENT_REMOVE)
+        .create()
+        .expect("uffd");
+    own.register(mem.as_ptr() as *mut libc::c_void, mem.len())
+        .expect("register the mapping");
+    own
 }
 
 /// A page the source has data on (not a zero page).
@@ -333,14 +370,7 @@ fn a_vmm_s_shared_memory_is_filled_and_bad_files_are_refused() {
     }
     // Registered for missing faults only (as QEMU registers its own), it
     // cannot land pages: asking to is refused.
-    let own = UffdBuilder::new()
-        .close_on_exec(true)
-        .user_mode_only(true)
-        .require_features(FeatureFlags::EVENT_REMOVE)
-        .create()
-        .expect("uffd");
-    own.register(shared.as_ptr() as *mut libc::c_void, shared.len())
-        .expect("register the memfd mapping");
+    let own = missing_only_uffd(&shared);
     let own_fd = || UffdSetup::Existing(own.as_fd().try_clone_to_owned().unwrap());
     let land = MigrationConfig {
         shared_install: pagewire_engine::SharedInstall::Land,
