@@ -241,16 +241,41 @@ mod tests {
         let mut buf = vec![0u8; 6 * MIB];
         let mut reports = Vec::new();
         ch.recv_streaming(&mut buf, &mut |prefix| {
-            assert_eq!(prefix, &bytes[2 * MIB..2 * MIB + prefix.len()]);
+            assert!(
+                prefix == &bytes[2 * MIB..2 * MIB + prefix.len()],
+                "a prefix reported before its bytes"
+            );
             reports.push(prefix.len());
         })
         .unwrap();
-        assert_eq!(buf, &bytes[2 * MIB..]);
+        assert!(buf == bytes[2 * MIB..], "the reply's bytes");
         assert_eq!(reports, [2 * MIB, 4 * MIB]);
+        // A request the inner channel cannot hold outstanding whole is
+        // refused before any part of it is sent: fill the inner channel,
+        // make room for one inner request, ask for two pages.
+        let page = |p: usize| &bytes[p * 2 * MIB..(p + 1) * 2 * MIB];
+        let mut sent = 0;
+        while ch.send(&[PageRange::new(0, 1)]).is_ok() {
+            sent += 1;
+            assert!(sent <= 4096, "never refused");
+        }
+        let mut buf = vec![0u8; 2 * MIB];
+        ch.recv(&mut buf).unwrap();
+        let refused = ch.send(&[PageRange::new(1, 2)]).unwrap_err();
+        assert!(matches!(refused, TransportError::Misuse(_)), "{refused}");
+        for _ in 1..sent {
+            ch.recv(&mut buf).unwrap();
+            assert!(buf == page(0), "an earlier request's reply");
+        }
+        // Nothing of the refused request went out: the next reply is the
+        // next request's.
+        ch.send(&[PageRange::new(3, 1)]).unwrap();
+        ch.recv(&mut buf).unwrap();
+        assert!(buf == page(3), "a part of the refused request went out");
         // A plain receive gets the same bytes.
         ch.send(&[PageRange::new(0, 1)]).unwrap();
         let mut one = vec![0u8; 2 * MIB];
         ch.recv(&mut one).unwrap();
-        assert_eq!(one, &bytes[..2 * MIB]);
+        assert!(one == bytes[..2 * MIB], "a plain receive's bytes");
     }
 }

@@ -419,6 +419,46 @@ mod tests {
                 )
             });
         assert!(none.is_err());
+        // SAFETY: refused before use: the offset overflows.
+        let far = unsafe {
+            Landing::new(ps, vec![l.spans()[1]], mem.clone()).and_then(|l| {
+                l.with_file(
+                    2,
+                    SpanFile {
+                        file: file.clone(),
+                        offset: u64::MAX - 1,
+                    },
+                )
+            })
+        };
+        assert!(matches!(far, Err(TransportError::Misuse(_))));
+        // A file that refuses the write (opened read-only): a typed error,
+        // not a link loss.
+        let ro = Arc::new(
+            File::open(format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(&*file)
+            ))
+            .unwrap(),
+        );
+        // SAFETY: the span is said to map `ro`'s file; only the refused
+        // write is tried.
+        let l = unsafe {
+            Landing::new(ps, vec![l.spans()[1]], mem.clone())
+                .unwrap()
+                .with_file(
+                    2,
+                    SpanFile {
+                        file: ro,
+                        offset: 0,
+                    },
+                )
+                .unwrap()
+        };
+        // SAFETY: nothing else uses these bytes.
+        let e = unsafe { l.write(PageRange::new(2, 1), 0, &data) }.unwrap_err();
+        assert!(matches!(e, TransportError::Landing(_)), "{e}");
+        assert!(!e.is_link_loss());
     }
 
     /// An anonymous in-memory file.
