@@ -155,6 +155,6 @@ for (w, mode), rs in by.items():
           f"| {r['workload']['ms']:.0f} | {r['workload']['ms'] / max(b['workload']['ms'], 1e-9):.2f}× | {r['network_faults']} "
           f"| {r['inflight_wait_us']['p99']:.0f} | {r['total_ms']:.0f} | {mbps:.0f} "
           f"| {r['downtime_ms'] if r.get('downtime_ms') is not None else float('nan'):.1f} "
-          f"| {r.get('pages_transferred', 0) / r['pages_total']:.2f} |")
+          f"| {r.get('pages_transferred', 0) / (r['pages_total'] * r.get('page_size', 4096) / 4096):.2f} |")
 EOF
 echo "raw reports: $out" >&2

@@ -16,7 +16,7 @@ use std::process::{Child, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{pagewire, spawn_source, Source};
+use common::{huge_pages_or_skip, pagewire, spawn_source, Source};
 use memmap2::MmapMut;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use userfaultfd::{FeatureFlags, Uffd, UffdBuilder};
@@ -63,30 +63,6 @@ struct Firecracker {
 }
 
 const HUGE: usize = 2 << 20;
-
-/// Makes sure `n` free 2 MiB huge pages exist (as root, by raising
-/// vm.nr_hugepages); false when they cannot be had.
-fn reserve_huge_pages(n: usize) -> bool {
-    let free = || {
-        std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|m| {
-                m.lines()
-                    .find_map(|l| l.strip_prefix("HugePages_Free:"))
-                    .and_then(|v| v.trim().parse::<usize>().ok())
-            })
-            .unwrap_or(0)
-    };
-    if free() >= n {
-        return true;
-    }
-    let total: usize = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    let _ = std::fs::write("/proc/sys/vm/nr_hugepages", (total + n).to_string());
-    free() >= n
-}
 
 impl Firecracker {
     /// Maps one anonymous region per size and registers them all, as
@@ -365,11 +341,7 @@ fn a_firecracker_vm_is_served_with_older_handshakes() {
 /// huge pages.
 #[test]
 fn a_firecracker_vm_on_hugetlbfs_is_served() {
-    if !reserve_huge_pages(8) {
-        // SAFETY: geteuid has no preconditions.
-        let euid = unsafe { libc::geteuid() };
-        assert_ne!(euid, 0, "root could not reserve 8 huge pages");
-        eprintln!("SKIPPED: no free 2 MiB huge pages and not root to reserve them");
+    if !huge_pages_or_skip(8) {
         return;
     }
     serve_vm(Style::Current, HUGE);

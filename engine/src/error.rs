@@ -195,4 +195,13 @@ pub enum RegionError {
         /// Regions handed in.
         regions: usize,
     },
+    /// Guest memory on huge pages could not be mapped: the system has
+    /// fewer free huge pages than the guest needs.
+    #[error("{needed} free 2 MiB huge pages needed, {free} free: raise vm.nr_hugepages")]
+    NoHugePages {
+        /// Huge pages the guest needs.
+        needed: u64,
+        /// Huge pages free (and not reserved) when the mapping failed.
+        free: u64,
+    },
 }

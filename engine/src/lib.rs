@@ -33,6 +33,7 @@ mod shared;
 pub mod state;
 pub mod uffd;
 mod vma;
+pub mod waits;
 pub mod write_tracker;
 mod zeros;
 

@@ -13,7 +13,7 @@ use vm_memory::{
 };
 
 use crate::error::{EngineError, RegionError};
-pub use crate::region::{validate_regions, GuestRegion, SUPPORTED_PAGE_SIZES};
+pub use crate::region::{validate_regions, GuestRegion, HUGE_PAGE_SIZE, SUPPORTED_PAGE_SIZES};
 
 /// One region's place in the host address space.
 #[derive(Debug, Clone, Copy)]
@@ -42,6 +42,19 @@ pub struct DestMemory {
     /// straight into it, or received and written into its file) before
     /// `UFFDIO_CONTINUE` maps them into the guest.
     alias: Option<Arc<Landing>>,
+}
+
+/// Free 2 MiB huge pages not yet promised to a mapping, from
+/// `/proc/meminfo` (0 when it cannot be read).
+fn free_huge_pages() -> u64 {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field("HugePages_Free:").saturating_sub(field("HugePages_Rsvd:"))
 }
 
 /// The alias mappings, unmapped when the last holder (the memory or a
@@ -126,6 +139,75 @@ impl DestMemory {
             }
         }
         Ok(m)
+    }
+
+    /// Maps fresh private memory on 2 MiB huge pages (hugetlbfs, as
+    /// Firecracker's `huge_pages: "2M"` and QEMU's `hugetlb=on`) for every
+    /// region of `layout`. The memory is laid out in huge pages: each
+    /// fault fetches the 512 source pages of one huge page, which arrives
+    /// whole (UFFDIO_COPY of 2 MiB). Every region's base and length must
+    /// be multiples of 2 MiB, and the system must have a free huge page
+    /// for each 2 MiB of guest ([`RegionError::NoHugePages`] otherwise),
+    /// so that a lack of huge pages fails here rather than as a `SIGBUS`
+    /// in the guest.
+    pub fn new_hugetlb(layout: &MemoryLayout) -> Result<Self, EngineError> {
+        let huge = HUGE_PAGE_SIZE as u64;
+        for (i, r) in layout.regions().iter().enumerate() {
+            if !r.len.is_multiple_of(huge) {
+                return Err(RegionError::SizeNotPageMultiple {
+                    region: i,
+                    size: r.len,
+                    page_size: HUGE_PAGE_SIZE,
+                }
+                .into());
+            }
+            if !r.guest_base.is_multiple_of(huge) {
+                return Err(RegionError::Unaligned {
+                    region: i,
+                    what: "guest",
+                    addr: r.guest_base,
+                    page_size: HUGE_PAGE_SIZE,
+                }
+                .into());
+            }
+        }
+        let huge_layout = MemoryLayout::new(HUGE_PAGE_SIZE, layout.regions().to_vec())
+            .map_err(|e| RegionError::LayoutMismatch(e.to_string()))?;
+        let mut mapped = Vec::with_capacity(layout.regions().len());
+        for r in layout.regions() {
+            // Without MAP_NORESERVE the kernel reserves every huge page
+            // now: too few fail this mmap instead of a guest access later.
+            let m = vm_memory::mmap::MmapRegionBuilder::new(r.len as usize)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(
+                    libc::MAP_PRIVATE
+                        | libc::MAP_ANONYMOUS
+                        | libc::MAP_HUGETLB
+                        | libc::MAP_HUGE_2MB,
+                )
+                .with_hugetlbfs(true)
+                .build();
+            let m = match m {
+                Ok(m) => m,
+                Err(vm_memory::mmap::MmapRegionError::Mmap(e))
+                    if e.raw_os_error() == Some(libc::ENOMEM) =>
+                {
+                    return Err(RegionError::NoHugePages {
+                        needed: layout.total_bytes() / huge,
+                        free: free_huge_pages(),
+                    }
+                    .into())
+                }
+                Err(e) => return Err(EngineError::Memory(format!("map huge pages: {e}"))),
+            };
+            mapped.push(
+                GuestRegionMmap::new(m, GuestAddress(r.guest_base))
+                    .ok_or_else(|| EngineError::Memory("region end overflows".into()))?,
+            );
+        }
+        let guest = GuestMemoryMmap::from_regions(mapped)
+            .map_err(|e| EngineError::Memory(e.to_string()))?;
+        Self::from_guest(guest, &huge_layout)
     }
 
     /// Maps fresh shared memory (one memfd) for every region of `layout`
@@ -532,6 +614,9 @@ impl DestMemory {
     /// unmap them here, and a page later marked removed would map them):
     /// `MADV_REMOVE` punches them out. The next touch faults either way.
     pub(crate) fn discard_unregistered(&self, ranges: &[PageRange]) -> Result<(), EngineError> {
+        if ranges.is_empty() {
+            return Ok(());
+        }
         if !self.can_discard() {
             return Err(EngineError::Memory(
                 "a hybrid migration needs guest memory mapped by pagewire (DestMemory::new) or \
@@ -572,6 +657,21 @@ impl DestMemory {
             return advise_each(&spans, libc::MADV_DONTNEED);
         }
         Ok(())
+    }
+
+    /// Guest memory's size in the source's 4 KiB pages.
+    pub fn small_pages(&self) -> u64 {
+        self.layout.total_bytes() / PAGE_SIZE as u64
+    }
+
+    /// The bytes of 4 KiB page `page`, numbered as the source numbers its
+    /// pages whatever size of page backs this memory: on 2 MiB pages, a
+    /// slice of memory page `page / 512`. `None` and faults as for
+    /// [`Self::page`].
+    pub fn small_page(&self, page: u64) -> Option<&[u8]> {
+        let per = (self.layout.page_size() / PAGE_SIZE) as u64;
+        let at = (page % per) as usize * PAGE_SIZE;
+        self.page(page / per)?.get(at..at + PAGE_SIZE)
     }
 
     /// The bytes of page `page`; `None` when out of range or when the
@@ -618,5 +718,35 @@ mod tests {
         }
         assert_eq!(m.host_addr(5), None);
         assert_eq!(m.page_of(1), None);
+    }
+
+    #[test]
+    fn huge_page_memory_needs_whole_huge_pages_and_enough_of_them() {
+        let layout = |len: u64| {
+            MemoryLayout::new(PAGE_SIZE, vec![RegionInfo { guest_base: 0, len }]).unwrap()
+        };
+        let e = DestMemory::new_hugetlb(&layout(3 << 20)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                EngineError::Region(RegionError::SizeNotPageMultiple { size, .. }) if size == 3 << 20
+            ),
+            "{e}"
+        );
+        let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+        if read("/proc/sys/vm/nr_overcommit_hugepages").trim() != "0" {
+            return; // surplus huge pages could be had
+        }
+        // One more than are free: refused when mapped, with the counts.
+        let free = free_huge_pages();
+        let e = DestMemory::new_hugetlb(&layout((free + 1) * HUGE_PAGE_SIZE as u64)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                EngineError::Region(RegionError::NoHugePages { needed, .. }) if needed == free + 1
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("vm.nr_hugepages"), "{e}");
     }
 }

@@ -23,6 +23,7 @@ use crate::report::{EngineReport, LiveMetrics};
 use crate::shared::Shared;
 use crate::state::{PageOrigin, PageStateMap};
 use crate::uffd::PageInstaller;
+use crate::waits::FaultWaits;
 
 /// Starts post-copy migrations.
 #[derive(Debug)]
@@ -93,7 +94,9 @@ impl Migration {
         config: MigrationConfig,
         precopied: &Precopied,
     ) -> Result<MigrationHandle, EngineError> {
-        if mem.layout() != &transport.info().layout {
+        // Pages copied before are counted in the source's pages; memory on
+        // larger pages (hugetlbfs) can only follow a bare switch-over.
+        if mem.layout() != &transport.info().layout && !precopied.present.is_empty() {
             return Err(EngineError::Memory(
                 "pre-copied memory must be laid out exactly like the source's".into(),
             ));
@@ -115,7 +118,8 @@ impl Migration {
         Self::check(&transport, &mem, &config)?;
         // Pages larger than the source's (2 MiB hugetlbfs): the engine
         // works in the memory's pages over a scaled view of the source.
-        let transport = view_for(transport, &mem)?;
+        let waits = Arc::new(FaultWaits::default());
+        let transport = view_for(transport, &mem, &config, &waits)?;
         let pages = mem.layout().total_pages();
         let page_size = mem.layout().page_size();
         // Requests never exceed what the transport accepts (nor what both
@@ -147,7 +151,8 @@ impl Migration {
             Prepager::with_kind(config.bubble, config.prepager),
             Metrics::new(pages),
             config.clone(),
-            Governor::new(page_size, batch, config.flow_control, config.push_rate),
+            Governor::new(page_size, batch, config.flow_control, config.push_rate)
+                .with_waits(waits),
             limits,
             Shared::done_eventfd()?,
         );
@@ -224,16 +229,21 @@ pub(crate) fn limits_for(transport: &dyn Transport) -> FetchLimits {
 }
 
 /// `transport` as the engine sees it for `mem`: scaled when the memory's
-/// pages are larger than the source's (2 MiB hugetlbfs).
+/// pages are larger than the source's (2 MiB hugetlbfs), its bulk
+/// channels then making way for what faults wait on (`waits`), with flow
+/// control on.
 pub(crate) fn view_for(
     transport: Arc<dyn Transport>,
     mem: &DestMemory,
+    config: &MigrationConfig,
+    waits: &Arc<FaultWaits>,
 ) -> Result<Arc<dyn Transport>, EngineError> {
     Ok(
         if mem.layout().page_size() != transport.info().layout.page_size() {
             Arc::new(crate::scaled::Scaled::new(
                 transport,
                 mem.layout().page_size(),
+                config.flow_control.then(|| waits.clone()),
             )?)
         } else {
             transport

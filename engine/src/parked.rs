@@ -66,7 +66,11 @@ impl ParkedMigration {
         };
         let back = |e: EngineError, arc: Arc<Shared>| (e, ParkedMigration::new(arc));
         let mem = arc.installer.memory().clone();
-        let transport = match view_for(transport, &mem) {
+        // Faults still wait on the pages they waited on; the requests of
+        // the stopped fault services are asked for again.
+        let waits = arc.governor.waits().clone();
+        waits.forget_urgent();
+        let transport = match view_for(transport, &mem, &arc.config, &waits) {
             Ok(t) => t,
             Err(e) => return Err(back(e, arc)),
         };
@@ -112,7 +116,7 @@ impl ParkedMigration {
             Err(arc) => return Err(back(EngineError::Aborted, arc)),
         };
         let limits = limits_for(transport.as_ref());
-        let mut resumed = old.resumed(transport, limits);
+        let mut resumed = old.resumed(transport, limits, waits);
         resumed.landed = landed;
         let shared = Arc::new(resumed);
         let (present, total) = (shared.states.present(), shared.states.len());

@@ -129,12 +129,16 @@ pub fn precopy(
     on_round: &mut dyn FnMut(u32, u64),
 ) -> Result<Precopied, EngineError> {
     let info = transport.info();
-    if mem.layout() != &info.layout {
+    // A bare switch-over (no rounds, then post-copy) copies nothing: the
+    // memory may be on larger pages than the source's (hugetlbfs).
+    let copies = config.rounds > 0 || config.switch_over == SwitchOver::StopAndCopy;
+    if copies && mem.layout() != &info.layout {
         return Err(EngineError::Memory(
             "pre-copy needs guest memory laid out exactly like the source's".into(),
         ));
     }
-    if config.switch_over == SwitchOver::PostCopy && !mem.can_discard() {
+    mem.check_source(&info.layout)?;
+    if config.rounds > 0 && config.switch_over == SwitchOver::PostCopy && !mem.can_discard() {
         return Err(EngineError::Memory(
             "a hybrid migration needs guest memory mapped by pagewire (DestMemory::new) or \
              shared memory with a second mapping (DestMemory::new_shared)"

@@ -8,7 +8,11 @@ use crate::error::RegionError;
 
 /// Page sizes of guest memory pagewire fills: 4 KiB, and 2 MiB
 /// (hugetlbfs), each 2 MiB page a run of 512 source pages.
-pub const SUPPORTED_PAGE_SIZES: &[usize] = &[PAGE_SIZE, 2 << 20];
+pub const SUPPORTED_PAGE_SIZES: &[usize] = &[PAGE_SIZE, HUGE_PAGE_SIZE];
+
+/// The huge page size pagewire fills (hugetlbfs, Firecracker's
+/// `huge_pages: "2M"`).
+pub const HUGE_PAGE_SIZE: usize = 2 << 20;
 
 /// One region of guest memory as a VMM has it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

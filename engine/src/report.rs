@@ -45,6 +45,9 @@ pub struct EngineReport {
     pub install_path: InstallPath,
     /// Pages in guest memory.
     pub pages_total: u64,
+    /// Size of guest memory's pages in bytes (4096; 2 MiB on hugetlbfs).
+    /// Every page count in this report is in these pages.
+    pub page_size: u64,
     /// Fault events handled.
     pub faults: u64,
     /// Faults that fetched their page over the network.
@@ -172,6 +175,7 @@ pub(crate) fn build(s: &Shared) -> EngineReport {
             (true, false) => InstallPath::SharedCopy,
         },
         pages_total: s.states.len(),
+        page_size: s.installer.memory().layout().page_size() as u64,
         faults: Metrics::get(&m.faults),
         network_faults: Metrics::get(&m.network_faults),
         inflight_faults: Metrics::get(&m.inflight_faults),

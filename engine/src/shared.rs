@@ -17,6 +17,7 @@ use crate::metrics::Metrics;
 use crate::prepager::Prepager;
 use crate::state::{PageOrigin, PageStateMap, Removal};
 use crate::uffd::{OnBusy, PageInstaller};
+use crate::waits::FaultWaits;
 
 /// Everything the threads of one migration share.
 pub(crate) struct Shared {
@@ -49,9 +50,6 @@ pub(crate) struct Shared {
     /// How long starting took.
     pub setup: OnceLock<std::time::Duration>,
     pub finished: OnceLock<Instant>,
-    /// Faults waiting for a page a lane is fetching: (page, when read).
-    waiters: Mutex<Vec<(u64, Instant)>>,
-    waiting: AtomicUsize,
     /// Pages to fetch before anything else: those that were being fetched
     /// when a migration stopped, before it was resumed.
     pub retry: Mutex<Vec<u64>>,
@@ -108,8 +106,6 @@ impl Shared {
             started: Instant::now(),
             setup: OnceLock::new(),
             finished: OnceLock::new(),
-            waiters: Mutex::new(Vec::new()),
-            waiting: AtomicUsize::new(0),
             retry: Mutex::new(Vec::new()),
             events: Mutex::new(()),
             fault_services: AtomicUsize::new(0),
@@ -121,7 +117,12 @@ impl Shared {
     /// This stopped migration, to run again over `transport`: claims that
     /// died with its threads are released and fetched first, the sweep
     /// starts over (skipping what is here) and is let run.
-    pub fn resumed(self, transport: Arc<dyn Transport>, limits: FetchLimits) -> Self {
+    pub fn resumed(
+        self,
+        transport: Arc<dyn Transport>,
+        limits: FetchLimits,
+        waits: Arc<FaultWaits>,
+    ) -> Self {
         let (mut released, mut settled) = self.states.release_claimed();
         // Shared memory: a page an install had already mapped when the
         // migration stopped must not be written again through the second
@@ -151,7 +152,8 @@ impl Shared {
             batch,
             self.config.flow_control,
             self.config.push_rate,
-        );
+        )
+        .with_waits(waits);
         // The stop rang the eventfd: quiet it for the new threads (a read
         // resets it; an error means it was not readable).
         let _ = self.done.read();
@@ -171,8 +173,6 @@ impl Shared {
             started: self.started,
             setup: self.setup,
             finished: self.finished,
-            waiters: self.waiters,
-            waiting: self.waiting,
             retry: Mutex::new(retry),
             written: self.written,
             ..resumed
@@ -253,51 +253,40 @@ impl Shared {
         if self.states.all_present() {
             self.note_finished();
         }
+        // Pairs with the fence in `FaultWaits::wait_for`: a fault that
+        // found the page in flight is seen, or it saw the page present.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self.has_waiters() {
             let now = Instant::now();
-            let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-            w.retain(|&(page, t0)| {
-                let done = page >= range.first && page < range.end();
-                if done {
-                    self.metrics.inflight.record(now - t0);
-                    self.metrics.all.record(now - t0);
-                    self.governor.waited(now - t0);
-                }
-                !done
+            self.governor.waits().settle(range, |t0| {
+                self.metrics.inflight.record(now - t0);
+                self.metrics.all.record(now - t0);
+                self.governor.waited(now - t0);
             });
-            self.waiting.store(w.len(), Ordering::Release);
         }
     }
 
     /// Whether any fault waits on a page a lane is fetching.
     pub fn has_waiters(&self) -> bool {
-        self.waiting.load(Ordering::Acquire) > 0
+        self.governor.waits().has_waiters()
     }
 
     /// Whether a fault waits on a page of `ranges`.
     pub fn waits_in(&self, ranges: &[PageRange]) -> bool {
-        if !self.has_waiters() {
-            return false;
-        }
-        let w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        w.iter()
-            .any(|&(page, _)| ranges.iter().any(|r| page >= r.first && page < r.end()))
+        self.governor.waits().waits_in(ranges)
     }
 
     /// A fault found `page` being fetched by someone else: its install
     /// wakes the faulting thread; this only times the wait.
     pub fn wait_for(&self, page: u64, t0: Instant) {
-        let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        // Checked under the lock: an install marks the page present
-        // before it looks for waiters, so one of the two sees the other.
-        if self.states.is_present(page) {
-            drop(w);
+        let waits = self
+            .governor
+            .waits()
+            .wait_for(page, t0, || self.states.is_present(page));
+        if !waits {
             self.metrics.inflight.record(t0.elapsed());
             self.metrics.all.record(t0.elapsed());
-            return;
         }
-        w.push((page, t0));
-        self.waiting.store(w.len(), Ordering::Release);
     }
 
     /// Installs the zero pages of claimed `runs` at once and appends the

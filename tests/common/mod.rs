@@ -231,3 +231,40 @@ pub fn slow_relay(target: String, chunk: usize, pause: Duration) -> String {
         });
     })
 }
+
+/// Makes sure `n` free 2 MiB huge pages exist (as root, by raising
+/// vm.nr_hugepages); false when they cannot be had.
+pub fn reserve_huge_pages(n: usize) -> bool {
+    let free = || {
+        let m = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let field = |name: &str| {
+            m.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0)
+        };
+        field("HugePages_Free:").saturating_sub(field("HugePages_Rsvd:"))
+    };
+    if free() >= n {
+        return true;
+    }
+    let total: usize = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let _ = std::fs::write("/proc/sys/vm/nr_hugepages", (total + n).to_string());
+    free() >= n
+}
+
+/// [`reserve_huge_pages`], or, where that fails for a user who is not
+/// root, a note that the test is skipped (false). Root must get them.
+pub fn huge_pages_or_skip(n: usize) -> bool {
+    if reserve_huge_pages(n) {
+        return true;
+    }
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_ne!(euid, 0, "root could not reserve {n} huge pages");
+    eprintln!("SKIPPED: no free 2 MiB huge pages and not root to reserve them");
+    false
+}

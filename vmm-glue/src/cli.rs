@@ -14,7 +14,7 @@ use pagewire_transport::rdma::Device;
 use pagewire_transport::tcp::TcpOptions;
 use pagewire_transport::AuthKey;
 use pagewire_vmm_glue::image;
-use pagewire_vmm_glue::run::RunOptions;
+use pagewire_vmm_glue::run::{Backing, RunOptions};
 use pagewire_vmm_glue::trace::Trace;
 use pagewire_vmm_glue::workload::{Pattern, Workload};
 
@@ -311,7 +311,10 @@ pub(crate) struct EngineArgs {
     /// What backs the destination's guest memory: `anon`, private
     /// anonymous memory filled with UFFDIO_COPY (what most VMMs use), or
     /// `memfd`, shared memory (as QEMU's memory-backend-memfd), filled as
-    /// --shared-install says.
+    /// --shared-install says; or `hugetlb`, private memory on 2 MiB huge
+    /// pages (as Firecracker's huge_pages "2M"), each fault fetching a
+    /// whole huge page, which needs a free huge page per 2 MiB of guest
+    /// (vm.nr_hugepages).
     #[arg(long, value_enum, default_value = "anon")]
     pub(crate) memory_backend: MemoryBackend,
     /// How pages reach memfd-backed guest memory: `land` has the transport
@@ -459,6 +462,10 @@ pub(crate) enum MemoryBackend {
     Anon,
     /// A memfd (shared memory), filled as --shared-install says.
     Memfd,
+    /// Private memory on 2 MiB huge pages (hugetlbfs, as Firecracker's
+    /// huge_pages "2M"): each fault fetches a whole 2 MiB page. Needs a
+    /// free huge page per 2 MiB of guest (vm.nr_hugepages).
+    Hugetlb,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -602,7 +609,11 @@ impl EngineArgs {
             config: self.config()?,
             workload: w.workload()?,
             progress: self.progress(),
-            shared_memory: self.memory_backend == MemoryBackend::Memfd,
+            memory: match self.memory_backend {
+                MemoryBackend::Anon => Backing::Anon,
+                MemoryBackend::Memfd => Backing::Memfd,
+                MemoryBackend::Hugetlb => Backing::Hugetlb,
+            },
         })
     }
 

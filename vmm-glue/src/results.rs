@@ -74,7 +74,10 @@ impl Run {
             Some(p) => p,
             None => self.num(&["bytes_received"]) / 4096.0,
         };
-        (sent + self.num(&["zero_pages"])) / self.num(&["pages_total"]).max(1.0)
+        // Engine counts are in guest memory's pages (2 MiB on hugetlbfs),
+        // pages sent in the source's 4 KiB.
+        let per = self.report["page_size"].as_f64().unwrap_or(4096.0) / 4096.0;
+        (sent + self.num(&["zero_pages"]) * per) / (self.num(&["pages_total"]) * per).max(1.0)
     }
 
     /// Downtime in ms, when the source's guest was running.
@@ -121,11 +124,12 @@ pub fn load(paths: &[PathBuf]) -> Result<Vec<Run>, ResultsError> {
             let pages = report["pages_total"]
                 .as_u64()
                 .ok_or_else(|| bad("no pages_total".into()))?;
+            let page_size = report["page_size"].as_u64().unwrap_or(4096);
             runs.push(Run {
                 rate: label("rate")?,
                 mode: label("mode")?,
                 workload,
-                size_mib: (pages * 4096) >> 20,
+                size_mib: pages.saturating_mul(page_size) >> 20,
                 report,
             });
         }

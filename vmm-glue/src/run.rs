@@ -10,7 +10,7 @@ use pagewire_engine::{
     PrecopyConfig, PrecopyReport, SwitchOver,
 };
 use pagewire_transport::{
-    page_checksum, PageRange, RemoteCode, SourceStats, Transport, TransportError,
+    page_checksum, PageRange, RemoteCode, SourceStats, Transport, TransportError, PAGE_SIZE,
 };
 use serde::Serialize;
 
@@ -39,7 +39,8 @@ pub struct RunReport {
     /// The engine's counters.
     #[serde(flatten)]
     pub engine: EngineReport,
-    /// Pages whose checksum was compared with the source's.
+    /// Pages (of the source's 4 KiB) whose checksum was compared with the
+    /// source's.
     pub pages_verified: u64,
     /// Pages whose bytes differ from the source's (must be 0).
     pub checksum_mismatches: u64,
@@ -53,7 +54,8 @@ pub struct RunReport {
     pub source_requests_served: u64,
     /// Pages the source's data path sent.
     pub source_pages_served: u64,
-    /// Pages that crossed the wire, pre-copy rounds included.
+    /// Pages (of the source's 4 KiB) that crossed the wire, pre-copy
+    /// rounds included.
     pub pages_transferred: u64,
     /// Pause of the guest at the source to resume here, when the source's
     /// guest was running (pre-copy or a switch-over).
@@ -67,7 +69,12 @@ impl RunReport {
     pub fn is_clean(&self) -> bool {
         self.checksum_mismatches == 0
             && self.engine.duplicate_pages == 0
-            && self.pages_verified == self.engine.pages_total
+            && self.pages_verified == self.small_pages()
+    }
+
+    /// Guest memory in the source's 4 KiB pages.
+    fn small_pages(&self) -> u64 {
+        self.engine.pages_total * (self.engine.page_size / PAGE_SIZE as u64)
     }
 
     /// A human summary.
@@ -82,7 +89,7 @@ impl RunReport {
         let l = &e.fault_latency_us;
         format!(
             "pagewire post-copy migration over {transport}, pages installed with {install}\n\
-             \x20 memory            {pages} pages ({mem:.1} MiB), {zero} zero pages never sent\n\
+             \x20 memory            {pages} pages{of} ({mem:.1} MiB), {zero} zero pages never sent\n\
              \x20 total time        {total:.1} ms (resume to last page), {recv:.1} MiB received, {gbps:.2} GB/s\n\
              \x20 workload          {pattern:?}: {touches} touches of {distinct} pages in {wms:.1} ms\n\
              \x20 guest stalls      {stalls} touches blocked, p50 {sp50:.1} us, p99 {sp99:.1} us, {stalled:.1} ms in all\n\
@@ -96,7 +103,7 @@ impl RunReport {
              \x20 prepaged (bubble) {pre} pages, {hits} later touched\n\
              \x20 pushed (sweep)    {pushed} pages, {phits} later touched\n\
              \x20 source data path  {sreq} requests, {spages} pages\n\
-             \x20 verified          {ver}/{pages} pages, {mis} mismatches, {dup} duplicates -> {verdict}{precopy}",
+             \x20 verified          {ver}/{small} 4 KiB pages, {mis} mismatches, {dup} duplicates -> {verdict}{precopy}",
             transport = e.transport,
             install = e.install_path,
             stalls = self.workload.stalls.count,
@@ -104,7 +111,13 @@ impl RunReport {
             sp99 = self.workload.stalls.p99,
             stalled = self.workload.stalled_ms,
             pages = e.pages_total,
-            mem = mib(e.pages_total * 4096),
+            of = if e.page_size == PAGE_SIZE as u64 {
+                String::new()
+            } else {
+                format!(" of {} KiB", e.page_size / 1024)
+            },
+            small = self.small_pages(),
+            mem = mib(e.pages_total * e.page_size),
             zero = e.zero_pages,
             total = e.total_ms,
             recv = mib(e.bytes_received),
@@ -181,7 +194,7 @@ impl RunReport {
             present = p.pages_present,
             down = self.downtime_ms.unwrap_or(0.0),
             moved = self.pages_transferred,
-            x = self.pages_transferred as f64 / self.engine.pages_total.max(1) as f64,
+            x = self.pages_transferred as f64 / self.small_pages().max(1) as f64,
         )
     }
 }
@@ -197,10 +210,23 @@ pub struct RunOptions {
     pub precopy: Option<PrecopyConfig>,
     /// Show a progress bar on stderr.
     pub progress: bool,
-    /// Back guest memory with a memfd (shared memory), filled as the
-    /// engine config's `shared_install` says, instead of private anonymous
-    /// memory.
-    pub shared_memory: bool,
+    /// What backs guest memory.
+    pub memory: Backing,
+}
+
+/// What backs the destination's guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backing {
+    /// Private anonymous memory, filled with UFFDIO_COPY (what most VMMs
+    /// use).
+    #[default]
+    Anon,
+    /// A memfd (shared memory), filled as the engine config's
+    /// `shared_install` says.
+    Memfd,
+    /// Private memory on 2 MiB huge pages (hugetlbfs): each fault fetches
+    /// a whole huge page.
+    Hugetlb,
 }
 
 /// Migrates from `transport` while running the workload, then verifies
@@ -209,7 +235,16 @@ pub fn run_destination(
     transport: Arc<dyn Transport>,
     opts: &RunOptions,
 ) -> Result<RunReport, RunError> {
-    let total = transport.info().layout.total_pages();
+    let layout = &transport.info().layout;
+    let mem = Arc::new(match opts.memory {
+        Backing::Anon => DestMemory::new(layout)?,
+        Backing::Memfd => DestMemory::new_shared(layout)?,
+        Backing::Hugetlb => DestMemory::new_hugetlb(layout)?,
+    });
+    // The engine counts in the memory's pages; the workload and the
+    // checksums in the source's.
+    let total = mem.layout().total_pages();
+    let per = mem.layout().page_size() as u64 / PAGE_SIZE as u64;
     let bar = if opts.progress {
         ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr())
     } else {
@@ -227,12 +262,6 @@ pub fn run_destination(
         rounds: 0,
         converge_pages: 0,
         switch_over: SwitchOver::PostCopy,
-    });
-    let layout = &transport.info().layout;
-    let mem = Arc::new(if opts.shared_memory {
-        DestMemory::new_shared(layout)?
-    } else {
-        DestMemory::new(layout)?
     });
     let outcome = precopy(&transport, &mem, &cfg, &mut |round, pages| {
         bar.set_position(0);
@@ -300,7 +329,7 @@ pub fn run_destination(
         .join()
         .map_err(|_| RunError::Workload("workload thread panicked".into()))?;
 
-    let layout = mem.layout();
+    let layout = &transport.info().layout;
     let mut verified = 0u64;
     let mut mismatches = 0u64;
     for region in 0..layout.regions().len() {
@@ -311,7 +340,7 @@ pub fn run_destination(
             let sums = transport.checksums(PageRange::new(first, count as u32))?;
             for (i, want) in sums.iter().enumerate() {
                 let p = first + i as u64;
-                let ok = mem.page(p).map(page_checksum) == Some(*want);
+                let ok = mem.small_page(p).map(page_checksum) == Some(*want);
                 if !ok {
                     mismatches += 1;
                     tracing::error!(page = p, "page differs from the source");
@@ -322,10 +351,11 @@ pub fn run_destination(
         }
     }
     let hits = |origin| {
-        origins
+        stats
+            .touched
             .iter()
-            .zip(&stats.touched)
-            .filter(|(o, t)| **t && **o == origin)
+            .enumerate()
+            .filter(|&(p, t)| *t && origins[p / per as usize] == origin)
             .count() as u64
     };
     let SourceStats {
@@ -337,8 +367,7 @@ pub fn run_destination(
         tracing::warn!("could not tell the source we are done: {e}");
     }
     bar.finish_and_clear();
-    let page_size = layout.page_size() as u64;
-    let pages_transferred = engine.bytes_received / page_size
+    let pages_transferred = engine.bytes_received / PAGE_SIZE as u64
         + pre
             .as_ref()
             .map_or(0, |(p, _)| p.pages_sent + p.pages_sent_paused);

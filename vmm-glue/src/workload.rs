@@ -124,11 +124,13 @@ impl Workload {
         }
     }
 
-    /// Runs the workload on `mem`, reading one word of each touched page.
+    /// Runs the workload on `mem`, reading one word of each touched page
+    /// (pages of 4 KiB, numbered as the source numbers them, whatever
+    /// size of page backs `mem`).
     /// Blocks on faults like a vCPU would. With `cpus` set, the calling
     /// thread stays pinned to them afterwards.
     pub fn run(&self, mem: &DestMemory) -> WorkloadStats {
-        let total = mem.layout().total_pages();
+        let total = mem.small_pages();
         let mut touched = vec![false; total as usize];
         let mut touches = 0u64;
         let mut sink = 0u64;
@@ -139,7 +141,7 @@ impl Workload {
         }
         let t0 = Instant::now();
         for p in self.pages(total) {
-            if let Some(page) = mem.page(p) {
+            if let Some(page) = mem.small_page(p) {
                 let before = Instant::now();
                 // black_box keeps the compiler from eliding the load.
                 sink = sink.wrapping_add(u64::from(std::hint::black_box(page[0])));

@@ -104,7 +104,7 @@ impl Governor {
         let Some(after) = self.idle_after_us else {
             return false;
         };
-        if !self.enabled || self.urgent.load(Ordering::Acquire) != 0 {
+        if !self.enabled || self.waits.urgent() != 0 {
             return false;
         }
         let last = self.last_urgent_us.load(Ordering::Acquire);

@@ -15,11 +15,13 @@
 //!   after a pause show its queue was in their way (`idle.rs`);
 //! - bulk under an optional bytes-per-second cap (`push_rate.rs`).
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+
+use crate::waits::FaultWaits;
 
 mod epoch;
 mod idle;
@@ -138,7 +140,8 @@ pub struct Governor {
     max_chunk: u32,
     enabled: bool,
     push_rate: Option<f64>,
-    urgent: AtomicU32,
+    /// What faults wait on (their requests outstanding, pages in flight).
+    waits: Arc<FaultWaits>,
     /// When the last fault's request went out, in µs since `born`
     /// ([`NO_FAULT`] before the first).
     last_urgent_us: AtomicU64,
@@ -170,7 +173,7 @@ impl Governor {
             max_chunk,
             enabled,
             push_rate: push_rate.map(|r| r.max(1) as f64),
-            urgent: AtomicU32::new(0),
+            waits: Arc::default(),
             last_urgent_us: AtomicU64::new(NO_FAULT),
             born: now,
             idle_after_us: Some(IDLE_AFTER.as_micros() as u64),
@@ -194,6 +197,18 @@ impl Governor {
             }),
             cv: Condvar::new(),
         }
+    }
+
+    /// Counts faults' requests in `waits` (none outstanding), which the
+    /// fault services, the lanes and the huge-page view share.
+    pub fn with_waits(mut self, waits: Arc<FaultWaits>) -> Self {
+        self.waits = waits;
+        self
+    }
+
+    /// What faults wait on.
+    pub fn waits(&self) -> &Arc<FaultWaits> {
+        &self.waits
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -231,7 +246,7 @@ impl Governor {
                 (st.window, st.chunk)
             };
             let cb = u64::from(pages) * self.page_size;
-            let urgent = self.enabled && !bubble && self.urgent.load(Ordering::Acquire) > 0;
+            let urgent = self.enabled && !bubble && self.waits.urgent() > 0;
             let window_ok =
                 !self.enabled || st.inflight == 0 || (st.inflight + cb) as f64 <= window;
             let pause = self.refill(&mut st, cb);

@@ -43,7 +43,7 @@ impl Governor {
         // The time first: whoever sees the count sees the time too.
         self.last_urgent_us
             .store(self.born.elapsed().as_micros() as u64, Ordering::Release);
-        let before = self.urgent.fetch_add(1, Ordering::AcqRel);
+        let before = self.waits.urgent_begin();
         Urgent {
             at: Instant::now(),
             after_idle,
@@ -59,7 +59,7 @@ impl Governor {
     /// [`Self::urgent_end`] at `now`.
     pub(super) fn urgent_end_at(&self, urgent: Urgent, now: Instant) {
         let rtt = now.duration_since(urgent.at);
-        let last = self.urgent.fetch_sub(1, Ordering::AcqRel) == 1;
+        let last = self.waits.urgent_end();
         let rtt_ns = u64::try_from(rtt.as_nanos()).unwrap_or(NO_FAULT - 1);
         if !urgent.after_idle {
             // A fault after a pause measures the idle bulk, not the size.
