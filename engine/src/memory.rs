@@ -44,17 +44,16 @@ pub struct DestMemory {
     alias: Option<Arc<Landing>>,
 }
 
-/// Free 2 MiB huge pages not yet promised to a mapping, from
-/// `/proc/meminfo` (0 when it cannot be read).
+/// Free 2 MiB huge pages not yet promised to a mapping, from the 2 MiB
+/// pool in sysfs (0 when it cannot be read).
 fn free_huge_pages() -> u64 {
-    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name))
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-2048kB/{name}"))
+            .ok()
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(0)
     };
-    field("HugePages_Free:").saturating_sub(field("HugePages_Rsvd:"))
+    read("free_hugepages").saturating_sub(read("resv_hugepages"))
 }
 
 /// The alias mappings, unmapped when the last holder (the memory or a

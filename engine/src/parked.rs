@@ -66,19 +66,18 @@ impl ParkedMigration {
         };
         let back = |e: EngineError, arc: Arc<Shared>| (e, ParkedMigration::new(arc));
         let mem = arc.installer.memory().clone();
-        // Faults still wait on the pages they waited on; the requests of
-        // the stopped fault services are asked for again.
+        // Faults still wait on the pages they waited on.
         let waits = arc.governor.waits().clone();
-        waits.forget_urgent();
-        let transport = match view_for(transport, &mem, &arc.config, &waits) {
-            Ok(t) => t,
-            Err(e) => return Err(back(e, arc)),
-        };
         // After pre-copy the migration sees the source through the pages
-        // its guest wrote; so must the new transport.
+        // its guest wrote (counted in the source's pages, so before any
+        // huge-page view); so must the new transport.
         let transport: Arc<dyn Transport> = match &arc.written {
             Some(w) => Arc::new(crate::precopy::Refreshed::new(transport, w)),
             None => transport,
+        };
+        let transport = match view_for(transport, &mem, &arc.config, &waits) {
+            Ok(t) => t,
+            Err(e) => return Err(back(e, arc)),
         };
         let other_session = matches!(
             (transport.session(), arc.transport.session()),
@@ -115,6 +114,8 @@ impl ParkedMigration {
             Ok(s) => s,
             Err(arc) => return Err(back(EngineError::Aborted, arc)),
         };
+        // The stopped fault services' requests are asked for again.
+        waits.forget_urgent();
         let limits = limits_for(transport.as_ref());
         let mut resumed = old.resumed(transport, limits, waits);
         resumed.landed = landed;

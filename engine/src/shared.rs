@@ -139,6 +139,18 @@ impl Shared {
                 tracing::warn!(page = p, "cannot map a removed page: {e}");
             }
         }
+        // Faults waiting on pages made present here (removed, or mapped
+        // already) are over: their threads were woken by the zero install
+        // or find the page mapped. Left on the list they would hold every
+        // paced lane.
+        let now = std::time::Instant::now();
+        waits.settle_where(
+            |p| self.states.is_present(p),
+            |t0| {
+                self.metrics.inflight.record(now - t0);
+                self.metrics.all.record(now - t0);
+            },
+        );
         // Pages the stopped fault service had read faults for come first.
         let mut retry = std::mem::take(&mut *self.retry.lock().unwrap_or_else(|p| p.into_inner()));
         retry.extend(released);

@@ -41,7 +41,14 @@ impl FaultWaits {
     /// A fault's request has been answered; returns whether it was the
     /// last outstanding.
     pub(crate) fn urgent_end(&self) -> bool {
-        let last = self.urgent.fetch_sub(1, Ordering::AcqRel) == 1;
+        // Never below zero (a request forgotten on resume and ended late).
+        let before = self
+            .urgent
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_sub(1))
+            })
+            .unwrap_or(0);
+        let last = before == 1;
         if last {
             self.wake();
         }
@@ -81,27 +88,34 @@ impl FaultWaits {
         // (with a fence between, see `Shared::mark_present`): either it
         // sees this wait or this sees the page present.
         fence(Ordering::SeqCst);
-        if present() {
+        let waits = !present();
+        if !waits {
             w.pop();
             self.waiting.store(w.len(), Ordering::Release);
-            return false;
         }
         drop(w);
-        // A bulk channel held back may carry the page: it goes on now.
+        // A bulk channel held back may carry the page (it goes on now), or
+        // may have seen the wait that just ended.
         self.wake();
-        true
+        waits
     }
 
     /// Pages `range` are in: ends the waits on them, calling `ended` with
     /// when each fault was read.
-    pub(crate) fn settle(&self, range: PageRange, mut ended: impl FnMut(Instant)) {
+    pub(crate) fn settle(&self, range: PageRange, ended: impl FnMut(Instant)) {
+        self.settle_where(|page| page >= range.first && page < range.end(), ended);
+    }
+
+    /// Ends the waits on every page `done` says is in, calling `ended`
+    /// with when each fault was read.
+    pub(crate) fn settle_where(&self, done: impl Fn(u64) -> bool, mut ended: impl FnMut(Instant)) {
         if !self.has_waiters() {
             return;
         }
         let mut w = self.waiters_lock();
         let before = w.len();
         w.retain(|&(page, t0)| {
-            let done = page >= range.first && page < range.end();
+            let done = done(page);
             if done {
                 ended(t0);
             }
@@ -130,12 +144,19 @@ impl FaultWaits {
             .any(|&(page, _)| !mine.iter().any(|r| page >= r.first && page < r.end()))
     }
 
-    /// Waits until no fault waits on anything but `mine`, at most `max`.
-    /// Returns whether none does.
+    /// Whether a bulk channel carrying `mine` must hold its next piece: a
+    /// fault waits on something else and on nothing it carries (a channel
+    /// carrying a page a fault waits on always goes on).
+    pub fn holds(&self, mine: &[PageRange]) -> bool {
+        self.waits_elsewhere(mine) && !self.waits_in(mine)
+    }
+
+    /// Waits until a channel carrying `mine` need not hold
+    /// ([`Self::holds`]), at most `max`. Returns whether it need not.
     pub fn wait_clear(&self, mine: &[PageRange], max: Duration) -> bool {
         let deadline = Instant::now() + max;
         let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        while self.waits_elsewhere(mine) {
+        while self.holds(mine) {
             let now = Instant::now();
             if now >= deadline {
                 return false;
@@ -182,11 +203,24 @@ mod tests {
         assert!(!w.has_waiters());
         w.urgent_begin();
         assert!(w.waits_elsewhere(&mine), "a fault's request is everyone's");
+        assert!(w.holds(&mine));
         assert!(!w.wait_clear(&mine, Duration::ZERO));
+        // A channel carrying a page a fault waits on goes on, even beside
+        // a fault's request or a wait on another lane's page.
+        assert!(w.wait_for(10, Instant::now(), || false));
+        assert!(w.wait_for(40, Instant::now(), || false));
+        assert!(!w.holds(&mine));
+        assert!(w.wait_clear(&mine, Duration::ZERO));
+        assert!(w.holds(&[PageRange::new(0, 1)]));
+        w.settle_where(|p| p == 10 || p == 40, |_| {});
+        assert!(!w.has_waiters());
         assert!(w.urgent_end());
         assert!(w.wait_clear(&mine, Duration::ZERO));
         w.urgent_begin();
         w.forget_urgent();
+        assert_eq!(w.urgent(), 0);
+        // A request ended after it was forgotten leaves the count at zero.
+        assert!(!w.urgent_end());
         assert_eq!(w.urgent(), 0);
     }
 }

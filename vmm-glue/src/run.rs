@@ -72,6 +72,16 @@ impl RunReport {
             && self.pages_verified == self.small_pages()
     }
 
+    /// Touched pages counted in 4 KiB, said so where guest memory's
+    /// pages are larger (the counts beside them are in those).
+    fn touched(&self, hits: u64) -> String {
+        if self.engine.page_size == PAGE_SIZE as u64 {
+            hits.to_string()
+        } else {
+            format!("{hits} 4 KiB pages of them")
+        }
+    }
+
     /// Guest memory in the source's 4 KiB pages.
     fn small_pages(&self) -> u64 {
         self.engine.pages_total * (self.engine.page_size / PAGE_SIZE as u64)
@@ -160,9 +170,9 @@ impl RunReport {
             resent = e.resent_pages,
             early = e.early_pages,
             pre = e.prepaged_pages,
-            hits = self.prepaged_hits,
+            hits = self.touched(self.prepaged_hits),
             pushed = e.pushed_pages,
-            phits = self.pushed_hits,
+            phits = self.touched(self.pushed_hits),
             sreq = self.source_requests_served,
             spages = self.source_pages_served,
             ver = self.pages_verified,
