@@ -1,8 +1,8 @@
 //! What blocked faults wait on: their own requests on an urgent channel,
 //! and pages a lane is already fetching. The governor holds the sweep
 //! while a fault's request is outstanding; the huge-page view
-//! (`scaled.rs`) holds a bulk channel's next piece while a fault waits on
-//! anything that channel does not carry.
+//! (`scaled/channel.rs`) holds a bulk channel's next piece while a fault
+//! waits on something else and on nothing that channel carries.
 
 use std::sync::atomic::{fence, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};

@@ -1,180 +1,39 @@
-//! Destination pages larger than the source's: 2 MiB hugetlbfs guest
-//! memory pulled from a source that serves 4 KiB pages. [`Scaled`]
-//! presents every run of `factor` source pages as one page, so the rest of
-//! the engine (claims, bubbles, lanes, installs) works in the
-//! destination's pages; a request larger than the transport carries at
-//! once is split and reassembled here.
+//! A channel in large pages over one in small pages: each large page goes
+//! as pieces (inner requests) sent in order, and a reply is reported page
+//! by page as each large page is whole.
 //!
 //! A 2 MiB page takes 17 ms on a 1 Gbit/s link, and a fault's page cannot
 //! overtake bulk bytes already queued ahead of it at the bottleneck. So a
-//! bulk channel sends each large page in pieces of [`PIECE_PAGES`] source
-//! pages, at most [`PIECES_IN_FLIGHT`] on the wire, and sends no new piece
-//! while a fault's request is outstanding ([`FaultWaits`]): a fault
-//! then waits behind at most that many pieces, not behind whole large
-//! pages of every lane.
+//! paced bulk channel sends each large page in pieces of [`PIECE_PAGES`]
+//! source pages, at most [`PIECES_IN_FLIGHT`] on the wire, and no new
+//! piece while a fault waits on something else and on nothing it carries
+//! ([`FaultWaits::holds`]); a channel carrying a page a fault waits on
+//! sends all of it at once. A fault then waits behind at most a piece per
+//! lane, not behind whole large pages of every lane.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pagewire_transport::{
-    ChannelClass, FetchLimits, MemoryLayout, PageChannel, PageRange, SourceInfo, SourceStats,
-    Transport, TransportError, ZeroMap,
-};
+use pagewire_transport::{PageChannel, PageRange, TransportError};
 
-use crate::error::{EngineError, RegionError};
 use crate::waits::FaultWaits;
 
 /// Source pages in one piece of a bulk large page (128 KiB of 4 KiB
 /// pages: 1 ms at 1 Gbit/s).
-pub(crate) const PIECE_PAGES: u64 = 32;
+pub(super) const PIECE_PAGES: u64 = 32;
 /// Pieces a bulk channel keeps on the wire at once.
-pub(crate) const PIECES_IN_FLIGHT: usize = 1;
+pub(super) const PIECES_IN_FLIGHT: usize = 1;
 /// Longest a bulk channel with nothing on the wire holds its next piece
-/// for faults' requests: a fault's request outstanding longer (a lost
-/// link) lets the push go on, a piece at a time.
+/// for faults: a fault waiting longer (its request on a lost link) lets
+/// the push go on, a piece at a time.
 const HOLD_MAX: Duration = Duration::from_millis(100);
-
-/// A transport seen in pages `factor` times the source's.
-pub(crate) struct Scaled {
-    inner: Arc<dyn Transport>,
-    factor: u64,
-    info: SourceInfo,
-    limits: FetchLimits,
-    /// What faults wait on, which bulk channels make way for (`None`:
-    /// bulk is not paced, as without flow control).
-    faults: Option<Arc<FaultWaits>>,
-}
-
-impl Scaled {
-    /// Wraps `inner` for destination pages of `page_size` bytes. Bulk
-    /// channels make way for what faults wait on, `faults`.
-    pub fn new(
-        inner: Arc<dyn Transport>,
-        page_size: usize,
-        faults: Option<Arc<FaultWaits>>,
-    ) -> Result<Self, EngineError> {
-        let src = &inner.info().layout;
-        let sps = src.page_size();
-        if page_size <= sps || !page_size.is_multiple_of(sps) {
-            return Err(RegionError::LayoutMismatch(format!(
-                "page size {page_size} is not a multiple of the source's {sps}"
-            ))
-            .into());
-        }
-        let factor = (page_size / sps) as u64;
-        let layout = MemoryLayout::new(page_size, src.regions().to_vec()).map_err(|e| {
-            RegionError::LayoutMismatch(format!(
-                "the source's regions are not made of {page_size}-byte pages: {e}"
-            ))
-        })?;
-        let mut zero = ZeroMap::new(layout.total_pages());
-        let inner_zero = &inner.info().zero;
-        for p in 0..layout.total_pages() {
-            if (p * factor..(p + 1) * factor).all(|q| inner_zero.is_zero(q)) {
-                zero.set(p);
-            }
-        }
-        let l = inner.limits();
-        let limits = FetchLimits {
-            max_ranges: l.max_ranges.max(1),
-            // Paced, a request is one large page: a fault waiting on a
-            // page of a lane's request then waits behind no other page.
-            max_pages: if faults.is_some() {
-                1
-            } else {
-                (l.max_pages / factor).max(1)
-            },
-        };
-        Ok(Self {
-            inner,
-            factor,
-            info: SourceInfo { layout, zero },
-            limits,
-            faults,
-        })
-    }
-
-    fn scale(&self, r: PageRange) -> Result<PageRange, TransportError> {
-        let count = u64::from(r.count) * self.factor;
-        Ok(PageRange::new(
-            r.first * self.factor,
-            u32::try_from(count).map_err(|_| TransportError::TooLarge {
-                ranges: 1,
-                pages: count,
-                limits: self.inner.limits(),
-            })?,
-        ))
-    }
-}
-
-impl Transport for Scaled {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-
-    fn info(&self) -> &SourceInfo {
-        &self.info
-    }
-
-    fn open(&self, class: ChannelClass) -> Result<Box<dyn PageChannel>, TransportError> {
-        let inner = self.inner.open(class)?;
-        let inner_max = self.inner.limits().max_pages.max(1);
-        let (piece, pace) = match (class, &self.faults) {
-            (ChannelClass::Bulk(_), Some(f)) => (
-                PIECE_PAGES.min(inner_max),
-                Some((f.clone(), PIECES_IN_FLIGHT)),
-            ),
-            _ => (inner_max, None),
-        };
-        // A paced bulk channel keeps one request outstanding: a fault that
-        // waits on its page waits behind no later page of the same lane.
-        let max_outstanding = if pace.is_some() {
-            1
-        } else {
-            inner.max_outstanding().max(1)
-        };
-        Ok(Box::new(ScaledChannel {
-            max_outstanding,
-            inner,
-            factor: self.factor,
-            page_bytes: self.info.layout.page_size() / self.factor as usize,
-            piece,
-            pace,
-            parts: VecDeque::new(),
-            carried: VecDeque::new(),
-            unsent: VecDeque::new(),
-            on_wire: 0,
-        }))
-    }
-
-    fn limits(&self) -> FetchLimits {
-        self.limits
-    }
-
-    /// Checksums of the source's own (small) pages of `range`.
-    fn checksums(&self, range: PageRange) -> Result<Vec<u64>, TransportError> {
-        self.inner.checksums(self.scale(range)?)
-    }
-
-    fn source_stats(&self) -> Result<SourceStats, TransportError> {
-        self.inner.source_stats()
-    }
-
-    fn session(&self) -> Option<u64> {
-        self.inner.session()
-    }
-
-    fn done(&self) -> Result<(), TransportError> {
-        self.inner.done()
-    }
-}
 
 /// A channel in large pages over one in small pages. Each request becomes
 /// inner requests of one range each (pieces), sent in order as the inner
 /// channel (and, on a paced bulk channel, the faults) allow: every piece
 /// is sent by the time its reply is received.
-struct ScaledChannel {
+pub(super) struct ScaledChannel {
     inner: Box<dyn PageChannel>,
     factor: u64,
     /// Bytes of one source page.
@@ -196,6 +55,32 @@ struct ScaledChannel {
 }
 
 impl ScaledChannel {
+    /// A channel over `inner` for large pages of `factor` source pages of
+    /// `page_bytes` each, sending pieces of at most `piece` source pages;
+    /// `pace` (bulk only): what faults wait on and the most pieces on the
+    /// wire; at most `max_outstanding` requests.
+    pub(super) fn new(
+        inner: Box<dyn PageChannel>,
+        factor: u64,
+        page_bytes: usize,
+        piece: u64,
+        pace: Option<(Arc<FaultWaits>, usize)>,
+        max_outstanding: usize,
+    ) -> Self {
+        Self {
+            inner,
+            factor,
+            page_bytes,
+            piece,
+            pace,
+            parts: VecDeque::new(),
+            carried: VecDeque::new(),
+            unsent: VecDeque::new(),
+            on_wire: 0,
+            max_outstanding,
+        }
+    }
+
     /// Sends the next pieces while the inner channel has room and, on a
     /// paced channel, fewer than its limit are on the wire and no fault
     /// waits on anything this channel does not carry. With `must`, sends
@@ -329,8 +214,12 @@ impl PageChannel for ScaledChannel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scaled::Scaled;
     use pagewire_transport::inproc::InProcTransport;
     use pagewire_transport::SourceMemory;
+    use pagewire_transport::{
+        ChannelClass, FetchLimits, MemoryLayout, SourceInfo, SourceStats, Transport,
+    };
     use std::sync::Mutex;
 
     const MIB: usize = 1 << 20;
