@@ -517,6 +517,72 @@ fn a_parked_migration_into_shared_memory_resumes_landed_or_copied() {
     }
 }
 
+/// A guest on 2 MiB pages switched over from a running source (its
+/// writes tracked, no pre-copy rounds) loses its link, is parked and
+/// resumes over a new connection: every 4 KiB page ends equal to the
+/// paused source's.
+#[test]
+fn a_parked_migration_into_huge_pages_after_a_switch_over_resumes() {
+    use pagewire_engine::{precopy, PrecopyConfig, SwitchOver};
+    if !huge_pages_or_skip(8) {
+        return;
+    }
+    let mut cmd = pagewire();
+    // Zero pages only, but for what the guest writes: what it wrote must
+    // be fetched, never installed as zeros.
+    cmd.args(["source", "--listen", "127.0.0.1:0", "--synthetic", "8MiB"])
+        .args(["--zero-percent", "100"])
+        .args(["--guest-workload", "hotset", "--guest-think-us", "1"]);
+    let src = spawn_source(&mut cmd);
+    let relay = CutRelay::start(src.addr.clone());
+    let t = connect(&relay.addr, Duration::from_secs(2));
+    let mem = Arc::new(DestMemory::new_hugetlb(&t.info().layout).expect("huge pages"));
+    let switch = PrecopyConfig {
+        rounds: 0,
+        converge_pages: 0,
+        switch_over: SwitchOver::PostCopy,
+    };
+    let pre = precopy(&t, &mem, &switch, &mut |_, _| {}).expect("switch-over");
+    assert!(
+        pre.written.count() > 0,
+        "the guest wrote nothing before the pause"
+    );
+    let handle = Migration::start_after_precopy(
+        t,
+        mem.clone(),
+        MigrationConfig {
+            lanes: 1,
+            push_rate: Some(2_000_000),
+            recover_timeout: Duration::from_millis(500),
+            ..MigrationConfig::default()
+        },
+        &pre,
+    )
+    .expect("start");
+    thread::sleep(Duration::from_millis(300));
+    relay.cut();
+    let (_, parked) = handle.wait_resumable().expect_err("the link is gone");
+    let (present, total) = parked.progress();
+    assert!(present < total, "finished before the cut");
+    let direct = connect(&src.addr, Duration::from_secs(5));
+    let report = parked
+        .resume(direct.clone())
+        .expect("resume")
+        .wait()
+        .expect("resumed migration");
+    assert_eq!(report.duplicate_pages, 0);
+    assert_eq!(report.page_size, 2 << 20);
+    let small = direct.info().layout.total_pages();
+    let want = direct.checksums(PageRange::new(0, small as u32)).unwrap();
+    for (p, w) in want.iter().enumerate() {
+        assert_eq!(
+            page_checksum(mem.small_page(p as u64).unwrap()),
+            *w,
+            "page {p}"
+        );
+    }
+}
+
 /// The link goes away for longer than the recovery timeout: the migration
 /// stops and is parked (a blocked thread stays blocked); resumed later
 /// over a new connection to the same source it finishes, every page equal
