@@ -164,7 +164,7 @@ impl Landing {
     /// `data` must fit in the range past `from`.
     ///
     /// # Safety
-    /// As [`Landing::bytes_mut`], for the bytes written.
+    /// As [`Landing::bytes_mut_from`], for the bytes written.
     pub unsafe fn write(
         &self,
         range: PageRange,
@@ -277,25 +277,15 @@ impl Landing {
             .ok_or(TransportError::Misuse("this channel has no landing memory"))
     }
 
-    /// The bytes of `range` to write into, when it lies in one span.
-    ///
-    /// # Safety
-    /// The caller must hold the pages of `range` (a request landing them
-    /// is outstanding on its channel, see [`Landing::new`]) and must not
-    /// make two live slices over the same pages.
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn bytes_mut(&self, range: PageRange) -> Option<&mut [u8]> {
-        // SAFETY: the caller's contract, for the whole range.
-        unsafe { self.bytes_mut_from(range, 0) }
-    }
-
     /// The bytes of `range` from its `from`-th byte on, to write into,
     /// when the range lies in one span and `from` is inside it: the bytes
     /// before `from` may meanwhile be the guest's (pages reported landed
     /// and mapped).
     ///
     /// # Safety
-    /// As [`Landing::bytes_mut`], for the bytes from `from` on.
+    /// The caller must hold the pages of `range` from `from` on (a request
+    /// landing them is outstanding on its channel, see [`Landing::new`])
+    /// and must not make two live slices over the same pages.
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn bytes_mut_from(&self, range: PageRange, from: usize) -> Option<&mut [u8]> {
         let addr = self.locate(range)?;
