@@ -199,14 +199,9 @@ impl DestMemory {
                 }
                 Err(e) => return Err(EngineError::Memory(format!("map huge pages: {e}"))),
             };
-            mapped.push(
-                GuestRegionMmap::new(m, GuestAddress(r.guest_base))
-                    .ok_or_else(|| EngineError::Memory("region end overflows".into()))?,
-            );
+            mapped.push((m, r.guest_base));
         }
-        let guest = GuestMemoryMmap::from_regions(mapped)
-            .map_err(|e| EngineError::Memory(e.to_string()))?;
-        Self::from_guest(guest, &huge_layout)
+        Self::from_mappings(mapped, &huge_layout)
     }
 
     /// Maps fresh shared memory (one memfd) for every region of `layout`
@@ -298,14 +293,27 @@ impl DestMemory {
                 )
             }
             .map_err(|e| EngineError::Memory(e.to_string()))?;
-            mapped.push(
-                GuestRegionMmap::new(m, GuestAddress(r.guest_base))
-                    .ok_or_else(|| EngineError::Memory("region end overflows".into()))?,
-            );
+            mapped.push((m, r.guest_base));
         }
-        let guest = GuestMemoryMmap::from_regions(mapped)
+        Self::from_mappings(mapped, &layout)
+    }
+
+    /// Guest memory of `layout` from its regions' mappings, each with its
+    /// guest address, in guest address order.
+    fn from_mappings(
+        mappings: Vec<(MmapRegion, u64)>,
+        layout: &MemoryLayout,
+    ) -> Result<Self, EngineError> {
+        let regions = mappings
+            .into_iter()
+            .map(|(m, base)| {
+                GuestRegionMmap::new(m, GuestAddress(base))
+                    .ok_or_else(|| EngineError::Memory("region end overflows".into()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let guest = GuestMemoryMmap::from_regions(regions)
             .map_err(|e| EngineError::Memory(e.to_string()))?;
-        Self::from_guest(guest, &layout)
+        Self::from_guest(guest, layout)
     }
 
     /// Describes guest memory that lives in another process, which handed
@@ -733,7 +741,8 @@ mod tests {
             "{e}"
         );
         let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
-        if read("/proc/sys/vm/nr_overcommit_hugepages").trim() != "0" {
+        let pool = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+        if read(&format!("{pool}/nr_overcommit_hugepages")).trim() != "0" {
             return; // surplus huge pages could be had
         }
         // One more than are free: refused when mapped, with the counts.
