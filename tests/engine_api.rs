@@ -29,6 +29,21 @@ fn connect(addr: &str, io_timeout: Duration) -> Arc<dyn Transport> {
     )
 }
 
+/// Checks every 4 KiB page of `mem` against the source behind `t`;
+/// returns the source's checksums. `what` names the case in a failure.
+fn assert_equals_source(t: &dyn Transport, mem: &DestMemory, what: &str) -> Vec<u64> {
+    let pages = t.info().layout.total_pages();
+    let want = t.checksums(PageRange::new(0, pages as u32)).unwrap();
+    for (p, w) in want.iter().enumerate() {
+        assert_eq!(
+            page_checksum(mem.small_page(p as u64).unwrap()),
+            *w,
+            "{what}: page {p}"
+        );
+    }
+    want
+}
+
 fn demand_only() -> MigrationConfig {
     MigrationConfig {
         lanes: 1,
@@ -506,14 +521,7 @@ fn a_parked_migration_into_shared_memory_resumes_landed_or_copied() {
             .expect("resumed migration");
         assert_eq!(report.install_path, path);
         assert_eq!(report.duplicate_pages, 0, "{install:?}");
-        let want = direct.checksums(PageRange::new(0, total as u32)).unwrap();
-        for (p, w) in want.iter().enumerate() {
-            assert_eq!(
-                page_checksum(mem.page(p as u64).unwrap()),
-                *w,
-                "{install:?}: page {p}"
-            );
-        }
+        assert_equals_source(direct.as_ref(), &mem, &format!("{install:?}"));
     }
 }
 
@@ -572,15 +580,7 @@ fn a_parked_migration_into_huge_pages_after_a_switch_over_resumes() {
         .expect("resumed migration");
     assert_eq!(report.duplicate_pages, 0);
     assert_eq!(report.page_size, 2 << 20);
-    let small = direct.info().layout.total_pages();
-    let want = direct.checksums(PageRange::new(0, small as u32)).unwrap();
-    for (p, w) in want.iter().enumerate() {
-        assert_eq!(
-            page_checksum(mem.small_page(p as u64).unwrap()),
-            *w,
-            "page {p}"
-        );
-    }
+    assert_equals_source(direct.as_ref(), &mem, "huge pages");
 }
 
 /// The link goes away for longer than the recovery timeout: the migration
@@ -638,9 +638,6 @@ fn a_parked_migration_resumes_over_a_new_connection() {
     let handle = parked.resume(direct.clone()).expect("resume");
     let report = handle.wait().expect("resumed migration");
     assert_eq!(report.duplicate_pages, 0);
-    let want = direct.checksums(PageRange::new(0, total as u32)).unwrap();
+    let want = assert_equals_source(direct.as_ref(), &mem, "resumed");
     assert_eq!(vcpu.join().unwrap(), want[last as usize]);
-    for (p, w) in want.iter().enumerate() {
-        assert_eq!(page_checksum(mem.page(p as u64).unwrap()), *w, "page {p}");
-    }
 }
