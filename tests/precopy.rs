@@ -15,19 +15,21 @@ fn running_source(pattern: &str) -> Source {
     spawn_source(&mut cmd)
 }
 
-/// Runs a destination asking for pre-copy rounds, which must fail; returns
-/// what it said.
-fn precopy_refused(addr: &str) -> String {
+/// Runs a destination asking for pre-copy rounds, with `extra`, which
+/// must fail; returns what it said.
+fn precopy_refused(addr: &str, extra: &[&str]) -> String {
     let (out, _) = run_bounded(
-        pagewire().args([
-            "dest",
-            "--connect",
-            addr,
-            "--transport",
-            "tcp",
-            "--precopy-rounds",
-            "2",
-        ]),
+        pagewire()
+            .args([
+                "dest",
+                "--connect",
+                addr,
+                "--transport",
+                "tcp",
+                "--precopy-rounds",
+                "2",
+            ])
+            .args(extra),
         Duration::from_secs(60),
     );
     assert!(!out.status.success());
@@ -132,10 +134,35 @@ fn a_running_guest_is_paused_at_the_switch_over_even_without_rounds() {
     assert!(r["precopy"]["rounds"].as_array().unwrap().is_empty());
 }
 
+/// Pre-copy rounds copy the source's 4 KiB pages before registration,
+/// which memory on 2 MiB pages cannot take: refused before anything is
+/// asked of the source, whose running guest then switches over into huge
+/// pages cleanly.
+#[test]
+fn pre_copy_into_huge_pages_is_refused_clearly_and_a_switch_over_works() {
+    if !huge_pages_or_skip(16) {
+        return;
+    }
+    let src = running_source("hotset");
+    let err = precopy_refused(&src.addr, &["--memory-backend", "hugetlb"]);
+    assert!(err.contains("laid out exactly like the source"), "{err}");
+    let r = dest_json(
+        &src.addr,
+        &["--transport", "tcp", "--memory-backend", "hugetlb"],
+    );
+    assert_eq!(u(&r, "checksum_mismatches"), 0, "{r}");
+    assert_eq!(u(&r, "duplicate_pages"), 0, "{r}");
+    assert_eq!(u(&r, "pages_verified"), u(&r, "pages_total") * 512, "{r}");
+    assert!(
+        r["downtime_ms"].as_f64().is_some(),
+        "downtime reported: {r}"
+    );
+}
+
 #[test]
 fn pre_copy_from_a_static_source_is_refused_clearly() {
     let src = start_source("8MiB", 3);
-    let err = precopy_refused(&src.addr);
+    let err = precopy_refused(&src.addr, &[]);
     assert!(err.contains("does not track guest writes"), "{err}");
     // A static source still serves plain post-copy.
     let r = dest_json(&src.addr, &["--transport", "tcp"]);
@@ -155,7 +182,7 @@ fn after_the_switch_over_a_new_destination_takes_the_paused_memory_as_static() {
     assert_eq!(u(&again, "pages_verified"), u(&again, "pages_total"));
     assert!(again["precopy"].is_null(), "{again}");
     // Pre-copy from a paused guest is refused with a clear error.
-    let err = precopy_refused(&src.addr);
+    let err = precopy_refused(&src.addr, &[]);
     assert!(err.contains("paused"), "{err}");
 }
 
