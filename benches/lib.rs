@@ -2,7 +2,7 @@
 //! raw floors the engine is compared with.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -13,6 +13,9 @@ use pagewire_engine::{DestMemory, Migration, MigrationConfig, MigrationHandle, S
 use pagewire_transport::inproc::InProcTransport;
 use pagewire_transport::tcp::{PageServer, ServerHandle, TcpOptions, TcpTransport};
 use pagewire_transport::{MemoryLayout, PageRange, SourceMemory, Transport, PAGE_SIZE};
+use pagewire_vmm_glue::workload::{Workload, WorkloadStats};
+
+pub mod netlab;
 
 /// A synthetic source with no zero pages, so every page crosses the wire.
 pub fn source(bytes: u64) -> Arc<SourceMemory> {
@@ -205,11 +208,15 @@ pub enum Floor {
     Memcpy,
     /// A 4 KiB request/response round trip on a loopback TCP socket.
     TcpRtt,
+    /// A 4 KiB request/response round trip to an [`rtt_server`] at this
+    /// address (across a shaped link, say).
+    TcpRttTo(SocketAddr),
 }
 
-/// A byte server on loopback: for every 16-byte request, 4 KiB back.
-fn rtt_server() -> std::net::SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+/// A byte server listening on `bind`: for every 16-byte request, 4 KiB
+/// back. Returns its address.
+pub fn rtt_server(bind: SocketAddr) -> SocketAddr {
+    let l = TcpListener::bind(bind).expect("bind");
     let addr = l.local_addr().expect("addr");
     thread::spawn(move || {
         for s in l.incoming() {
@@ -235,8 +242,11 @@ fn rtt_server() -> std::net::SocketAddr {
 pub fn time_floor_faults(floor: &Floor, n: u64) -> Duration {
     const PAGES: u64 = 4096;
     let conn = match floor {
-        Floor::TcpRtt => {
-            let addr = rtt_server();
+        Floor::TcpRtt | Floor::TcpRttTo(_) => {
+            let addr = match floor {
+                Floor::TcpRttTo(addr) => *addr,
+                _ => rtt_server(loopback()),
+            };
             let s = TcpStream::connect(addr).expect("connect");
             s.set_nodelay(true).expect("nodelay");
             Some(s)
@@ -294,23 +304,52 @@ pub fn time_floor_faults(floor: &Floor, n: u64) -> Duration {
     spent
 }
 
-/// Streams `bytes` over one loopback TCP connection: the throughput floor.
-pub fn time_tcp_stream(bytes: u64) -> Duration {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+/// Any free port on loopback.
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// A stream server listening on `bind`: each connection says how many
+/// bytes it wants (8 bytes, little-endian) and gets them in one stream.
+/// Returns its address.
+pub fn stream_server(bind: SocketAddr) -> SocketAddr {
+    let l = TcpListener::bind(bind).expect("bind");
     let addr = l.local_addr().expect("addr");
-    let sender = thread::spawn(move || {
-        let (mut s, _) = l.accept().expect("accept");
-        let chunk = vec![1u8; 1 << 20];
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(chunk.len() as u64) as usize;
-            s.write_all(&chunk[..n]).expect("write");
-            left -= n as u64;
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            thread::spawn(move || {
+                let mut want = [0u8; 8];
+                if s.read_exact(&mut want).is_err() {
+                    return;
+                }
+                let chunk = vec![1u8; 1 << 20];
+                let mut left = u64::from_le_bytes(want);
+                while left > 0 {
+                    let n = left.min(chunk.len() as u64) as usize;
+                    if s.write_all(&chunk[..n]).is_err() {
+                        return;
+                    }
+                    left -= n as u64;
+                }
+            });
         }
     });
+    addr
+}
+
+/// Streams `bytes` over one loopback TCP connection: the throughput floor.
+pub fn time_tcp_stream(bytes: u64) -> Duration {
+    time_tcp_stream_from(stream_server(loopback()), bytes)
+}
+
+/// Streams `bytes` from the [`stream_server`] at `addr` over one TCP
+/// connection, timed from the request to the last byte.
+pub fn time_tcp_stream_from(addr: SocketAddr, bytes: u64) -> Duration {
     let mut s = TcpStream::connect(addr).expect("connect");
     let mut buf = vec![0u8; 1 << 20];
     let t0 = Instant::now();
+    s.write_all(&bytes.to_le_bytes()).expect("request");
     let mut got = 0u64;
     while got < bytes {
         let n = s.read(&mut buf).expect("read");
@@ -320,7 +359,7 @@ pub fn time_tcp_stream(bytes: u64) -> Duration {
         got += n as u64;
     }
     let d = t0.elapsed();
-    sender.join().expect("sender");
+    assert_eq!(got, bytes, "the stream ended early");
     d
 }
 
@@ -383,4 +422,30 @@ pub fn time_concurrent_faults(
     h.release_push();
     let r = h.wait().expect("migration");
     (spent, r.network_fault_us)
+}
+
+/// A migration with a workload standing in for the resumed guest.
+pub struct LoadRun {
+    /// What the workload did (its wall time, its stalls).
+    pub workload: WorkloadStats,
+    /// The engine's report.
+    pub report: pagewire_engine::EngineReport,
+}
+
+/// Migrates over `t` with `cfg` while `workload` touches the guest, as
+/// `pagewire dest` does without the checksum pass. Panics unless every
+/// page arrived exactly once.
+pub fn run_workload(t: &Arc<dyn Transport>, cfg: MigrationConfig, workload: &Workload) -> LoadRun {
+    let h = Migration::start(t.clone(), cfg).expect("start");
+    let mem = h.memory().clone();
+    let stats = workload.run(&mem);
+    // A demand-only migration fetches the rest once the guest is done.
+    h.release_push();
+    let report = h.wait().expect("migration");
+    assert_eq!(report.duplicate_pages, 0, "a page arrived twice");
+    assert_eq!(report.install_conflicts, 0, "an install conflicted");
+    LoadRun {
+        workload: stats,
+        report,
+    }
 }
