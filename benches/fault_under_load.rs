@@ -95,8 +95,13 @@ impl Average {
         d
     }
 
-    fn get(&self) -> Duration {
-        self.total.div_f64(self.n.max(1) as f64)
+    /// The mean, as text (`-` for a floor filtered out of this run).
+    fn show(&self, unit: f64, suffix: &str) -> String {
+        if self.n == 0 {
+            return "-".into();
+        }
+        let mean = self.total.as_secs_f64() / self.n as f64;
+        format!("{:.1} {suffix}", mean * unit)
     }
 }
 
@@ -176,13 +181,21 @@ fn under_load(c: &mut Criterion) {
                 });
             }
             let n = (d.len(), p.len());
+            // The request size the flow control settled on (its probe
+            // sometimes grows requests, and a fault then waits behind
+            // larger ones), run by run.
+            let mut chunks = std::collections::BTreeMap::new();
+            for r in &p {
+                *chunks.entry(r.report.flow.chunk_pages).or_insert(0) += 1;
+            }
             if let (Some(d), Some(p)) = (median(&mut d), median(&mut p)) {
                 let (df, pf) = (&d.report.fault_latency_us, &p.report.fault_latency_us);
                 eprintln!(
                     "{group}/{name}, {} MiB guest, median of {} / {} runs: workload {:.0} ms with the push \
                      against {:.0} ms demand-only ({:.2}×); fault p50 {:.0} / p99 {:.0} µs against {:.0} / {:.0} µs \
                      (p99 {:.2}×); guest stall p99 {:.0} against {:.0} µs; waits on pages in flight p99 {:.0} µs; \
-                     floors: working set {:.1} MB over the link {:.0} ms, a raw fault {:.1} µs",
+                     requests of {} pages at the end (runs ending with each size: {:?}); \
+                     floors: working set {:.1} MB over the link {}, a raw fault {}",
                     bytes >> 20,
                     n.1,
                     n.0,
@@ -197,9 +210,11 @@ fn under_load(c: &mut Criterion) {
                     p.workload.stalls.p99,
                     d.workload.stalls.p99,
                     p.report.inflight_wait_us.p99,
+                    p.report.flow.chunk_pages,
+                    chunks,
                     set as f64 / 1e6,
-                    floor.get().as_secs_f64() * 1e3,
-                    raw_fault.get().as_secs_f64() * 1e6,
+                    floor.show(1e3, "ms"),
+                    raw_fault.show(1e6, "µs"),
                 );
             }
         }
