@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -245,7 +245,10 @@ pub fn time_floor_faults(floor: &Floor, n: u64) -> Duration {
         Floor::TcpRtt | Floor::TcpRttTo(_) => {
             let addr = match floor {
                 Floor::TcpRttTo(addr) => *addr,
-                _ => rtt_server(loopback()),
+                _ => {
+                    static LOOPBACK: OnceLock<SocketAddr> = OnceLock::new();
+                    *LOOPBACK.get_or_init(|| rtt_server(loopback()))
+                }
             };
             let s = TcpStream::connect(addr).expect("connect");
             s.set_nodelay(true).expect("nodelay");
@@ -340,7 +343,8 @@ pub fn stream_server(bind: SocketAddr) -> SocketAddr {
 
 /// Streams `bytes` over one loopback TCP connection: the throughput floor.
 pub fn time_tcp_stream(bytes: u64) -> Duration {
-    time_tcp_stream_from(stream_server(loopback()), bytes)
+    static LOOPBACK: OnceLock<SocketAddr> = OnceLock::new();
+    time_tcp_stream_from(*LOOPBACK.get_or_init(|| stream_server(loopback())), bytes)
 }
 
 /// Streams `bytes` from the [`stream_server`] at `addr` over one TCP
