@@ -481,6 +481,34 @@ impl CutRelay {
     }
 }
 
+/// Lets `handle` run for a while, cuts `relay` for good, and resumes the
+/// parked migration over a direct connection to the source at `src`.
+/// Checks it was parked before the end, that no page arrived twice and
+/// that every page of `mem` equals the source's; `what` names the case
+/// in a failure. Returns the resumed migration's report.
+fn cut_and_resume(
+    handle: pagewire_engine::MigrationHandle,
+    relay: &CutRelay,
+    src: &str,
+    mem: &DestMemory,
+    what: &str,
+) -> pagewire_engine::EngineReport {
+    thread::sleep(Duration::from_millis(300));
+    relay.cut();
+    let (_, parked) = handle.wait_resumable().expect_err("the link is gone");
+    let (present, total) = parked.progress();
+    assert!(present < total, "{what}: finished before the cut");
+    let direct = connect(src, Duration::from_secs(5));
+    let report = parked
+        .resume(direct.clone())
+        .expect("resume")
+        .wait()
+        .expect("resumed migration");
+    assert_eq!(report.duplicate_pages, 0, "{what}");
+    assert_equals_source(direct.as_ref(), mem, what);
+    report
+}
+
 /// A migration into shared memory whose link is lost resumes the way it
 /// installed: landed (pages populated for a reply that broke off are in
 /// the file, not mapped, and land again) or copied in; every page
@@ -508,20 +536,8 @@ fn a_parked_migration_into_shared_memory_resumes_landed_or_copied() {
             },
         )
         .expect("start");
-        thread::sleep(Duration::from_millis(300));
-        relay.cut();
-        let (_, parked) = handle.wait_resumable().expect_err("the link is gone");
-        let (present, total) = parked.progress();
-        assert!(present < total, "{install:?}: finished before the cut");
-        let direct = connect(&src.addr, Duration::from_secs(5));
-        let report = parked
-            .resume(direct.clone())
-            .expect("resume")
-            .wait()
-            .expect("resumed migration");
+        let report = cut_and_resume(handle, &relay, &src.addr, &mem, &format!("{install:?}"));
         assert_eq!(report.install_path, path);
-        assert_eq!(report.duplicate_pages, 0, "{install:?}");
-        assert_equals_source(direct.as_ref(), &mem, &format!("{install:?}"));
     }
 }
 
@@ -567,20 +583,8 @@ fn a_parked_migration_into_huge_pages_after_a_switch_over_resumes() {
         &pre,
     )
     .expect("start");
-    thread::sleep(Duration::from_millis(300));
-    relay.cut();
-    let (_, parked) = handle.wait_resumable().expect_err("the link is gone");
-    let (present, total) = parked.progress();
-    assert!(present < total, "finished before the cut");
-    let direct = connect(&src.addr, Duration::from_secs(5));
-    let report = parked
-        .resume(direct.clone())
-        .expect("resume")
-        .wait()
-        .expect("resumed migration");
-    assert_eq!(report.duplicate_pages, 0);
+    let report = cut_and_resume(handle, &relay, &src.addr, &mem, "huge pages");
     assert_eq!(report.page_size, 2 << 20);
-    assert_equals_source(direct.as_ref(), &mem, "huge pages");
 }
 
 /// The link goes away for longer than the recovery timeout: the migration
